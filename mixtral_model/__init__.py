@@ -1,0 +1,7 @@
+"""Native Mixtral for fine-tuning: `from mixtral_model import MixtralConfig, MixtralForCausalLM, load_tokenizer`."""
+
+from .checkpoint import CheckpointError
+from .config import MixtralConfig
+from .model import MixtralForCausalLM, MixtralModel
+
+__all__ = ["CheckpointError", "MixtralConfig", "MixtralForCausalLM", "MixtralModel"]

@@ -1,0 +1,232 @@
+"""The Mixtral tokenizer and the Mixtral-8x7B-Instruct-v0.1 chat format, offline.
+
+`load_tokenizer()` builds the 32000-piece byte-fallback SentencePiece BPE that Mixtral uses from the
+`tokenizer.model.v1` file shipped inside the installed `mistral-common` package, as a transformers
+`LlamaTokenizer`, in memory (no download, no files written, so any number of processes can call it at
+once). Its BPE merges are ranked by SentencePiece piece score rather than by piece id, as transformers'
+own conversion does: the whitespace-run pieces ("▁▁", "▁▁▁▁", ...) have low ids but the lowest score, and
+ranking them by id splits runs of spaces differently from SentencePiece.
+
+The chat format is mistral-common's `InstructTokenizerV1`, which encodes every message on its own with
+SentencePiece (each gets a leading "▁"): `<s>`, then "[INST] {user} [/INST]" per user turn and
+"{assistant}</s>" per assistant turn; a system prompt is put in front of the FIRST user message,
+followed by a blank line. `[INST]` and `[/INST]` are plain text, not control tokens. Written as text
+for the transformers tokenizer (which, unlike SentencePiece, adds "▁" only at the very start of the
+input and never after a special token), that is:
+
+    <s> [INST] {system}\\n\\n{user} [/INST] {assistant}</s> [INST] {user} [/INST]
+
+`encode_chat` produces the same ids message by message, plus a mask of the assistant tokens for SFT
+losses; the chat template marks the same tokens with `{% generation %}` for
+`apply_chat_template(..., return_assistant_tokens_mask=True)`.
+
+Differences from mistral-common to know about:
+- text that starts with whitespace gets no extra leading "▁" from `tokenizer(text)`; the chat format
+  never hits it, since the template writes a space before each message;
+- `apply_chat_template` (transformers) turns message text that spells `<s>`, `</s>` or `<unk>` into
+  those special tokens, and its `sanitize_control_tokens=True` option splits the text around them, which
+  changes the BPE; `encode_chat` encodes such text as text, exactly as mistral-common does;
+- template errors surface as jinja2's `TemplateError` (what transformers' `raise_exception` raises),
+  with the same messages as the `ValueError`s of `validate_conversation`.
+"""
+
+import os
+from collections.abc import Iterator, Sequence
+from importlib import resources
+from pathlib import Path
+
+import sentencepiece
+from transformers import AutoTokenizer, LlamaTokenizer, PreTrainedTokenizerBase
+
+MODEL_MAX_LENGTH = 32768
+ROLES = ("system", "user", "assistant")
+
+CHAT_TEMPLATE = (
+    "{%- if messages | length == 0 %}"
+    "{{- raise_exception('conversation is empty: expected at least one user message') }}"
+    "{%- endif %}"
+    "{%- set ns = namespace(system='', first_user=0) %}"
+    "{{- bos_token }}"
+    "{%- for message in messages %}"
+    "{%- set where = 'message ' ~ loop.index0 ~ ': ' %}"
+    "{%- if message['role'] not in ['system', 'user', 'assistant'] %}"
+    "{{- raise_exception(where ~ \"unknown role '\" ~ message['role'] ~ \"' (expected system, user or assistant)\") }}"
+    "{%- endif %}"
+    "{%- if message['content'] is not string %}"
+    "{{- raise_exception(where ~ 'content must be a string') }}"
+    "{%- endif %}"
+    "{%- if message['role'] == 'system' %}"
+    "{%- if not loop.first %}"
+    "{{- raise_exception(where ~ 'a system message is only allowed as the first message') }}"
+    "{%- endif %}"
+    "{%- set ns.system = message['content'] %}"
+    "{%- set ns.first_user = 1 %}"
+    "{%- else %}"
+    "{%- set expected = 'user' if (loop.index0 - ns.first_user) % 2 == 0 else 'assistant' %}"
+    "{%- if message['role'] != expected %}"
+    "{{- raise_exception(where ~ 'expected role ' ~ expected ~ ', got ' ~ message['role']"
+    " ~ ' (roles must alternate user/assistant, starting with user, after an optional system message)') }}"
+    "{%- endif %}"
+    "{%- if message['role'] == 'user' %}"
+    "{%- set system_prefix = ns.system ~ '\\n\\n' if loop.index0 == ns.first_user and ns.system else '' %}"
+    "{{- ' [INST] ' ~ system_prefix ~ message['content'] ~ ' [/INST]' }}"
+    "{%- else %}"
+    "{%- if message['content'] == '' %}"
+    "{{- raise_exception(where ~ 'assistant content is empty') }}"
+    "{%- endif %}"
+    "{%- generation %}{{- ' ' ~ message['content'] ~ eos_token }}{%- endgeneration %}"
+    "{%- endif %}"
+    "{%- endif %}"
+    "{%- endfor %}"
+    "{%- if messages | length == ns.first_user %}"
+    "{{- raise_exception('conversation has no user message') }}"
+    "{%- endif %}"
+    "{%- if add_generation_prompt and messages[-1]['role'] == 'assistant' %}"
+    "{{- raise_exception('message ' ~ (messages | length - 1) ~ ': add_generation_prompt needs the"
+    " conversation to end with a user message, not an assistant message') }}"
+    "{%- endif %}"
+)
+
+
+def load_tokenizer(path: str | os.PathLike | None = None) -> PreTrainedTokenizerBase:
+    """The Mixtral tokenizer built offline from mistral-common (no `path`), or the one saved at `path`.
+
+    Either way it pads on the right with `<unk>` when it has no pad token of its own (Mixtral has none).
+    """
+    tokenizer = build_mixtral_tokenizer() if path is None else _load_saved_tokenizer(Path(path))
+    _prepare_for_training(tokenizer)
+    return tokenizer
+
+
+def build_mixtral_tokenizer() -> LlamaTokenizer:
+    """Mixtral's tokenizer from mistral-common's `tokenizer.model.v1`, with the Instruct-v0.1 chat template."""
+    processor = sentencepiece.SentencePieceProcessor(model_proto=_mistral_common_v1_model_bytes())
+    pieces = [processor.id_to_piece(piece_id) for piece_id in range(processor.get_piece_size())]
+    return LlamaTokenizer(
+        vocab={piece: piece_id for piece_id, piece in enumerate(pieces)},
+        merges=_merges_in_score_order(processor),
+        legacy=False,
+        add_bos_token=True,
+        add_eos_token=False,
+        model_max_length=MODEL_MAX_LENGTH,
+        chat_template=CHAT_TEMPLATE,
+    )
+
+
+def _mistral_common_v1_model_bytes() -> bytes:
+    return (resources.files("mistral_common") / "data" / "tokenizer.model.v1").read_bytes()
+
+
+def _merges_in_score_order(processor: sentencepiece.SentencePieceProcessor) -> list[tuple[str, str]]:
+    """Every (left, right) split of a normal piece into two normal pieces, ranked as SentencePiece merges.
+
+    SentencePiece BPE merges the adjacent pair whose union has the highest score, the leftmost on ties.
+    Only the whitespace-run pieces share a score; ranking their longer left parts first makes a run grow
+    from its left end, as SentencePiece's leftmost-first tie-break does.
+    """
+    normal = {
+        processor.id_to_piece(piece_id): processor.get_score(piece_id)
+        for piece_id in range(processor.get_piece_size())
+        if not (
+            processor.is_control(piece_id) or processor.is_unknown(piece_id) or processor.is_byte(piece_id)
+        )
+    }
+    ranked = [
+        (-score, -split, piece[:split], piece[split:])
+        for piece, score in normal.items()
+        for split in range(1, len(piece))
+        if piece[:split] in normal and piece[split:] in normal
+    ]
+    return [(left, right) for _, _, left, right in sorted(ranked)]
+
+
+def _load_saved_tokenizer(path: Path) -> PreTrainedTokenizerBase:
+    if not path.exists():
+        raise FileNotFoundError(f"tokenizer path does not exist: {path}")
+    return AutoTokenizer.from_pretrained(path)
+
+
+def _prepare_for_training(tokenizer: PreTrainedTokenizerBase) -> None:
+    # Pad with <unk> (id 0), not </s>: collators drop pad ids from the labels, and with </s> as pad that
+    # would also drop the </s> closing every assistant turn, so the model would never learn to stop.
+    # Byte fallback means <unk> never occurs in real text, so pad positions stay unambiguous.
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.unk_token
+    tokenizer.padding_side = "right"  # training; switch to "left" for batched generation
+
+
+def encode_chat(
+    tokenizer: PreTrainedTokenizerBase, messages: Sequence[dict], add_generation_prompt: bool = False
+) -> dict[str, list[int]]:
+    """Token ids of a conversation in the Mixtral-Instruct format, and a 0/1 mask of its assistant tokens.
+
+    The mask covers each assistant message's tokens and the `</s>` that closes it: the tokens an SFT loss
+    should train on. Message text is encoded as text even where it spells a special token such as `</s>`
+    (as mistral-common does). Expects a tokenizer from `load_tokenizer()`.
+    """
+    validate_conversation(messages, add_generation_prompt)
+    input_ids = [tokenizer.bos_token_id]
+    assistant_mask = [0]
+    for text, is_assistant in _message_texts(messages):
+        ids = tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+        if is_assistant:
+            ids.append(tokenizer.eos_token_id)
+        input_ids.extend(ids)
+        assistant_mask.extend([int(is_assistant)] * len(ids))
+    return {"input_ids": input_ids, "assistant_mask": assistant_mask}
+
+
+def _message_texts(messages: Sequence[dict]) -> Iterator[tuple[str, bool]]:
+    """(text, is_assistant) for each user and assistant message, as the chat template writes them."""
+    has_system = messages[0]["role"] == "system"
+    system = messages[0]["content"] if has_system else ""
+    for index, message in enumerate(messages):
+        if message["role"] == "user":
+            system_prefix = f"{system}\n\n" if index == int(has_system) and system else ""
+            yield f" [INST] {system_prefix}{message['content']} [/INST]", False
+        elif message["role"] == "assistant":
+            yield f" {message['content']}", True
+
+
+def validate_conversation(messages: Sequence[dict], add_generation_prompt: bool = False) -> None:
+    """Raise ValueError, naming the message index, unless `messages` is a valid Mixtral-Instruct chat.
+
+    Valid: an optional system message first, then user and assistant messages alternating, starting
+    with user; string contents; no empty assistant message. Same checks, same wording as the template.
+    """
+    if len(messages) == 0:
+        raise ValueError("conversation is empty: expected at least one user message")
+    first_user = 0
+    for index, message in enumerate(messages):
+        _check_message_shape(index, message)
+        if message["role"] == "system":
+            if index != 0:
+                raise ValueError(f"message {index}: a system message is only allowed as the first message")
+            first_user = 1
+            continue
+        expected = "user" if (index - first_user) % 2 == 0 else "assistant"
+        if message["role"] != expected:
+            raise ValueError(
+                f"message {index}: expected role {expected}, got {message['role']} (roles must "
+                "alternate user/assistant, starting with user, after an optional system message)"
+            )
+        if message["role"] == "assistant" and message["content"] == "":
+            raise ValueError(f"message {index}: assistant content is empty")
+    if len(messages) == first_user:
+        raise ValueError("conversation has no user message")
+    if add_generation_prompt and messages[-1]["role"] == "assistant":
+        raise ValueError(
+            f"message {len(messages) - 1}: add_generation_prompt needs the conversation to end with a user "
+            "message, not an assistant message"
+        )
+
+
+def _check_message_shape(index: int, message: object) -> None:
+    if not isinstance(message, dict):
+        raise ValueError(f"message {index}: expected a dict with 'role' and 'content' keys")
+    if message.get("role") not in ROLES:
+        raise ValueError(
+            f"message {index}: unknown role '{message.get('role')}' (expected system, user or assistant)"
+        )
+    if not isinstance(message.get("content"), str):
+        raise ValueError(f"message {index}: content must be a string")

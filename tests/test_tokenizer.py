@@ -1,0 +1,264 @@
+"""The offline Mixtral tokenizer and chat format against mistral-common's reference, token for token.
+
+mistral-common's `ChatCompletionRequest` refuses a conversation that ends on an assistant turn, so the
+reference for training conversations is the lower-level `encode_instruct(InstructRequest(...))`, which
+`encode_chat_completion` calls after validating and folding system messages into `system_prompt`.
+Prompts (ending on a user turn) are also checked against `encode_chat_completion` itself.
+"""
+
+import re
+
+import pytest
+from jinja2 import TemplateError
+from mistral_common.protocol.instruct.messages import AssistantMessage, SystemMessage, UserMessage
+from mistral_common.protocol.instruct.request import ChatCompletionRequest, InstructRequest
+from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
+
+from mixtral_model.tokenizer import encode_chat, load_tokenizer
+
+
+def user(content):
+    return {"role": "user", "content": content}
+
+
+def assistant(content):
+    return {"role": "assistant", "content": content}
+
+
+def system(content):
+    return {"role": "system", "content": content}
+
+
+CONVERSATIONS = {
+    "single_turn": [user("What is the capital of France?"), assistant("Paris.")],
+    "single_turn_prompt": [user("What is the capital of France?")],
+    "three_turns": [
+        user("Hi!"),
+        assistant("Hello! How can I help?"),
+        user("Name a prime number."),
+        assistant("7"),
+        user("And an even one?"),
+        assistant("2 is the only even prime."),
+    ],
+    "three_turns_prompt": [
+        user("Hi!"),
+        assistant("Hello!"),
+        user("Count to 3."),
+        assistant("1, 2, 3"),
+        user("More"),
+    ],
+    "system_prompt": [
+        system("You are a terse assistant."),
+        user("Explain BPE."),
+        assistant("Merge frequent pairs."),
+        user("Why?"),
+        assistant("Compression."),
+    ],
+    "system_prompt_generation": [system("Answer in French."), user("Hello")],
+    "empty_system_prompt": [system(""), user("Hello"), assistant("Hi")],
+    "unicode": [
+        user("Crème brûlée, naïve café, Ærøskøbing — ¿qué tal? Straße."),
+        assistant("日本語で答えます。你好，世界！한국어도 됩니다."),
+        user("مرحبا، كيف حالك؟ שלום"),
+        assistant("بخير، شكرا"),
+    ],
+    "emoji": [user("🦩🧑‍🚀👍🏽 🇫🇷 ❤️"), assistant("🎉🎉 done ✅")],
+    "whitespace": [
+        user("line one\nline two\n\n\nline five\r\n"),
+        assistant("a  b   c    d     e" + " " * 20 + "f"),
+        user("  leading and trailing  "),
+        assistant("  indented answer  "),
+        user("\tcol1\tcol2\t\t"),
+        assistant("\n\nstarts with newlines"),
+    ],
+    "code": [
+        user("Fix:\n```python\ndef f(x):\n    return x ** 2\n```"),
+        assistant("```python\ndef f(x: int) -> int:\n\treturn x * x\n```\n"),
+    ],
+    "digits": [user("3.14159 + 2,718 = ?"), assistant("12345678901234567890 and 007")],
+    "marker_lookalikes": [user("Say [INST] and [/INST] literally"), assistant("[INST] ok [/INST]")],
+    "empty_user": [user(""), assistant("You sent nothing.")],
+}
+WITH_ASSISTANT = [name for name, messages in CONVERSATIONS.items() if messages[-1]["role"] == "assistant"]
+PROMPTS = [name for name, messages in CONVERSATIONS.items() if messages[-1]["role"] == "user"]
+PLAIN_TEXTS = [
+    "My favourite condiment is",
+    "Hello world",
+    "a  b   c    d" + " " * 17 + "e",
+    "trailing spaces   ",
+    "x\n\n    indented()\n\ttab",
+    "Crème brûlée 日本語 مرحبا 🦩👍🏽",
+    "</s> literal <s> and <unk>",
+    "3.14159 12345678901234567890",
+]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def mistral():
+    return MistralTokenizer.v1()
+
+
+def reference_ids(mistral, messages):
+    """mistral-common's ids for any conversation, training ones (ending on an assistant turn) included."""
+    system_prompt = messages[0]["content"] if messages[0]["role"] == "system" else None
+    turns = [
+        UserMessage(content=m["content"]) if m["role"] == "user" else AssistantMessage(content=m["content"])
+        for m in messages
+        if m["role"] != "system"
+    ]
+    request = InstructRequest(messages=turns, system_prompt=system_prompt)
+    return mistral.instruct_tokenizer.encode_instruct(request).tokens
+
+
+def reference_assistant_mask(mistral, messages):
+    """1 on the tokens each assistant message adds to mistral-common's encoding of the conversation so far."""
+    mask = []
+    previous = []
+    for end in range(1, len(messages) + 1):
+        ids = reference_ids(mistral, messages[:end])
+        assert ids[: len(previous)] == previous, "mistral-common's encoding is not message by message"
+        mask += [int(messages[end - 1]["role"] == "assistant")] * (len(ids) - len(previous))
+        previous = ids
+    return mask
+
+
+def chat_completion_ids(mistral, messages):
+    """mistral-common's public, validated path; it takes prompts only (ending on a user turn)."""
+    classes = {"system": SystemMessage, "user": UserMessage, "assistant": AssistantMessage}
+    request = ChatCompletionRequest(messages=[classes[m["role"]](content=m["content"]) for m in messages])
+    return mistral.encode_chat_completion(request).tokens
+
+
+def template_ids(tokenizer, messages, **kwargs):
+    encoding = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True, **kwargs)
+    return encoding["input_ids"]
+
+
+def test_plain_encode_matches_known_mixtral_ids(tokenizer):
+    assert tokenizer("My favourite condiment is")["input_ids"] == [1, 1984, 16020, 2076, 2487, 349]
+
+
+def test_vocabulary_and_special_tokens_match_mistral_common(tokenizer, mistral):
+    sentencepiece = mistral.instruct_tokenizer.tokenizer
+    assert len(tokenizer) == tokenizer.vocab_size == sentencepiece.n_words == 32000
+    assert tokenizer.bos_token_id == sentencepiece.bos_id
+    assert tokenizer.eos_token_id == sentencepiece.eos_id
+    assert tokenizer.pad_token_id == tokenizer.unk_token_id == sentencepiece.unk_id
+    assert tokenizer.padding_side == "right"
+
+
+@pytest.mark.parametrize("text", PLAIN_TEXTS)
+def test_plain_text_matches_sentencepiece(tokenizer, mistral, text):
+    expected = mistral.instruct_tokenizer.tokenizer.encode(text, bos=True, eos=False)
+    assert tokenizer(text, split_special_tokens=True)["input_ids"] == expected
+
+
+@pytest.mark.parametrize("spaces", range(1, 40))
+def test_runs_of_spaces_split_like_sentencepiece(tokenizer, mistral, spaces):
+    text = f"a{' ' * spaces}b{' ' * spaces}"
+    assert tokenizer(text)["input_ids"] == mistral.instruct_tokenizer.tokenizer.encode(
+        text, bos=True, eos=False
+    )
+
+
+def test_byte_fallback_round_trips_a_rare_emoji(tokenizer, mistral):
+    text = "🦩"
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert all(re.fullmatch(r"<0x[0-9A-F]{2}>", token) for token in tokenizer.convert_ids_to_tokens(ids[1:]))
+    assert ids == mistral.instruct_tokenizer.tokenizer.encode(text, bos=False, eos=False)
+    assert tokenizer.decode(ids) == text
+
+
+@pytest.mark.parametrize("name", CONVERSATIONS)
+def test_chat_template_matches_mistral_common(tokenizer, mistral, name):
+    messages = CONVERSATIONS[name]
+    assert template_ids(tokenizer, messages) == reference_ids(mistral, messages)
+
+
+@pytest.mark.parametrize("name", CONVERSATIONS)
+def test_encode_chat_matches_mistral_common_and_template(tokenizer, mistral, name):
+    messages = CONVERSATIONS[name]
+    encoded = encode_chat(tokenizer, messages)
+    assert encoded["input_ids"] == reference_ids(mistral, messages)
+    assert encoded["input_ids"] == template_ids(tokenizer, messages)
+
+
+@pytest.mark.parametrize("name", WITH_ASSISTANT)
+def test_assistant_mask_covers_exactly_assistant_tokens(tokenizer, mistral, name):
+    messages = CONVERSATIONS[name]
+    encoded = encode_chat(tokenizer, messages)
+    expected = reference_assistant_mask(mistral, messages)
+    assert encoded["assistant_mask"] == expected
+    assert encoded["input_ids"][-1] == tokenizer.eos_token_id and expected[-1] == 1
+    assert template_ids(tokenizer, messages, return_assistant_tokens_mask=True) == encoded["input_ids"]
+    rendered = tokenizer.apply_chat_template(messages, return_dict=True, return_assistant_tokens_mask=True)
+    assert rendered["assistant_masks"] == expected
+
+
+@pytest.mark.parametrize("name", PROMPTS)
+def test_generation_prompt_matches_chat_completion(tokenizer, mistral, name):
+    messages = CONVERSATIONS[name]
+    expected = chat_completion_ids(mistral, messages)
+    assert template_ids(tokenizer, messages, add_generation_prompt=True) == expected
+    assert encode_chat(tokenizer, messages, add_generation_prompt=True)["input_ids"] == expected
+
+
+def test_encode_chat_keeps_special_token_spellings_as_text(tokenizer, mistral):
+    messages = [user("Is </s> the end? <s> <unk>"), assistant("</s> is EOS.")]
+    assert encode_chat(tokenizer, messages)["input_ids"] == reference_ids(mistral, messages)
+
+
+INVALID_CONVERSATIONS = {
+    "two_users": ([user("a"), user("b")], False, "message 1: expected role assistant, got user"),
+    "assistant_first": ([assistant("a"), user("b")], False, "message 0: expected role user, got assistant"),
+    "two_assistants": ([user("a"), assistant("b"), assistant("c")], False, "message 2: expected role user"),
+    "system_not_first": ([user("a"), system("s")], False, "message 1: a system message is only allowed as"),
+    "two_systems": ([system("s"), system("t"), user("a")], False, "message 1: a system message is only"),
+    "unknown_role": ([user("a"), {"role": "tool", "content": "x"}], False, "message 1: unknown role 'tool'"),
+    "list_content": ([user(["a"])], False, "message 0: content must be a string"),
+    "number_content": ([user("a"), assistant(7)], False, "message 1: content must be a string"),
+    "system_only": ([system("s")], False, "conversation has no user message"),
+    "empty_assistant": ([user("a"), assistant("")], False, "message 1: assistant content is empty"),
+    "prompt_after_assistant": ([user("a"), assistant("b")], True, "message 1: add_generation_prompt needs"),
+}
+
+
+@pytest.mark.parametrize("name", INVALID_CONVERSATIONS)
+def test_invalid_conversation_raises_in_encode_chat_and_template(tokenizer, name):
+    messages, add_generation_prompt, message = INVALID_CONVERSATIONS[name]
+    with pytest.raises(ValueError, match=re.escape(message)):
+        encode_chat(tokenizer, messages, add_generation_prompt=add_generation_prompt)
+    # transformers' `raise_exception` raises jinja2's TemplateError, with the template's message
+    with pytest.raises(TemplateError, match=re.escape(message)):
+        tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+def test_empty_conversation_raises(tokenizer):
+    with pytest.raises(ValueError, match="conversation is empty"):
+        encode_chat(tokenizer, [])
+    with pytest.raises(ValueError, match="empty conversation"):
+        tokenizer.apply_chat_template([], tokenize=False)
+
+
+def test_missing_path_raises_file_not_found_naming_it(tmp_path):
+    missing = tmp_path / "missing"
+    with pytest.raises(FileNotFoundError, match=re.escape(str(missing))):
+        load_tokenizer(missing)
+
+
+def test_save_and_reload_keeps_template_and_ids(tokenizer, mistral, tmp_path):
+    tokenizer.save_pretrained(tmp_path)
+    reloaded = load_tokenizer(str(tmp_path))
+    assert reloaded.chat_template == tokenizer.chat_template
+    assert (reloaded.pad_token_id, reloaded.padding_side) == (tokenizer.pad_token_id, "right")
+    for text in PLAIN_TEXTS:
+        assert reloaded(text)["input_ids"] == tokenizer(text)["input_ids"]
+    for name in ("system_prompt", "whitespace", "unicode"):
+        messages = CONVERSATIONS[name]
+        assert template_ids(reloaded, messages) == reference_ids(mistral, messages)
+        assert encode_chat(reloaded, messages) == encode_chat(tokenizer, messages)

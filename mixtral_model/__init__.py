@@ -3,5 +3,13 @@
 from .checkpoint import CheckpointError
 from .config import MixtralConfig
 from .model import MixtralForCausalLM, MixtralModel
+from .tokenizer import encode_chat, load_tokenizer
 
-__all__ = ["CheckpointError", "MixtralConfig", "MixtralForCausalLM", "MixtralModel"]
+__all__ = [
+    "CheckpointError",
+    "MixtralConfig",
+    "MixtralForCausalLM",
+    "MixtralModel",
+    "encode_chat",
+    "load_tokenizer",
+]

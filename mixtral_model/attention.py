@@ -23,18 +23,24 @@ def repeat_kv_heads(x_BKSH: torch.Tensor, n_rep: int) -> torch.Tensor:
     return x_BKSH[:, :, None].expand(b, k, n_rep, s, h).reshape(b, k * n_rep, s, h)
 
 
-def eager_attention(q_BNTH, k_BKSH, v_BKSH, layout: AttentionLayout, scale: float, dropout: float, training: bool):
+def eager_attention(
+    q_BNTH, k_BKSH, v_BKSH, layout: AttentionLayout, scale: float, dropout: float, training: bool
+):
     n_rep = q_BNTH.shape[1] // k_BKSH.shape[1]
     k_BNSH, v_BNSH = repeat_kv_heads(k_BKSH, n_rep), repeat_kv_heads(v_BKSH, n_rep)
     scores_BNTS = torch.matmul(q_BNTH, k_BNSH.transpose(2, 3)) * scale
     allowed = layout.bool_mask(k_BKSH.shape[2], q_BNTH.device)
-    scores_BNTS = scores_BNTS.masked_fill(~allowed, torch.finfo(scores_BNTS.dtype).min)
+    # Additive (not masked_fill), as the reference: rows with no visible key stay differentiable.
+    bias = torch.zeros((), dtype=scores_BNTS.dtype, device=scores_BNTS.device)
+    scores_BNTS = scores_BNTS + bias.masked_fill(~allowed, torch.finfo(scores_BNTS.dtype).min)
     probs_BNTS = F.softmax(scores_BNTS, dim=-1, dtype=torch.float32).to(q_BNTH.dtype)
     probs_BNTS = F.dropout(probs_BNTS, p=dropout, training=training)
     return torch.matmul(probs_BNTS, v_BNSH).transpose(1, 2)
 
 
-def sdpa_attention(q_BNTH, k_BKSH, v_BKSH, layout: AttentionLayout, scale: float, dropout: float, training: bool):
+def sdpa_attention(
+    q_BNTH, k_BKSH, v_BKSH, layout: AttentionLayout, scale: float, dropout: float, training: bool
+):
     kv_len = k_BKSH.shape[2]
     is_causal = layout.is_plain_causal(kv_len) and layout.q_len > 1
     mask = None if is_causal or layout.sees_everything(kv_len) else layout.bool_mask(kv_len, q_BNTH.device)

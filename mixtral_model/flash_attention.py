@@ -21,10 +21,14 @@ FLASH_ATTN_HELP = (
 def check_flash_attention_available() -> None:
     """Raise a one-line ImportError unless flash-attn >= 2.3 and a CUDA device are present."""
     if importlib.util.find_spec("flash_attn") is None:
-        raise ImportError(f"attn_implementation='flash_attention_2' needs the flash-attn package: {FLASH_ATTN_HELP}")
+        raise ImportError(
+            f"attn_implementation='flash_attention_2' needs the flash-attn package: {FLASH_ATTN_HELP}"
+        )
     version = importlib.metadata.version("flash_attn")
     if tuple(int(p) for p in version.split(".")[:2]) < FLASH_ATTN_MIN_VERSION:
-        raise ImportError(f"flash-attn {version} is too old for sliding windows (needs >=2.3): {FLASH_ATTN_HELP}")
+        raise ImportError(
+            f"flash-attn {version} is too old for sliding windows (needs >=2.3): {FLASH_ATTN_HELP}"
+        )
     if not torch.cuda.is_available():
         raise ImportError(f"attn_implementation='flash_attention_2' needs a CUDA GPU: {FLASH_ATTN_HELP}")
 
@@ -49,11 +53,15 @@ def _per_row_runs(real_BL: torch.Tensor):
     return indices, cu_seqlens, int(lengths.max())
 
 
-def flash_attention(q_BNTH, k_BKSH, v_BKSH, layout: AttentionLayout, scale: float, dropout: float, training: bool):
+def flash_attention(
+    q_BNTH, k_BKSH, v_BKSH, layout: AttentionLayout, scale: float, dropout: float, training: bool
+):
     from flash_attn import flash_attn_func, flash_attn_varlen_func
 
     if q_BNTH.dtype not in (torch.float16, torch.bfloat16):
-        raise TypeError(f"flash_attention_2 runs in fp16/bf16, got {q_BNTH.dtype}: load the model with dtype=torch.bfloat16")
+        raise TypeError(
+            f"flash_attention_2 runs in fp16/bf16, got {q_BNTH.dtype}: load the model with dtype=torch.bfloat16"
+        )
     q_BTNH, k_BSKH, v_BSKH = q_BNTH.transpose(1, 2), k_BKSH.transpose(1, 2), v_BKSH.transpose(1, 2)
     b, t, n, h = q_BTNH.shape
     s = k_BSKH.shape[1]
@@ -64,7 +72,9 @@ def flash_attention(q_BNTH, k_BKSH, v_BKSH, layout: AttentionLayout, scale: floa
             q_BTNH, k_BSKH, v_BSKH, dropout_p, softmax_scale=scale, causal=True, window_size=window
         )
     padding_BS = layout.padding_mask_BS
-    real_q_BT = padding_BS[:, -t:].bool() if padding_BS is not None else q_BTNH.new_ones(b, t, dtype=torch.bool)
+    real_q_BT = (
+        padding_BS[:, -t:].bool() if padding_BS is not None else q_BTNH.new_ones(b, t, dtype=torch.bool)
+    )
     if layout.sequence_ids_BT is not None:
         q_idx, cu_q, max_q = _real_token_runs(real_q_BT, layout.sequence_ids_BT)
         k_idx, cu_k, max_k = q_idx, cu_q, max_q

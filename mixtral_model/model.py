@@ -24,7 +24,7 @@ from .flash_attention import check_flash_attention_available
 from .masks import AttentionLayout, packed_sequence_ids
 from .moe import Expert, Router, SparseMoeBlock
 from .norm import RMSNorm
-from .rope import RotaryEmbedding
+from .rope import RotaryEmbedding, rope_inverse_frequencies
 from .router_losses import load_balancing_loss, router_z_loss
 
 
@@ -67,7 +67,9 @@ class MixtralPreTrainedModel(CheckpointLoadingMixin, PreTrainedModel):
     _supports_attention_backend = False
     _can_compile_fullgraph = False
 
-    def _check_and_adjust_attn_implementation(self, attn_implementation, is_init_check=False, **kwargs) -> str:
+    def _check_and_adjust_attn_implementation(
+        self, attn_implementation, is_init_check=False, **kwargs
+    ) -> str:
         """Our backends only: sdpa (default), eager, flash_attention_2 (checked for availability)."""
         requested = attn_implementation or "sdpa"
         if requested not in ATTENTION_BACKENDS:
@@ -89,7 +91,8 @@ class MixtralPreTrainedModel(CheckpointLoadingMixin, PreTrainedModel):
         elif isinstance(module, RMSNorm):
             init.ones_(module.weight)
         elif isinstance(module, RotaryEmbedding):
-            init.copy_(module.inv_freq, module.inv_freq)
+            # Non-persistent buffer: recomputed after meta-device init, since no checkpoint holds it.
+            init.copy_(module.inv_freq, rope_inverse_frequencies(module.head_dim, module.theta))
 
 
 class MixtralModel(MixtralPreTrainedModel):
@@ -105,7 +108,9 @@ class MixtralModel(MixtralPreTrainedModel):
     def attention_layout(self, attention_mask, position_ids_BT, cache, q_len) -> AttentionLayout:
         q_start = cache.get_seq_length() if cache is not None else 0
         if attention_mask is not None and attention_mask.dim() != 2:
-            raise ValueError(f"attention_mask must be 2-D (batch, tokens), got shape {tuple(attention_mask.shape)}")
+            raise ValueError(
+                f"attention_mask must be 2-D (batch, tokens), got shape {tuple(attention_mask.shape)}"
+            )
         packed = attention_mask is None and q_start == 0
         return AttentionLayout(
             q_start=q_start,
@@ -230,4 +235,11 @@ class MixtralForCausalLM(MixtralPreTrainedModel, GenerationMixin):
         return output if return_dict else output.to_tuple()
 
 
-__all__ = ["MixtralForCausalLM", "MixtralModel", "MixtralPreTrainedModel", "Expert", "Router", "causal_lm_loss"]
+__all__ = [
+    "MixtralForCausalLM",
+    "MixtralModel",
+    "MixtralPreTrainedModel",
+    "Expert",
+    "Router",
+    "causal_lm_loss",
+]

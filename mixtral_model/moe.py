@@ -59,7 +59,9 @@ def sort_assignments_by_expert(experts_NK: torch.Tensor, num_experts: int):
     return slot_order_M, tokens_per_expert_E
 
 
-def run_experts_on_slices(experts: nn.ModuleList, x_sorted_MD: torch.Tensor, counts: list[int]) -> torch.Tensor:
+def run_experts_on_slices(
+    experts: nn.ModuleList, x_sorted_MD: torch.Tensor, counts: list[int]
+) -> torch.Tensor:
     """Apply expert e to its contiguous slice of x_sorted_MD (slice sizes = counts, in expert order)."""
     slices = torch.split(x_sorted_MD, counts, dim=0)
     return torch.cat([expert(tokens) for expert, tokens in zip(experts, slices, strict=True)], dim=0)

@@ -14,14 +14,18 @@ class RotaryEmbedding(nn.Module):
         super().__init__()
         rope_type = rope_parameters.get("rope_type", "default")
         if rope_type != "default":
-            raise ValueError(f"rope_parameters.rope_type={rope_type!r} is not supported; Mixtral uses 'default'")
-        self.inv_freq = nn.Buffer(
-            rope_inverse_frequencies(head_dim, rope_parameters["rope_theta"]), persistent=False
-        )
+            raise ValueError(
+                f"rope_parameters.rope_type={rope_type!r} is not supported; Mixtral uses 'default'"
+            )
+        self.head_dim = head_dim
+        self.theta = rope_parameters["rope_theta"]
+        self.inv_freq = nn.Buffer(rope_inverse_frequencies(head_dim, self.theta), persistent=False)
 
     def forward(self, x: torch.Tensor, position_ids_BT: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin of shape (B, T, head_dim) in x's dtype; the angles are computed in fp32."""
-        freqs_BTF = position_ids_BT[..., None].float() * self.inv_freq.to(device=x.device, dtype=torch.float32)
+        freqs_BTF = position_ids_BT[..., None].float() * self.inv_freq.to(
+            device=x.device, dtype=torch.float32
+        )
         angles_BTH = torch.cat((freqs_BTF, freqs_BTF), dim=-1)
         return angles_BTH.cos().to(x.dtype), angles_BTH.sin().to(x.dtype)
 

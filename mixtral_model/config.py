@@ -7,6 +7,8 @@ router z-loss, expert capacity) default to the behaviour of the public model.
 
 from transformers import PreTrainedConfig
 
+from .parallel import validate_expert_parallel
+
 
 class MixtralConfig(PreTrainedConfig):
     model_type = "mixtral"
@@ -39,9 +41,9 @@ class MixtralConfig(PreTrainedConfig):
     router_jitter_noise: float = 0.0
     rope_parameters: dict | None = None
     # Extensions (not in the hub schema; transformers ignores them when loading our config.json).
-    router_z_loss_coef: float = 0.0
-    expert_capacity_factor: float | None = None
-    expert_parallel_size: int = 1
+    router_z_loss_coef: float = 0.0  # ST-MoE z-loss weight, added when router logits are requested
+    expert_capacity_factor: float | None = None  # None = dropless; else per-expert capacity (moe.py)
+    expert_parallel_size: int = 1  # experts split over this many consecutive ranks (parallel.py)
 
     def __post_init__(self, **kwargs):
         if self.num_key_value_heads is None:
@@ -50,6 +52,7 @@ class MixtralConfig(PreTrainedConfig):
             self.head_dim = self.hidden_size // self.num_attention_heads
         super().__post_init__(**kwargs)
         self._check_shapes()
+        self._check_expert_fields()
 
     def _check_shapes(self) -> None:
         if self.num_attention_heads % self.num_key_value_heads:
@@ -61,4 +64,14 @@ class MixtralConfig(PreTrainedConfig):
             raise ValueError(
                 f"num_experts_per_tok={self.num_experts_per_tok} must be between 1 and "
                 f"num_local_experts={self.num_local_experts}"
+            )
+
+    def _check_expert_fields(self) -> None:
+        """Expert parallelism and capacity as far as the config alone decides (the world size is checked
+        when the model is built: `parallel.validate_expert_parallel`)."""
+        validate_expert_parallel(self, world_size=None)
+        factor = self.expert_capacity_factor
+        if factor is not None and not (isinstance(factor, int | float) and factor > 0):
+            raise ValueError(
+                f"expert_capacity_factor={factor!r} must be a positive number, or None for dropless routing"
             )

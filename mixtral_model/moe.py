@@ -1,21 +1,37 @@
 """Sparse mixture-of-experts block: route -> dispatch -> experts -> combine.
 
 1. route: fp32 router logits, softmax, top-k experts per token, top-k weights renormalised to 1;
-2. dispatch: one stable argsort of the (token, k) assignments by expert, so each expert's tokens
-   form one contiguous slice;
-3. experts: SwiGLU `w2(silu(w1 x) * w3 x)` on each slice; every expert runs every step, even on
-   zero tokens, so all ranks call the same modules (ZeRO-3 gathers stay in lockstep);
-4. combine: scale by the routing weight and scatter-add back to token order.
+2. capacity (only with `expert_capacity_factor`; None = dropless): each expert keeps at most
+   C = ceil(factor * N * top_k / E) of the N tokens' (token, k) slots, earliest tokens first (the
+   position priority of Switch Transformer / GShard); a dropped slot contributes 0 to its token,
+   whose residual connection carries it on. N counts every token of this rank's batch, padding too;
+3. dispatch: one stable argsort of the kept slots by expert and one `index_select` of their token
+   rows, so each expert's rows form one contiguous slice. Under expert parallelism the sorted rows
+   then travel to the ranks that own their experts and come back after step 4 (`parallel.py`);
+4. experts: SwiGLU `w2(silu(w1 x) * w3 x)` on each slice. Two backends, picked per call by
+   `choose_expert_backend`: `per_expert` (one module call per expert: works with bitsandbytes
+   4-bit layers, PEFT LoRA wrappers and ZeRO-3 parameter hooks) and `grouped_mm` (two
+   `torch._grouped_mm` calls over weights stacked to (E, ...) when the experts are plain bf16
+   `nn.Linear` on CUDA sm90+). Every local expert runs every step, even on zero rows, so all ranks
+   call the same modules (ZeRO-3 gathers and EP collectives stay in lockstep);
+5. combine: scale each row by its routing weight and index-add it back to its token.
 
-Experts are `nn.Linear` modules named as in the hub checkpoints (`experts.E.w1/w2/w3`), so
-bitsandbytes 4-bit layers and PEFT LoRA wrappers drop in unchanged.
+Experts live in an `nn.ModuleDict` keyed by their global index, so the state-dict keys are the hub
+keys (`experts.E.w1.weight`) whether a rank holds all experts or, under expert parallelism, a slice.
 """
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .config import MixtralConfig
+from .parallel import exchange_with_expert_owners, expert_parallel_placement, get_expert_parallel_group
+
+EXPERT_BACKENDS = ("auto", "per_expert", "grouped_mm")
 
 
 class Router(nn.Module):
@@ -47,35 +63,144 @@ def route_top_k(router_logits_NE: torch.Tensor, top_k: int) -> tuple[torch.Tenso
     return weights_NK / weights_NK.sum(dim=-1, keepdim=True), experts_NK
 
 
-def sort_assignments_by_expert(experts_NK: torch.Tensor, num_experts: int):
-    """Order of the flattened (token, k) slots grouped by expert, and each expert's slot count.
+def expert_capacity(num_tokens: int, top_k: int, num_experts: int, capacity_factor: float) -> int:
+    """Slots one expert may take: ceil(capacity_factor * num_tokens * top_k / num_experts)."""
+    return math.ceil(capacity_factor * num_tokens * top_k / num_experts)
 
-    Returns slot_order_M (M = N*K; stable, so tokens keep their order inside an expert) and
-    tokens_per_expert_E (int64).
+
+@dataclass
+class SlotPlan:
+    """Which (token, k) slots go where: slot s = token * top_k + k.
+
+    slot_order_M: the kept slots grouped by expert (token order inside an expert), M <= N * K;
+    tokens_per_expert_E: kept slots per expert (int64), summing to M.
     """
-    flat_experts_M = experts_NK.reshape(-1)
-    slot_order_M = torch.argsort(flat_experts_M, stable=True)
-    tokens_per_expert_E = torch.bincount(flat_experts_M, minlength=num_experts)
-    return slot_order_M, tokens_per_expert_E
+
+    slot_order_M: torch.Tensor
+    tokens_per_expert_E: torch.Tensor
 
 
-def run_experts_on_slices(
-    experts: nn.ModuleList, x_sorted_MD: torch.Tensor, counts: list[int]
+def plan_slots(experts_NK: torch.Tensor, num_experts: int, capacity: int | None = None) -> SlotPlan:
+    """Sort the slots by expert (stable) and, with a capacity, drop each expert's slots beyond it."""
+    flat_experts_S = experts_NK.reshape(-1)
+    slot_order_S = torch.argsort(flat_experts_S, stable=True)
+    tokens_per_expert_E = torch.bincount(flat_experts_S, minlength=num_experts)
+    if capacity is None:
+        return SlotPlan(slot_order_S, tokens_per_expert_E)
+    first_position_E = torch.cumsum(tokens_per_expert_E, 0) - tokens_per_expert_E
+    position_in_expert_S = torch.arange(slot_order_S.numel(), device=slot_order_S.device)
+    position_in_expert_S = position_in_expert_S - first_position_E[flat_experts_S[slot_order_S]]
+    kept_S = position_in_expert_S < capacity
+    return SlotPlan(slot_order_S[kept_S], tokens_per_expert_E.clamp(max=capacity))
+
+
+def choose_expert_backend(
+    *,
+    plain_linear: bool,
+    partitioned: bool,
+    dtype: torch.dtype,
+    device_type: str,
+    cuda_capability: tuple[int, int] | None,
+    grouped_mm_available: bool,
+) -> str:
+    """`grouped_mm` when the experts are plain, unpartitioned `nn.Linear` in bf16 on a CUDA device of
+    compute capability >= 9.0 and `torch._grouped_mm` exists; `per_expert` otherwise.
+
+    plain_linear: every w1/w2/w3 is exactly `nn.Linear` (not a bitsandbytes subclass, not a PEFT wrapper);
+    partitioned: some expert weight is a ZeRO-3 partition (gathered only by the module's own forward hooks).
+    """
+    grouped = (
+        plain_linear
+        and not partitioned
+        and dtype == torch.bfloat16
+        and device_type == "cuda"
+        and cuda_capability is not None
+        and cuda_capability >= (9, 0)
+        and grouped_mm_available
+    )
+    return "grouped_mm" if grouped else "per_expert"
+
+
+def expert_backend_for(experts: Sequence[Expert]) -> str:
+    """`choose_expert_backend` on the facts of these expert modules."""
+    layers = [layer for expert in experts for layer in (expert.w1, expert.w2, expert.w3)]
+    weight = layers[0].weight
+    return choose_expert_backend(
+        plain_linear=all(type(layer) is nn.Linear for layer in layers),
+        partitioned=any(hasattr(layer.weight, "ds_id") for layer in layers),
+        dtype=weight.dtype,
+        device_type=weight.device.type,
+        cuda_capability=torch.cuda.get_device_capability(weight.device) if weight.is_cuda else None,
+        grouped_mm_available=hasattr(torch, "_grouped_mm"),
+    )
+
+
+def per_expert_forward(
+    experts: Sequence[Expert], x_sorted_MD: torch.Tensor, counts: list[int]
 ) -> torch.Tensor:
     """Apply expert e to its contiguous slice of x_sorted_MD (slice sizes = counts, in expert order)."""
     slices = torch.split(x_sorted_MD, counts, dim=0)
-    return torch.cat([expert(tokens) for expert, tokens in zip(experts, slices, strict=True)], dim=0)
+    return torch.cat([expert(rows) for expert, rows in zip(experts, slices, strict=True)], dim=0)
+
+
+def stack_expert_weights(experts: Sequence[Expert]) -> tuple[torch.Tensor, torch.Tensor]:
+    """w13_E2FD (w1 rows then w3 rows per expert) and w2_EDF, stacked with one copy each (differentiable)."""
+    w13 = torch.stack([w for expert in experts for w in (expert.w1.weight, expert.w3.weight)])
+    num_experts, intermediate, hidden = len(experts), w13.shape[1], w13.shape[2]
+    w13_E2FD = w13.view(num_experts, 2 * intermediate, hidden)
+    w2_EDF = torch.stack([expert.w2.weight for expert in experts])
+    return w13_E2FD, w2_EDF
+
+
+def grouped_mm_forward(
+    experts: Sequence[Expert], x_sorted_MD: torch.Tensor, counts: list[int]
+) -> torch.Tensor:
+    """The per-expert SwiGLU as two grouped GEMMs over the stacked weights (same numbers as `per_expert_forward`).
+
+    The weights are re-stacked on every call (one copy of the expert weights; gradients flow back
+    to each expert's own parameters through the stack).
+    """
+    w13_E2FD, w2_EDF = stack_expert_weights(experts)
+    offsets_E = torch.cumsum(torch.tensor(counts, device=x_sorted_MD.device), 0).to(torch.int32)
+    x_sorted_MD = x_sorted_MD.to(w13_E2FD.dtype)
+    h_M2F = torch._grouped_mm(x_sorted_MD, w13_E2FD.transpose(-2, -1), offs=offsets_E)
+    gate_MF, up_MF = h_M2F.chunk(2, dim=-1)
+    return torch._grouped_mm(F.silu(gate_MF) * up_MF, w2_EDF.transpose(-2, -1), offs=offsets_E)
+
+
+EXPERT_FORWARDS = {"per_expert": per_expert_forward, "grouped_mm": grouped_mm_forward}
+
+
+def combine(
+    y_sorted_MD: torch.Tensor, weights_NK: torch.Tensor, slot_order_M: torch.Tensor, x_ND: torch.Tensor
+):
+    """out_ND[token] = sum over the token's kept slots of routing weight * expert output."""
+    top_k = weights_NK.shape[1]
+    weighted_MD = y_sorted_MD * weights_NK.reshape(-1).index_select(0, slot_order_M)[:, None]
+    out_ND = torch.zeros_like(x_ND)
+    return out_ND.index_add_(0, slot_order_M // top_k, weighted_MD.to(x_ND.dtype))
 
 
 class SparseMoeBlock(nn.Module):
+    """Hub name `block_sparse_moe`. With `expert_parallel_size` n > 1 this rank builds only its E/n
+    experts (see `parallel.py`) and exchanges token rows with the other ranks of its EP group.
+
+    `expert_backend` ("auto", "per_expert" or "grouped_mm") overrides the automatic choice.
+    """
+
     def __init__(self, config: MixtralConfig):
         super().__init__()
         self.num_experts = config.num_local_experts
         self.top_k = config.num_experts_per_tok
         self.jitter_noise = config.router_jitter_noise
+        self.capacity_factor = config.expert_capacity_factor
+        self.expert_backend = "auto"
+        placement = expert_parallel_placement(config)
+        self.expert_parallel_size = placement.size
+        self.local_expert_ids = placement.local_experts(self.num_experts)
         self.gate = Router(config.hidden_size, self.num_experts)
-        self.experts = nn.ModuleList(
-            [Expert(config.hidden_size, config.intermediate_size) for _ in range(self.num_experts)]
+        self.experts = nn.ModuleDict(
+            {str(e): Expert(config.hidden_size, config.intermediate_size) for e in self.local_expert_ids}
         )
 
     def apply_jitter(self, x_BTD: torch.Tensor) -> torch.Tensor:
@@ -85,15 +210,36 @@ class SparseMoeBlock(nn.Module):
         noise = torch.empty_like(x_BTD).uniform_(1.0 - self.jitter_noise, 1.0 + self.jitter_noise)
         return x_BTD * noise
 
+    def capacity(self, num_tokens: int) -> int | None:
+        if self.capacity_factor is None:
+            return None
+        return expert_capacity(num_tokens, self.top_k, self.num_experts, self.capacity_factor)
+
+    def run_local_experts(self, x_sorted_MD: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        """This rank's experts on their contiguous slices (counts: rows per local expert, in order)."""
+        experts = list(self.experts.values())
+        backend = self.expert_backend
+        if backend == "auto":
+            backend = expert_backend_for(experts)
+        elif backend not in EXPERT_FORWARDS:
+            raise ValueError(f"expert_backend={backend!r} is not one of {EXPERT_BACKENDS}")
+        return EXPERT_FORWARDS[backend](experts, x_sorted_MD, counts)
+
+    def run_experts(self, x_sorted_MD: torch.Tensor, tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
+        """Rows sorted by global expert -> expert outputs in the same order, locally or across the EP group."""
+        if self.expert_parallel_size == 1:
+            return self.run_local_experts(x_sorted_MD, tokens_per_expert_E.tolist())
+        group = get_expert_parallel_group(self.expert_parallel_size)
+        return exchange_with_expert_owners(self.run_local_experts, x_sorted_MD, tokens_per_expert_E, group)
+
     def forward(self, x_BTD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns the block output (B, T, D) and the router logits (B*T, E) in fp32."""
         b, t, d = x_BTD.shape
         x_ND = self.apply_jitter(x_BTD).reshape(-1, d)
         router_logits_NE = self.gate(x_ND)
         weights_NK, experts_NK = route_top_k(router_logits_NE, self.top_k)
-        slot_order_M, tokens_per_expert_E = sort_assignments_by_expert(experts_NK, self.num_experts)
-        token_of_slot_M = slot_order_M // self.top_k
-        y_sorted_MD = run_experts_on_slices(self.experts, x_ND[token_of_slot_M], tokens_per_expert_E.tolist())
-        weighted_MD = y_sorted_MD * weights_NK.reshape(-1)[slot_order_M, None]
-        out_ND = torch.zeros_like(x_ND).index_add_(0, token_of_slot_M, weighted_MD.to(x_ND.dtype))
+        plan = plan_slots(experts_NK, self.num_experts, self.capacity(x_ND.shape[0]))
+        x_sorted_MD = x_ND.index_select(0, plan.slot_order_M // self.top_k)
+        y_sorted_MD = self.run_experts(x_sorted_MD, plan.tokens_per_expert_E)
+        out_ND = combine(y_sorted_MD, weights_NK, plan.slot_order_M, x_ND)
         return out_ND.view(b, t, d), router_logits_NE

@@ -1,0 +1,156 @@
+"""Expert parallelism: configuration errors in-process, and 2 gloo ranks (torchrun) against a
+single-process reference: logits, losses and every gradient; uneven loads, experts with no token on
+a rank or anywhere, capacity drops; per-rank hub checkpoint loading and one complete save.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from mixtral_reference import tiny_config
+
+from mixtral_model import MixtralConfig, MixtralForCausalLM
+from mixtral_model.parallel import (
+    expert_parallel_ranks,
+    is_expert_param,
+    validate_expert_parallel,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+TOL = 1e-5
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(script: str, *args: str, nproc: int = 2, timeout: int = 120) -> subprocess.CompletedProcess:
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={nproc}",
+        "--master_addr=127.0.0.1",
+        f"--master_port={free_port()}",
+        str(REPO / "tests" / "distributed" / script),
+        *args,
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, f"{script} failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
+    return result
+
+
+@pytest.fixture(scope="module")
+def ep_parity(tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("ep") / "parity.json"
+    torchrun("ep_parity.py", str(out))
+    report = json.loads(out.read_text())
+    for case, ranks in report.items():
+        for rank, values in ranks.items():
+            diffs = {k: f"{v:.1e}" for k, v in values.items() if isinstance(v, float)}
+            print(f"{case} rank {rank}: {diffs}")
+    return report
+
+
+def assert_all_close(case: dict) -> None:
+    for rank, values in case.items():
+        for quantity, diff in values.items():
+            if isinstance(diff, float):
+                assert diff <= TOL, f"rank {rank} {quantity}: max relative diff {diff:.2e} > {TOL}"
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("case", ["model_padded", "model_z_loss_top1"])
+def test_ep2_model_matches_reference(ep_parity, case):
+    assert_all_close(ep_parity[case])
+    assert "z_loss" in ep_parity[case]["0"] or case != "model_z_loss_top1"
+
+
+@pytest.mark.distributed
+def test_ep2_rank_whose_experts_get_no_token(ep_parity):
+    case = ep_parity["model_rank1_experts_unused"]
+    assert_all_close(case)
+    assert case["0"]["global_tokens_per_expert"][4:] == [0, 0, 0, 0]  # rank 1 receives no row at all
+
+
+@pytest.mark.distributed
+def test_ep2_skewed_routing(ep_parity):
+    """Expert 3 gets no token anywhere, expert 1 none from rank 1, rank 0 sends no row to rank 1."""
+    case = ep_parity["block_skewed_routing"]
+    assert_all_close(case)
+    assert case["0"]["global_tokens_per_expert"] == [8, 5, 3, 0]
+
+
+@pytest.mark.distributed
+def test_ep2_capacity_applies_per_rank(ep_parity):
+    case = ep_parity["block_capacity_uneven_tokens"]
+    assert_all_close(case)
+    assert case["0"]["dropped_slots"] > 0 and case["1"]["dropped_slots"] > 0
+
+
+@pytest.mark.parametrize(
+    "experts, ep, world, message",
+    [
+        (8, 3, 6, r"expert_parallel_size=3 does not divide num_local_experts=8"),
+        (8, 4, 2, r"expert_parallel_size=4 exceeds the world size 2"),
+        (8, 2, 3, r"world size 3 is not a multiple of expert_parallel_size=2"),
+        (8, 0, 2, r"expert_parallel_size=0 must be a positive integer"),
+    ],
+)
+def test_validate_expert_parallel_errors(experts, ep, world, message):
+    config = MixtralConfig(**tiny_config(num_local_experts=experts))
+    config.expert_parallel_size = ep
+    with pytest.raises(ValueError, match=message):
+        validate_expert_parallel(config, world)
+
+
+def test_validate_expert_parallel_accepts_good_layouts():
+    for experts, ep, world in [(8, 1, 1), (8, 2, 2), (8, 2, 6), (8, 8, 8), (4, 4, 8)]:
+        config = MixtralConfig(**tiny_config(num_local_experts=experts))
+        config.expert_parallel_size = ep
+        validate_expert_parallel(config, world)
+
+
+def test_config_rejects_indivisible_experts():
+    with pytest.raises(ValueError, match="does not divide num_local_experts=4"):
+        MixtralConfig(**tiny_config(expert_parallel_size=3))
+
+
+def test_model_without_process_group_is_an_error():
+    with pytest.raises(RuntimeError, match="needs an initialised torch.distributed process group"):
+        MixtralForCausalLM(MixtralConfig(**tiny_config(expert_parallel_size=2)))
+
+
+def test_group_layout_matches_deepspeed():
+    """EP groups are consecutive ranks, expert-data-parallel groups strided (DeepSpeed's E + D layout)."""
+    assert expert_parallel_ranks(5, 8, 2) == ([4, 5], [1, 3, 5, 7])
+    assert expert_parallel_ranks(2, 8, 4) == ([0, 1, 2, 3], [2, 6])
+    assert expert_parallel_ranks(0, 2, 2) == ([0, 1], [0])
+
+
+def test_is_expert_param():
+    assert is_expert_param("model.layers.0.block_sparse_moe.experts.7.w1.weight")
+    assert is_expert_param(
+        "module.base_model.model.model.layers.3.block_sparse_moe.experts.0.w2.lora_A.default.weight"
+    )
+    assert not is_expert_param("model.layers.0.block_sparse_moe.gate.weight")
+    assert not is_expert_param("model.layers.0.self_attn.q_proj.weight")
+
+
+def test_single_process_state_dict_keeps_hub_keys():
+    torch.manual_seed(0)
+    model = MixtralForCausalLM(MixtralConfig(**tiny_config()))
+    experts = {k for k in model.state_dict() if ".experts." in k and k.startswith("model.layers.0.")}
+    assert experts == {
+        f"model.layers.0.block_sparse_moe.experts.{e}.{w}.weight"
+        for e in range(4)
+        for w in ("w1", "w2", "w3")
+    }

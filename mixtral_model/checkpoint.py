@@ -1,14 +1,28 @@
-"""Strict hub-layout checkpoint loading.
+"""Strict hub-layout checkpoint loading, and saving under expert parallelism.
 
 PreTrainedModel.from_pretrained does the reading (single-file or sharded safetensors, meta-device
 init, DeepSpeed zero.Init, bitsandbytes); this mixin turns its warnings into errors: a missing,
 unexpected or wrongly shaped key, or an unreadable file, stops the load with the key named,
 instead of leaving random weights in place.
+
+Expert parallelism (`expert_parallel_size=n` under torch.distributed): a rank builds only its
+experts, so it loads only their tensors from the hub checkpoint; the keys of the experts other
+ranks hold (and only those) are expected to be left over. `save_pretrained` gathers every expert
+to rank 0, which writes one complete hub-layout checkpoint.
 """
 
+import re
+from contextlib import contextmanager
 from pathlib import Path
 
+import torch
+import torch.distributed as dist
 from safetensors import SafetensorError
+
+from .moe import SparseMoeBlock
+from .parallel import get_expert_parallel_group
+
+EXPERT_KEY = re.compile(r"^(?P<experts>.*\.block_sparse_moe\.experts)\.(?P<expert>\d+)\.(?P<suffix>.+)$")
 
 
 class CheckpointError(ValueError):
@@ -21,7 +35,8 @@ def _describe(keys, limit: int = 5) -> str:
     return shown + (f" (+{len(keys) - limit} more)" if len(keys) > limit else "")
 
 
-def check_loading_info(info: dict, path) -> None:
+def loading_problem(info: dict, path) -> str | None:
+    """What does not match, in one line, or None."""
     problems = []
     if info.get("missing_keys"):
         problems.append(f"missing keys: {_describe(info['missing_keys'])}")
@@ -32,8 +47,17 @@ def check_loading_info(info: dict, path) -> None:
             f"{key} {tuple(found)} != expected {tuple(want)}" for key, found, want in info["mismatched_keys"]
         ]
         problems.append(f"wrongly shaped keys: {_describe(mismatched)}")
-    if problems:
-        raise CheckpointError(f"checkpoint {path} does not match the model config: " + "; ".join(problems))
+    if not problems:
+        return None
+    return f"checkpoint {path} does not match the model config: " + "; ".join(problems)
+
+
+def problem_on_any_rank(problem: str | None) -> str | None:
+    """Under expert parallelism ranks read different tensors: the first rank's problem, raised on every
+    rank (so none goes on to wait in a collective for a rank that stopped)."""
+    problems = [None] * dist.get_world_size()
+    dist.all_gather_object(problems, problem)
+    return next((f"rank {rank}: {p}" for rank, p in enumerate(problems) if p), None)
 
 
 def looks_like_local_path(name_or_path) -> bool:
@@ -66,5 +90,108 @@ class CheckpointLoadingMixin:
             raise CheckpointError(
                 f"cannot read checkpoint {pretrained_model_name_or_path}: {error}"
             ) from error
-        check_loading_info(info, pretrained_model_name_or_path)
+        problem = loading_problem(info, pretrained_model_name_or_path)
+        if model.config.expert_parallel_size > 1:
+            problem = problem_on_any_rank(problem)
+        if problem:
+            raise CheckpointError(problem)
         return (model, info) if output_loading_info else model
+
+    def post_init(self):
+        super().post_init()
+        pattern = held_elsewhere_pattern(self)
+        if pattern is not None:
+            self._keys_to_ignore_on_load_unexpected.add(pattern)
+
+    def save_pretrained(self, save_directory, state_dict=None, **kwargs):
+        """Under expert parallelism a collective (call it on every rank): rank 0 writes one complete
+        hub-layout checkpoint, with expert_parallel_size=1 in its config (the layout is a launch
+        choice: pass expert_parallel_size= to from_pretrained); the other ranks write nothing and
+        wait until it is written."""
+        if self.config.expert_parallel_size == 1:
+            return super().save_pretrained(save_directory, state_dict=state_dict, **kwargs)
+        full_state_dict = gather_expert_parallel_state_dict(self, state_dict)
+        if full_state_dict is not None:
+            with complete_checkpoint_config(self.config):
+                super().save_pretrained(save_directory, state_dict=full_state_dict, **kwargs)
+        dist.barrier()
+
+
+def expert_parallel_blocks(model) -> list[SparseMoeBlock]:
+    return [m for m in model.modules() if isinstance(m, SparseMoeBlock) and m.expert_parallel_size > 1]
+
+
+def held_elsewhere_pattern(model) -> str | None:
+    """Regex of the checkpoint keys of the experts other EP ranks hold; None without expert parallelism."""
+    blocks = expert_parallel_blocks(model)
+    if not blocks:
+        return None
+    others = sorted(set(range(blocks[0].num_experts)) - set(blocks[0].local_expert_ids))
+    return rf"(^|\.)layers\.\d+\.block_sparse_moe\.experts\.({'|'.join(map(str, others))})\."
+
+
+@contextmanager
+def complete_checkpoint_config(config):
+    """The config as a complete checkpoint states it: expert_parallel_size=1."""
+    expert_parallel_size = config.expert_parallel_size
+    config.expert_parallel_size = 1
+    try:
+        yield
+    finally:
+        config.expert_parallel_size = expert_parallel_size
+
+
+def gather_expert_parallel_state_dict(model, state_dict=None) -> dict | None:
+    """The complete hub-layout state dict on global rank 0, None on every other rank.
+
+    state_dict: this rank's (default: model.state_dict()). Collective over the EP group of rank 0
+    (ranks 0..n-1; ranks beyond return at once): each expert tensor travels as bytes, so any dtype
+    does, and lands on rank 0's CPU.
+    """
+    n = model.config.expert_parallel_size
+    if dist.get_rank() >= n:
+        return None
+    state_dict = model.state_dict() if state_dict is None else state_dict
+    local_experts = expert_parallel_blocks(model)[0].local_expert_ids
+    group = get_expert_parallel_group(n)
+    full, gathered_blocks = {}, set()
+    for key, value in state_dict.items():
+        match = EXPERT_KEY.match(key)
+        if match is None:
+            full[key] = value
+        elif match["experts"] not in gathered_blocks:
+            gathered_blocks.add(match["experts"])
+            full.update(gather_block_experts(match["experts"], state_dict, local_experts, n, group))
+    return full if dist.get_rank() == 0 else None
+
+
+def gather_block_experts(prefix: str, state_dict, local_experts: list[int], n: int, group) -> dict:
+    """`{prefix}.{e}.{suffix}` for every global expert e, in expert order (on rank 0; empty elsewhere)."""
+    first = f"{prefix}.{local_experts[0]}."
+    suffixes = [key[len(first) :] for key in state_dict if key.startswith(first)]
+    gathered = {
+        suffix: gather_to_rank0(
+            torch.stack([state_dict[f"{prefix}.{e}.{suffix}"] for e in local_experts]), n, group
+        )
+        for suffix in suffixes
+    }
+    if dist.get_rank() != 0:
+        return {}
+    num_experts = n * len(local_experts)
+    return {
+        f"{prefix}.{e}.{suffix}": gathered[suffix][e].clone()
+        for e in range(num_experts)
+        for suffix in suffixes
+    }
+
+
+def gather_to_rank0(stacked_L: torch.Tensor, n: int, group) -> torch.Tensor | None:
+    """The EP group's (L, ...) tensors concatenated in rank order (n*L, ...), on rank 0's CPU; None elsewhere."""
+    as_bytes = stacked_L.contiguous().reshape(-1).view(torch.uint8)
+    received = [torch.empty_like(as_bytes) for _ in range(n)] if dist.get_rank() == 0 else None
+    dist.gather(as_bytes, received, dst=0, group=group)
+    if received is None:
+        return None
+    return (
+        torch.cat(received).cpu().view(stacked_L.dtype).reshape(n * stacked_L.shape[0], *stacked_L.shape[1:])
+    )

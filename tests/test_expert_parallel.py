@@ -96,6 +96,61 @@ def test_ep2_capacity_applies_per_rank(ep_parity):
     assert case["0"]["dropped_slots"] > 0 and case["1"]["dropped_slots"] > 0
 
 
+@pytest.fixture(scope="module")
+def ep_checkpoint(tmp_path_factory) -> dict:
+    work = tmp_path_factory.mktemp("ep_checkpoint")
+    torchrun("ep_checkpoint.py", str(work), str(work / "found.json"))
+    return json.loads((work / "found.json").read_text())
+
+
+@pytest.mark.distributed
+def test_ep2_loads_hub_checkpoint_per_rank(ep_checkpoint):
+    """Each rank reads every dense tensor and only its own experts' tensors, and matches transformers."""
+    for rank, experts in (("0", [0, 1]), ("1", [2, 3])):
+        found = ep_checkpoint[rank]
+        assert found["shards"] > 1
+        assert found["experts_read"] == experts
+        assert found["state_dict_experts"] == experts
+        assert found["dense_read_all"]
+        assert found["logits_vs_transformers"] <= TOL
+
+
+@pytest.mark.distributed
+def test_ep2_loading_is_strict_on_every_rank(ep_checkpoint):
+    for rank in ("0", "1"):
+        found = ep_checkpoint[rank]
+        assert found["missing_rank1_expert_error"].startswith("rank 1: ")
+        assert (
+            "missing keys: model.layers.1.block_sparse_moe.experts.3.w2.weight"
+            in found["missing_rank1_expert_error"]
+        )
+        assert "unexpected keys: model.layers.0.extra.weight" in found["stray_key_error"]
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("dtype", ["torch.float32", "torch.bfloat16"])
+def test_ep2_saves_one_complete_checkpoint(ep_checkpoint, dtype):
+    rank0, rank1 = ep_checkpoint["0"], ep_checkpoint["1"]
+    assert rank0[f"{dtype} wrote_files"] and not rank1[f"{dtype} wrote_files"]
+    assert rank0[f"{dtype} same_keys"] and rank0[f"{dtype} tensors_equal"]
+    assert rank0[f"{dtype} saved_config_ep"] == 1
+    assert rank0["config_after_save"] == rank1["config_after_save"] == 2
+    assert rank0["reloaded_logits_vs_original"] <= TOL
+
+
+@pytest.mark.distributed
+def test_model_construction_errors_on_three_ranks(tmp_path):
+    torchrun("ep_errors.py", str(tmp_path / "errors.json"), nproc=3)
+    errors = json.loads((tmp_path / "errors.json").read_text())
+    assert (
+        errors["2"]
+        == "world size 3 is not a multiple of expert_parallel_size=2: launch a multiple of 2 ranks"
+    )
+    assert (
+        errors["4"] == "expert_parallel_size=4 exceeds the world size 3: launch at least 4 ranks or lower it"
+    )
+
+
 @pytest.mark.parametrize(
     "experts, ep, world, message",
     [

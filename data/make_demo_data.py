@@ -1,9 +1,10 @@
-"""Generate the bundled demo datasets: letter-string tasks whose answers can be checked exactly.
+"""Generate the bundled demo datasets: string reversal, whose answers can be checked exactly.
 
-Each prompt asks for one of three transformations of a short space-separated lowercase string
-(every letter is one token of the Mixtral tokenizer), e.g. ``Reverse: c a f e`` -> ``e f a c``.
-A tiny 2-layer MoE learns them in a few hundred CPU steps, so recipes can be checked end to end
-by exact match on held-out prompts.
+Each prompt asks to reverse a short space-separated lowercase string (every letter is one token of
+the Mixtral tokenizer): ``Reverse: c a f e`` -> ``e f a c``. The tiny recipe's 2-layer MoE learns
+it in about 200 CPU steps (held-out exact match ~0 -> ~1), so recipes can be checked end to end.
+DPO rejected answers are plausible mistakes: the string left as is, one letter wrong, or two
+neighbouring letters swapped.
 
 Writes, next to this script (deterministic, seed below):
   sft_train.jsonl, sft_eval.jsonl   {"messages": [user, assistant]}
@@ -16,20 +17,13 @@ Run: python data/make_demo_data.py
 import json
 import random
 import string
-from collections.abc import Callable
 from pathlib import Path
 
 SEED = 1234
 ALPHABET = string.ascii_lowercase
-MIN_LETTERS, MAX_LETTERS = 3, 6
+MIN_LETTERS, MAX_LETTERS = 3, 5
 SFT_TRAIN_ROWS, SFT_EVAL_ROWS = 3000, 150
 DPO_TRAIN_ROWS, DPO_EVAL_ROWS = 1000, 150
-
-TASKS: dict[str, Callable[[list[str]], list[str]]] = {
-    "Copy": lambda letters: letters,
-    "Reverse": lambda letters: letters[::-1],
-    "Uppercase": lambda letters: [letter.upper() for letter in letters],
-}
 
 
 def random_letters(rng: random.Random) -> tuple[str, ...]:
@@ -47,36 +41,37 @@ def unique_letter_strings(rng: random.Random, count: int, exclude: set) -> list[
     return strings
 
 
-def make_problem(rng: random.Random, letters: tuple[str, ...]) -> tuple[str, str, str]:
-    task = rng.choice(sorted(TASKS))
-    answer = " ".join(TASKS[task](list(letters)))
-    return task, f"{task}: {' '.join(letters)}", answer
+def make_problem(letters: tuple[str, ...]) -> tuple[str, str]:
+    return f"Reverse: {' '.join(letters)}", " ".join(reversed(letters))
 
 
-def wrong_answer(rng: random.Random, task: str, letters: tuple[str, ...], answer: str) -> str:
-    """A plausible mistake: another task's output, or the right output with one letter changed."""
-    for other in rng.sample(sorted(TASKS), len(TASKS)):
-        candidate = " ".join(TASKS[other](list(letters)))
-        if other != task and candidate != answer:
-            return candidate
-    tokens = answer.split()
-    position = rng.randrange(len(tokens))
-    replacement = rng.choice([c for c in ALPHABET if c != tokens[position].lower()])
-    tokens[position] = replacement.upper() if tokens[position].isupper() else replacement
-    return " ".join(tokens)
+def wrong_answer(rng: random.Random, letters: tuple[str, ...]) -> str:
+    """A plausible mistake that differs from the right answer."""
+    right = list(reversed(letters))
+    while True:
+        mistake = rng.choice(["unreversed", "one letter wrong", "neighbours swapped"])
+        wrong = list(letters) if mistake == "unreversed" else list(right)
+        if mistake == "one letter wrong":
+            position = rng.randrange(len(wrong))
+            wrong[position] = rng.choice([c for c in ALPHABET if c != wrong[position]])
+        elif mistake == "neighbours swapped":
+            position = rng.randrange(len(wrong) - 1)
+            wrong[position], wrong[position + 1] = wrong[position + 1], wrong[position]
+        if wrong != right:
+            return " ".join(wrong)
 
 
-def sft_row(rng: random.Random, letters: tuple[str, ...]) -> dict:
-    _, prompt, answer = make_problem(rng, letters)
+def sft_row(letters: tuple[str, ...]) -> dict:
+    prompt, answer = make_problem(letters)
     return {"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]}
 
 
 def dpo_row(rng: random.Random, letters: tuple[str, ...]) -> dict:
-    task, prompt, answer = make_problem(rng, letters)
+    prompt, answer = make_problem(letters)
     return {
         "prompt": [{"role": "user", "content": prompt}],
         "chosen": [{"role": "assistant", "content": answer}],
-        "rejected": [{"role": "assistant", "content": wrong_answer(rng, task, letters, answer)}],
+        "rejected": [{"role": "assistant", "content": wrong_answer(rng, letters)}],
     }
 
 
@@ -91,8 +86,8 @@ def main() -> None:
     held_out = unique_letter_strings(rng, SFT_EVAL_ROWS + DPO_EVAL_ROWS, exclude=set())
     training = unique_letter_strings(rng, SFT_TRAIN_ROWS + DPO_TRAIN_ROWS, exclude=set(held_out))
     out = Path(__file__).parent
-    write_jsonl(out / "sft_train.jsonl", [sft_row(rng, s) for s in training[:SFT_TRAIN_ROWS]])
-    write_jsonl(out / "sft_eval.jsonl", [sft_row(rng, s) for s in held_out[:SFT_EVAL_ROWS]])
+    write_jsonl(out / "sft_train.jsonl", [sft_row(s) for s in training[:SFT_TRAIN_ROWS]])
+    write_jsonl(out / "sft_eval.jsonl", [sft_row(s) for s in held_out[:SFT_EVAL_ROWS]])
     write_jsonl(out / "dpo_train.jsonl", [dpo_row(rng, s) for s in training[SFT_TRAIN_ROWS:]])
     write_jsonl(out / "dpo_eval.jsonl", [dpo_row(rng, s) for s in held_out[SFT_EVAL_ROWS:]])
 

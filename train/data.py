@@ -31,7 +31,7 @@ import json
 import logging
 import random
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -140,8 +140,11 @@ def prepare_dpo_data(data_cfg: Any, tokenizer: PreTrainedTokenizerBase, seed: in
     )
 
 
+RowConverter = Callable[[Any], dict]
+
+
 def load_validated_splits(
-    data_cfg: Any, convert, seed: int
+    data_cfg: Any, convert: RowConverter, seed: int
 ) -> tuple[list[dict], list[dict] | None, list[RowReport]]:
     """Converted good rows of the train source and of the eval source (or a held-out fraction)."""
     train_rows, train_report = convert_source(data_cfg.path, data_cfg.split, convert, data_cfg)
@@ -155,7 +158,9 @@ def load_validated_splits(
     return train_rows, eval_rows, reports
 
 
-def convert_source(path: str, split: str, convert, data_cfg: Any) -> tuple[list[dict], RowReport]:
+def convert_source(
+    path: str, split: str, convert: RowConverter, data_cfg: Any
+) -> tuple[list[dict], RowReport]:
     """Convert every row of one source, report the bad ones, enforce data.max_bad_fraction."""
     source, rows = read_rows(path, split)
     report = RowReport(source)

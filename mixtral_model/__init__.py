@@ -3,7 +3,10 @@
 from .checkpoint import CheckpointError
 from .config import MixtralConfig
 from .model import MixtralForCausalLM, MixtralModel
+from .peft_compat import skip_peft_target_rewrite_for_native_mixtral
 from .tokenizer import encode_chat, load_tokenizer
+
+skip_peft_target_rewrite_for_native_mixtral()
 
 __all__ = [
     "CheckpointError",

@@ -111,7 +111,7 @@ class MixtralModel(MixtralPreTrainedModel):
             raise ValueError(
                 f"attention_mask must be 2-D (batch, tokens), got shape {tuple(attention_mask.shape)}"
             )
-        packed = attention_mask is None and q_start == 0
+        packed = q_start == 0  # position ids restarting inside a row mark packed sequences
         return AttentionLayout(
             q_start=q_start,
             q_len=q_len,
@@ -198,7 +198,7 @@ class MixtralForCausalLM(MixtralPreTrainedModel, GenerationMixin):
         logits_to_keep: int | torch.Tensor = 0,
         past_key_values: Cache | None = None,
         num_items_in_batch=None,
-        return_dict: bool = True,
+        return_dict: bool | None = None,
         **kwargs,
     ) -> MixtralCausalLMOutput:
         """loss = CE + router_aux_loss_coef * aux_loss (+ router_z_loss_coef * z_loss) when labels
@@ -232,7 +232,7 @@ class MixtralForCausalLM(MixtralPreTrainedModel, GenerationMixin):
             cache=outputs.cache,
             router_logits=outputs.router_logits if output_router_logits else None,
         )
-        return output if return_dict else output.to_tuple()
+        return output if return_dict is not False else output.to_tuple()
 
 
 __all__ = [

@@ -107,7 +107,8 @@ class CheckpointLoadingMixin:
         """Under expert parallelism a collective (call it on every rank): rank 0 writes one complete
         hub-layout checkpoint, with expert_parallel_size=1 in its config (the layout is a launch
         choice: pass expert_parallel_size= to from_pretrained); the other ranks write nothing and
-        wait until it is written."""
+        wait until it is written. HF Trainer calls save_pretrained on rank 0 only: under expert
+        parallelism save through this method on every rank instead."""
         if self.config.expert_parallel_size == 1:
             return super().save_pretrained(save_directory, state_dict=state_dict, **kwargs)
         full_state_dict = gather_expert_parallel_state_dict(self, state_dict)

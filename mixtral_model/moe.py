@@ -121,12 +121,21 @@ def choose_expert_backend(
     return "grouped_mm" if grouped else "per_expert"
 
 
+def expert_layers(experts: Sequence[Expert]) -> list[nn.Module]:
+    return [layer for expert in experts for layer in (expert.w1, expert.w2, expert.w3)]
+
+
+def are_plain_linear(experts: Sequence[Expert]) -> bool:
+    """Every w1/w2/w3 is exactly `nn.Linear` (not a bitsandbytes subclass, not a PEFT wrapper)."""
+    return all(type(layer) is nn.Linear for layer in expert_layers(experts))
+
+
 def expert_backend_for(experts: Sequence[Expert]) -> str:
     """`choose_expert_backend` on the facts of these expert modules."""
-    layers = [layer for expert in experts for layer in (expert.w1, expert.w2, expert.w3)]
+    layers = expert_layers(experts)
     weight = layers[0].weight
     return choose_expert_backend(
-        plain_linear=all(type(layer) is nn.Linear for layer in layers),
+        plain_linear=are_plain_linear(experts),
         partitioned=any(hasattr(layer.weight, "ds_id") for layer in layers),
         dtype=weight.dtype,
         device_type=weight.device.type,
@@ -223,6 +232,11 @@ class SparseMoeBlock(nn.Module):
             backend = expert_backend_for(experts)
         elif backend not in EXPERT_FORWARDS:
             raise ValueError(f"expert_backend={backend!r} is not one of {EXPERT_BACKENDS}")
+        elif backend == "grouped_mm" and not are_plain_linear(experts):
+            raise ValueError(
+                "expert_backend='grouped_mm' needs plain nn.Linear experts (not LoRA-wrapped or quantized): "
+                "use 'auto' or 'per_expert'"
+            )
         return EXPERT_FORWARDS[backend](experts, x_sorted_MD, counts)
 
     def run_experts(self, x_sorted_MD: torch.Tensor, tokens_per_expert_E: torch.Tensor) -> torch.Tensor:

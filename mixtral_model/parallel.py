@@ -15,7 +15,8 @@ Token exchange (`exchange_with_expert_owners`), for rows already sorted by globa
 4. return: the inverse regroup and the reverse all-to-all put every row back on its sender, in the
    sender's order.
 Both all-to-alls are differentiable (`all_to_all`): the backward of one is the other with its splits
-swapped. Every rank of an EP group must run the same number of MoE forwards (and backwards).
+swapped. Every rank of an EP group must run the same number of MoE forwards (and backwards): with
+`generate`, pass `synced_gpus=True` so a rank that finished keeps stepping until all have.
 
 Gradients after backward: a dense parameter's grad on rank r is the grad of rank r's loss; an expert
 parameter's grad on its owner is the grad of the SUM of its EP group's losses. So the optimizer

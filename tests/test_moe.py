@@ -215,6 +215,10 @@ def test_peft_lora_on_experts():
     out.loss.backward()
     lora_grads = [p.grad for n, p in lora.named_parameters() if "lora_" in n and ".experts." in n]
     assert lora_grads and all(g is not None and g.abs().sum() > 0 for g in lora_grads)
+    block.expert_backend = "grouped_mm"
+    with pytest.raises(ValueError, match="'grouped_mm' needs plain nn.Linear experts"):
+        lora(input_ids=input_ids)
+    block.expert_backend = "auto"
     merged = lora.merge_and_unload()
     with torch.no_grad():
         assert max_relative_diff(out.logits.detach(), merged(input_ids).logits) <= TOL

@@ -1,0 +1,123 @@
+"""The model a pipeline trains: loaded from a checkpoint (or a seeded random init written as one),
+optionally 4-bit quantized (QLoRA), wrapped with LoRA adapters, ready for the HF Trainer.
+
+Random init is written to `OUTPUT_DIR/base/` as a hub-layout checkpoint first, so every rank loads
+the same weights through the same path as a real checkpoint (ZeRO-3 zero.Init, bitsandbytes,
+expert-parallel per-rank loading) and adapters saved later point to a base that exists.
+"""
+
+from pathlib import Path
+
+import peft
+import torch
+from omegaconf import DictConfig
+from transformers import BitsAndBytesConfig, PreTrainedTokenizerBase
+
+from mixtral_model import MixtralConfig, MixtralForCausalLM
+from train.config import lora_modules_to_save, lora_target_modules
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+NEVER_QUANTIZED = ["gate", "lm_head"]  # the router and the output head stay in the compute dtype
+
+
+def random_init_config(cfg: DictConfig, tokenizer: PreTrainedTokenizerBase) -> MixtralConfig:
+    arch = cfg.model.architecture
+    return MixtralConfig(
+        vocab_size=arch.vocab_size,
+        hidden_size=arch.hidden_size,
+        intermediate_size=arch.intermediate_size,
+        num_hidden_layers=arch.num_hidden_layers,
+        num_attention_heads=arch.num_attention_heads,
+        num_key_value_heads=arch.num_key_value_heads,
+        num_local_experts=arch.num_local_experts,
+        num_experts_per_tok=arch.num_experts_per_tok,
+        max_position_embeddings=arch.max_position_embeddings,
+        rope_theta=arch.rope_theta,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+
+
+def write_random_init(
+    cfg: DictConfig, tokenizer: PreTrainedTokenizerBase, directory: Path, seed: int
+) -> None:
+    """A seeded random-init checkpoint (with its tokenizer) at `directory`, unless one is there already."""
+    if (directory / "config.json").exists():
+        return
+    torch.manual_seed(seed)
+    staging = directory.with_name(directory.name + ".tmp")
+    MixtralForCausalLM(random_init_config(cfg, tokenizer)).save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    staging.rename(directory)
+
+
+def quantization_config(cfg: DictConfig) -> BitsAndBytesConfig | None:
+    if cfg.peft.method != "qlora":
+        return None
+    quant = cfg.peft.quant
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quant.quant_type,
+        bnb_4bit_use_double_quant=quant.double_quant,
+        bnb_4bit_compute_dtype=DTYPES[quant.compute_dtype],
+        bnb_4bit_quant_storage=DTYPES.get(quant.quant_storage, torch.uint8),
+        llm_int8_skip_modules=NEVER_QUANTIZED,
+    )
+
+
+def load_model(cfg: DictConfig, name_or_path: str) -> MixtralForCausalLM:
+    """Our Mixtral from a hub-layout checkpoint, with the run's router and parallel settings."""
+    model = MixtralForCausalLM.from_pretrained(
+        name_or_path,
+        dtype=DTYPES[cfg.model.dtype],
+        attn_implementation=cfg.model.attn_implementation,
+        quantization_config=quantization_config(cfg),
+        router_aux_loss_coef=cfg.model.router_aux_loss_coef,
+        router_jitter_noise=cfg.model.router_jitter_noise,
+        router_z_loss_coef=cfg.model.router_z_loss_coef,
+        expert_parallel_size=cfg.model.expert_parallel_size,
+        output_router_logits=True,
+    )
+    model.config.use_cache = False
+    return model
+
+
+def apply_peft(model: MixtralForCausalLM, cfg: DictConfig, gradient_checkpointing: bool):
+    """LoRA (or QLoRA) adapters on the configured targets; the router is never wrapped."""
+    if cfg.peft.method == "none":
+        return model
+    if cfg.peft.method == "qlora":
+        model = peft.prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
+    lora = peft.LoraConfig(
+        r=cfg.peft.r,
+        lora_alpha=cfg.peft.alpha,
+        lora_dropout=cfg.peft.dropout,
+        target_modules=lora_target_modules(cfg),
+        modules_to_save=lora_modules_to_save(cfg) or None,
+        task_type="CAUSAL_LM",
+    )
+    return peft.get_peft_model(model, lora)
+
+
+def base_model_path(cfg: DictConfig) -> str:
+    return cfg.model.name_or_path or str(Path(cfg.output_dir) / "base")
+
+
+def build_model(cfg: DictConfig):
+    """The trainable model: checkpoint (or random init written to OUTPUT_DIR/base) + PEFT."""
+    model = load_model(cfg, base_model_path(cfg))
+    return apply_peft(model, cfg, cfg.trainer.gradient_checkpointing)
+
+
+def build_frozen_reference(cfg: DictConfig) -> MixtralForCausalLM | None:
+    """DPO reference: None under PEFT (the base with adapters disabled), else a frozen copy of the base."""
+    if cfg.peft.method != "none":
+        return None
+    reference = load_model(cfg, base_model_path(cfg))
+    reference.requires_grad_(False)
+    return reference.eval()

@@ -1,0 +1,156 @@
+"""Pieces both pipelines share: config from the command line, output-directory safety, wandb,
+trainer arguments, the random-init base, DeepSpeed/expert-parallel wiring, and the final save.
+
+Order matters and is the same in both entry points: everything a user can get wrong (config, data
+files and rows, parallel combination) is checked before a model is built or an output written.
+"""
+
+import os
+import sys
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from mixtral_model.zero import check_parallel_combination, prepare_for_deepspeed
+from train.checkpoints import latest_complete_checkpoint
+from train.config import ConfigError, deepspeed_dict, load_config, resume_checkpoint, zero_stage
+from train.data import DataError
+from train.model_factory import write_random_init
+
+USAGE = "usage: {script} +recipe=NAME [key=value ...]   (see README: recipes and CLI overrides)"
+
+
+def config_from_argv(stage: str, argv: list[str]) -> DictConfig:
+    """Compose and validate `configs/<stage>.yaml` with the command-line overrides, or exit with one line."""
+    if any(arg in ("-h", "--help") for arg in argv):
+        print(USAGE.format(script=f"train/{stage}.py"))
+        sys.exit(0)
+    try:
+        cfg = load_config(stage, argv)
+        check_parallel_combination(zero_stage(cfg), cfg.model.expert_parallel_size, cfg.peft.method != "none")
+        check_output_dir(cfg)
+    except (ConfigError, ValueError, FileNotFoundError) as error:
+        fail(error)
+    return cfg
+
+
+def fail(error: Exception) -> None:
+    print(f"error: {error}", file=sys.stderr)
+    sys.exit(2)
+
+
+def check_output_dir(cfg: DictConfig) -> None:
+    """Never train over an existing run unless resuming it."""
+    output = Path(cfg.output_dir)
+    if resume_checkpoint(cfg) is False and (
+        latest_complete_checkpoint(output) or (output / "final").exists()
+    ):
+        raise ConfigError(
+            f"output_dir={output} already holds a run: pass resume=true to continue it, or a new output_dir"
+        )
+
+
+def resume_path(cfg: DictConfig) -> str | None:
+    resume = resume_checkpoint(cfg)
+    if resume is True:
+        found = latest_complete_checkpoint(cfg.output_dir)
+        if found is None:
+            fail(ConfigError(f"resume=true but {cfg.output_dir} has no complete checkpoint to resume from"))
+        return found
+    return resume or None
+
+
+def configure_wandb(cfg: DictConfig) -> None:
+    """wandb logs offline unless an API key is configured; WANDB_MODE set by the user always wins."""
+    if cfg.trainer.report_to != "wandb":
+        return
+    if not os.environ.get("WANDB_API_KEY") and not (Path.home() / ".netrc").exists():
+        os.environ.setdefault("WANDB_MODE", "offline")
+    os.environ.setdefault("WANDB_PROJECT", "mixtral-tune")
+    os.environ.setdefault("WANDB_DIR", str(Path(cfg.output_dir)))
+    Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
+
+
+def training_kwargs(cfg: DictConfig) -> dict:
+    """Arguments shared by TRL's SFTConfig and DPOConfig, from the composed config."""
+    trainer = cfg.trainer
+    compute_dtype = cfg.peft.quant.compute_dtype if cfg.peft.method == "qlora" else cfg.model.dtype
+    evaluate = trainer.eval_steps is not None and (cfg.data.eval_path or cfg.data.eval_fraction > 0)
+    return dict(
+        output_dir=cfg.output_dir,
+        max_steps=cfg.max_steps,
+        num_train_epochs=trainer.num_train_epochs,
+        learning_rate=trainer.learning_rate,
+        lr_scheduler_type=trainer.lr_scheduler_type,
+        warmup_steps=trainer.warmup_ratio,
+        weight_decay=trainer.weight_decay,
+        max_grad_norm=trainer.max_grad_norm,
+        optim=trainer.optim,
+        per_device_train_batch_size=trainer.per_device_train_batch_size,
+        per_device_eval_batch_size=trainer.per_device_eval_batch_size,
+        gradient_accumulation_steps=trainer.gradient_accumulation_steps,
+        gradient_checkpointing=trainer.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+        logging_steps=trainer.logging_steps,
+        logging_first_step=True,
+        eval_strategy="steps" if evaluate else "no",
+        eval_steps=trainer.eval_steps if evaluate else None,
+        save_strategy="steps",
+        save_steps=trainer.save_steps,
+        save_total_limit=trainer.save_total_limit,
+        seed=trainer.seed,
+        data_seed=trainer.seed,
+        report_to=[] if trainer.report_to == "none" else [trainer.report_to],
+        run_name=trainer.run_name,
+        bf16=compute_dtype == "bfloat16",
+        fp16=compute_dtype == "float16",
+        use_cpu=not torch.cuda.is_available(),
+        deepspeed=deepspeed_dict(cfg),
+        include_num_input_tokens_seen="non_padding",
+        router_aux_loss_coef=cfg.model.router_aux_loss_coef,
+        remove_unused_columns=False,
+        ddp_find_unused_parameters=False,
+    )
+
+
+def prepare_base_checkpoint(cfg: DictConfig, tokenizer, args) -> None:
+    """Random init (no model.name_or_path): the main process writes OUTPUT_DIR/base, the others wait."""
+    if cfg.model.name_or_path:
+        return
+    with args.main_process_first(desc="random-init base checkpoint"):
+        if args.process_index == 0:
+            write_random_init(cfg, tokenizer, Path(cfg.output_dir) / "base", cfg.trainer.seed)
+
+
+def wire_deepspeed(model, cfg: DictConfig):
+    """MoE-aware DeepSpeed preparation (expert groups, ZeRO-3 leaf modules); no-op without DeepSpeed."""
+    if not cfg.deepspeed:
+        return model
+    model, _ = prepare_for_deepspeed(
+        model, deepspeed_dict(cfg), cfg.model.expert_parallel_size, peft=cfg.peft.method != "none"
+    )
+    return model
+
+
+def report_data(prepared, max_examples: int) -> None:
+    for report in prepared.reports:
+        if report.bad:
+            print(report.summary(max_examples), flush=True)
+
+
+def save_final(trainer, cfg: DictConfig, tokenizer) -> str:
+    """The final adapter or model with its tokenizer in OUTPUT_DIR/final (gathered under ZeRO-3)."""
+    final = str(Path(cfg.output_dir) / "final")
+    trainer.save_model(final)
+    if trainer.args.should_save:
+        tokenizer.save_pretrained(final)
+        OmegaConf.save(cfg, Path(final) / "run_config.yaml")
+    return final
+
+
+def load_data_or_exit(prepare, data_cfg, tokenizer, seed: int):
+    try:
+        return prepare(data_cfg, tokenizer, seed)
+    except (DataError, FileNotFoundError) as error:
+        fail(error)

@@ -10,6 +10,7 @@ from train import config as config_module
 from train.config import (
     RECIPE_DIR,
     ConfigError,
+    check_architecture_matches,
     compose,
     deepspeed_dict,
     load_config,
@@ -247,6 +248,16 @@ def test_lora_never_targets_the_router_unless_asked():
     assert lora_modules_to_save(cfg) == []
     cfg.peft.train_router = True
     assert lora_modules_to_save(cfg) == ["gate"]
+
+
+def test_a_checkpoint_with_another_architecture_is_refused_naming_the_key():
+    from mixtral_model import MixtralConfig
+
+    cfg = compose("sft", ["model.name_or_path=some/checkpoint"])
+    arch = OmegaConf.to_container(cfg.model.architecture)
+    check_architecture_matches(cfg, MixtralConfig(**arch))
+    with pytest.raises(ConfigError, match="model.architecture.num_local_experts=4 but some/checkpoint has 8"):
+        check_architecture_matches(cfg, MixtralConfig(**{**arch, "num_local_experts": 8}))
 
 
 def test_mixtral_8x7b_model_group_matches_the_published_architecture():

@@ -349,6 +349,21 @@ def check_model(cfg: DictConfig) -> None:
             raise ConfigError(f"model.{key}={model[key]} is negative: use 0 to disable it")
 
 
+def check_architecture_matches(cfg: DictConfig, model_config: Any) -> None:
+    """Raise ConfigError when a checkpoint's config (loaded without weights) differs from model.architecture."""
+    expected = OmegaConf.to_container(cfg.model.architecture)
+    found = {key: getattr(model_config, key, None) for key in expected}
+    found["rope_theta"] = (getattr(model_config, "rope_parameters", None) or {}).get(
+        "rope_theta", found["rope_theta"]
+    )
+    for key, value in expected.items():
+        if found[key] is not None and found[key] != value:
+            raise ConfigError(
+                f"model.architecture.{key}={value} but {cfg.model.name_or_path} has {found[key]}: "
+                "fix the model group (configs/model/) or pick the matching one"
+            )
+
+
 def check_expert_parallel(cfg: DictConfig) -> None:
     size, experts, world = (
         cfg.model.expert_parallel_size,

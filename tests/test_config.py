@@ -207,6 +207,11 @@ def test_impossible_combination_fails_naming_the_key(config_name, overrides, key
     assert key in message
 
 
+def test_a_recipe_launched_with_the_other_pipeline_names_the_right_one():
+    assert "./launch.sh dpo" in config_error("sft", ["+recipe=tiny/dpo"])
+    assert "./launch.sh sft" in config_error("dpo", ["+recipe=mixtral-8x7b/sft_qlora"])
+
+
 def test_qlora_without_bitsandbytes_fails_naming_the_package(monkeypatch):
     real_find_spec = config_module.importlib.util.find_spec
     monkeypatch.setattr(

@@ -191,8 +191,13 @@ def compose(config_name: str, overrides: list[str] | tuple[str, ...] = ()) -> Di
 
 
 def load_config(config_name: str, overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
-    """Compose and validate: the config the pipelines run with, or a ConfigError."""
+    """Compose and validate the config of pipeline `config_name` (sft | dpo), or raise ConfigError."""
     cfg = compose(config_name, overrides)
+    if cfg.stage != config_name:
+        raise ConfigError(
+            f"this config is for the {cfg.stage} pipeline (stage={cfg.stage}, set by the recipe): "
+            f"launch it with ./launch.sh {cfg.stage}"
+        )
     validate(cfg)
     return cfg
 

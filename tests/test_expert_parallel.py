@@ -60,17 +60,20 @@ def ep_parity(tmp_path_factory) -> dict:
     return report
 
 
-def assert_all_close(case: dict) -> None:
+def assert_all_close(case: dict, tol: float = TOL) -> None:
     for rank, values in case.items():
         for quantity, diff in values.items():
             if isinstance(diff, float):
-                assert diff <= TOL, f"rank {rank} {quantity}: max relative diff {diff:.2e} > {TOL}"
+                assert diff <= tol, f"rank {rank} {quantity}: max relative diff {diff:.2e} > {tol}"
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("case", ["model_padded", "model_z_loss_top1"])
+@pytest.mark.parametrize("case", ["model_padded", "model_z_loss_top1", "model_gradient_checkpointing"])
 def test_ep2_model_matches_reference(ep_parity, case):
     assert_all_close(ep_parity[case])
+    layers = 2
+    recomputed = case == "model_gradient_checkpointing"
+    assert ep_parity[case]["0"]["token_exchanges"] == layers * (2 if recomputed else 1)
     assert "z_loss" in ep_parity[case]["0"] or case != "model_z_loss_top1"
 
 
@@ -87,6 +90,12 @@ def test_ep2_skewed_routing(ep_parity):
     case = ep_parity["block_skewed_routing"]
     assert_all_close(case)
     assert case["0"]["global_tokens_per_expert"] == [8, 5, 3, 0]
+
+
+@pytest.mark.distributed
+def test_ep2_bf16_block(ep_parity):
+    """bf16 rows travel through gloo; expert grads sum rows in another order than the reference."""
+    assert_all_close(ep_parity["block_bf16"], tol=2e-2)
 
 
 @pytest.mark.distributed

@@ -12,6 +12,7 @@ Launched by tests/test_expert_parallel.py.
 
 import json
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -21,7 +22,7 @@ sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).res
 
 from mixtral_reference import max_relative_diff, tiny_config  # noqa: E402
 
-from mixtral_model import MixtralConfig, MixtralForCausalLM  # noqa: E402
+from mixtral_model import MixtralConfig, MixtralForCausalLM, moe  # noqa: E402
 from mixtral_model.moe import SparseMoeBlock, expert_capacity, plan_slots, route_top_k  # noqa: E402
 from mixtral_model.parallel import is_expert_param  # noqa: E402
 
@@ -72,6 +73,22 @@ def routing_facts(router_logits_NE: torch.Tensor, top_k: int, capacity_factor=No
     return {"global_tokens_per_expert": tokens_per_expert_E.tolist(), "dropped_slots": dropped}
 
 
+@contextmanager
+def counting_exchanges():
+    """Counts the MoE blocks' token exchanges (dispatch + return all-to-alls) while active."""
+    calls, original = [], moe.exchange_with_expert_owners
+
+    def counted(*args):
+        calls.append(1)
+        return original(*args)
+
+    moe.exchange_with_expert_owners = counted
+    try:
+        yield calls
+    finally:
+        moe.exchange_with_expert_owners = original
+
+
 def tiny_batch(rank: int, vocab: int, pad: bool):
     g = torch.Generator().manual_seed(100 + rank)
     seq = 9 + 3 * rank  # uneven token counts across ranks
@@ -95,7 +112,9 @@ def force_router_to_first_four(model) -> None:
             weight[0], weight[1], weight[2], weight[3] = v, -v, u, -u
 
 
-def compare_model(rank: int, overrides: dict, pad: bool, force_router: bool = False) -> dict:
+def compare_model(
+    rank: int, overrides: dict, pad: bool, force_router: bool = False, checkpointing: bool = False
+) -> dict:
     torch.manual_seed(0)
     reference = MixtralForCausalLM(MixtralConfig(**tiny_config(**overrides)))
     if force_router:
@@ -104,11 +123,17 @@ def compare_model(rank: int, overrides: dict, pad: bool, force_router: bool = Fa
     copy_weights(reference, model)
     for m in (reference, model):
         m.config._attn_implementation = "eager"
+    if checkpointing:  # the block's all-to-alls run again inside backward, on every rank alike
+        model.gradient_checkpointing_enable()
+        model.train()
 
     batches = [tiny_batch(r, reference.config.vocab_size, pad) for r in range(WORLD)]
     input_ids, attention_mask, labels = batches[rank]
-    out = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, output_router_logits=True)
-    out.loss.backward()
+    with counting_exchanges() as exchanges:
+        out = model(
+            input_ids=input_ids, attention_mask=attention_mask, labels=labels, output_router_logits=True
+        )
+        out.loss.backward()
 
     ref_outs = [
         reference(input_ids=i, attention_mask=a, labels=lab, output_router_logits=True)
@@ -124,6 +149,7 @@ def compare_model(rank: int, overrides: dict, pad: bool, force_router: bool = Fa
     if out.z_loss is not None:
         diffs["z_loss"] = max_relative_diff(out.z_loss.detach(), ref_outs[rank].z_loss.detach())
     diffs.update(grad_diffs(model, expected))
+    diffs["token_exchanges"] = len(exchanges)  # per layer: 1, or 2 when backward recomputes it
     return diffs | routing_facts(out.router_logits[0], model.config.num_experts_per_tok)
 
 
@@ -147,7 +173,11 @@ def routed_rows(rank: int, choices_per_rank: list[list[tuple[int, int]]], hidden
 
 
 def compare_block(
-    rank: int, inputs_per_rank: list[torch.Tensor], overrides: dict, identity_router: bool
+    rank: int,
+    inputs_per_rank: list[torch.Tensor],
+    overrides: dict,
+    identity_router: bool,
+    dtype: torch.dtype = torch.float32,
 ) -> dict:
     torch.manual_seed(1)
     reference = SparseMoeBlock(block_config(**overrides))
@@ -159,9 +189,11 @@ def compare_block(
             reference.gate.weight[:, : reference.num_experts] = torch.eye(reference.num_experts)
     block = SparseMoeBlock(block_config(**overrides, expert_parallel_size=WORLD))
     copy_weights(reference, block)
+    reference.to(dtype), block.to(dtype)
 
     g = torch.Generator().manual_seed(300)
-    upstream = [torch.randn(x.shape, generator=g) for x in inputs_per_rank]
+    inputs_per_rank = [x.to(dtype) for x in inputs_per_rank]
+    upstream = [torch.randn(x.shape, generator=g).to(dtype) for x in inputs_per_rank]
     out_BTD, router_logits_NE = block(inputs_per_rank[rank][None])
     (out_BTD[0] * upstream[rank]).sum().backward()
     ref_outs = [reference(x[None])[0][0] for x in inputs_per_rank]
@@ -192,7 +224,9 @@ def main(out_path: str) -> None:
         "model_rank1_experts_unused": compare_model(
             rank, dict(num_local_experts=8), pad=False, force_router=True
         ),
+        "model_gradient_checkpointing": compare_model(rank, {}, pad=True, checkpointing=True),
         "block_skewed_routing": compare_block(rank, skewed, {}, identity_router=True),
+        "block_bf16": compare_block(rank, random_uneven, {}, identity_router=False, dtype=torch.bfloat16),
         "block_capacity_uneven_tokens": compare_block(
             rank, random_uneven, dict(expert_capacity_factor=0.6), identity_router=False
         ),

@@ -456,8 +456,8 @@ def check_qlora(cfg: DictConfig) -> None:
         )
     if offloads_parameters(cfg):
         raise ConfigError(
-            "peft=qlora cannot offload its 4-bit base weights to CPU (deepspeed offload_param): "
-            "use deepspeed=zero3 or deepspeed=zero2_offload"
+            "peft=qlora with deepspeed offload_param is not supported (bitsandbytes 4-bit weights are not "
+            "offloaded by DeepSpeed; untested): use deepspeed=zero3 or deepspeed=zero2_offload"
         )
 
 

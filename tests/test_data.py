@@ -137,6 +137,18 @@ def test_missing_local_file_names_it(tokenizer, path):
     assert path in str(caught.value)
 
 
+def test_unreachable_hub_dataset_fails_with_one_line(tokenizer):
+    """conftest.py sets HF_HUB_OFFLINE=1, so this never touches the network."""
+    with pytest.raises(DataError, match="could not load hub dataset 'no-such-org/no-such-set'") as caught:
+        prepare_sft_data(data_cfg("no-such-org/no-such-set"), tokenizer, seed=0)
+    assert "\n" not in str(caught.value)
+
+
+def test_a_directory_is_not_a_data_file(tokenizer, tmp_path):
+    with pytest.raises(DataError, match="is a directory"):
+        prepare_sft_data(data_cfg(tmp_path), tokenizer, seed=0)
+
+
 def test_json_and_parquet_files_load_like_jsonl(tokenizer, tmp_path):
     datasets = pytest.importorskip("datasets")
     rows = [{"messages": chat("Copy: a b", "a b")}, {"messages": chat("Reverse: a b", "b a")}]

@@ -211,7 +211,11 @@ def read_rows(path: str, split: str) -> tuple[str, Iterator[tuple[int, Any]]]:
         if reader is None:
             raise DataError(f"{path}: unsupported file type '{local.suffix}'; use .jsonl, .json or .parquet")
         return str(path), reader(local)
-    if looks_like_local_path(path) or local.exists():
+    if local.is_dir():
+        raise DataError(
+            f"{path} is a directory: point data.path / data.eval_path at a .jsonl, .json or .parquet file"
+        )
+    if looks_like_local_path(path):
         raise FileNotFoundError(
             f"data file not found: {path} (fix data.path / data.eval_path, or give a hub dataset name)"
         )
@@ -252,7 +256,8 @@ def load_hub_split(name: str, split: str) -> Iterable[dict]:
     try:
         return datasets.load_dataset(name, split=split)
     except (FileNotFoundError, ValueError, ConnectionError) as error:
-        raise DataError(f"could not load hub dataset '{name}' split '{split}': {error}") from error
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise DataError(f"could not load hub dataset '{name}' split '{split}': {first_line}") from error
 
 
 def parse_sft_row(row: Any) -> SftExample:

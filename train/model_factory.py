@@ -105,7 +105,8 @@ def apply_peft(model: MixtralForCausalLM, cfg: DictConfig, gradient_checkpointin
 
 
 def base_model_path(cfg: DictConfig) -> str:
-    return cfg.model.name_or_path or str(Path(cfg.output_dir) / "base")
+    """model.name_or_path, or the random-init base (absolute, so saved adapters can find it)."""
+    return cfg.model.name_or_path or str(Path(cfg.output_dir).resolve() / "base")
 
 
 def build_model(cfg: DictConfig):

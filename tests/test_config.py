@@ -7,6 +7,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from train import config as config_module
+from train.checkpoints import latest_complete_checkpoint
 from train.config import (
     RECIPE_DIR,
     ConfigError,
@@ -96,11 +97,14 @@ def test_cli_contract_overrides_work_on_every_recipe(
 ):
     monkeypatch.setenv("WORLD_SIZE", "2")
     output_dir = tmp_path / "run"
-    (output_dir / "checkpoint-5").mkdir(parents=True)
-    (output_dir / "checkpoint-20").mkdir()
+    for step in (5, 20):
+        (output_dir / f"checkpoint-{step}").mkdir(parents=True)
+        (output_dir / f"checkpoint-{step}" / "trainer_state.json").write_text(
+            json.dumps({"global_step": step})
+        )
     resume_value = {"latest": "true", "path": str(output_dir / "checkpoint-5"), "off": "false"}[resume]
     data_path = rows_file(stage_of(recipe))
-    cfg = load_config(
+    cfg = config_module.compose(
         stage_of(recipe),
         [
             f"+recipe={recipe}",
@@ -120,7 +124,9 @@ def test_cli_contract_overrides_work_on_every_recipe(
     assert cfg.model.expert_parallel_size == 2
     expected_resume = {"latest": True, "path": str(output_dir / "checkpoint-5"), "off": False}[resume]
     assert resume_checkpoint(cfg) == expected_resume
-    assert config_module.latest_checkpoint(cfg.output_dir) == str(output_dir / "checkpoint-20")
+    assert latest_complete_checkpoint(cfg.output_dir) == str(output_dir / "checkpoint-20")
+    with pytest.raises(ConfigError, match="model.expert_parallel_size=2"):
+        validate(cfg)  # EP=2 is refused with deepspeed=none, with PEFT and with resume
 
 
 def test_command_line_beats_recipe_group_choice():

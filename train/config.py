@@ -29,6 +29,8 @@ from hydra.errors import HydraException
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from train.checkpoints import latest_complete_checkpoint
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = REPO_ROOT / "configs"
 RECIPE_DIR = REPO_ROOT / "recipes"
@@ -290,9 +292,9 @@ def check_steps_and_resume(cfg: DictConfig) -> None:
         raise ConfigError(
             f"resume={resume}: no such checkpoint directory; pass resume=true or an existing checkpoint path"
         )
-    if resume is True and not latest_checkpoint(cfg.output_dir):
+    if resume is True and not latest_complete_checkpoint(cfg.output_dir):
         raise ConfigError(
-            f"resume=true but output_dir={cfg.output_dir} has no checkpoint-* directory; "
+            f"resume=true but output_dir={cfg.output_dir} has no complete checkpoint-* directory; "
             "drop resume or point it at a checkpoint"
         )
 
@@ -307,17 +309,6 @@ def resume_checkpoint(cfg: DictConfig) -> bool | str:
     raise ConfigError(
         f"resume={resume!r}: use resume=true, resume=false or resume=PATH to a checkpoint directory"
     )
-
-
-def latest_checkpoint(output_dir: str) -> str | None:
-    """The `checkpoint-<step>` directory with the highest step in output_dir, if any."""
-    root = Path(output_dir)
-    steps = [
-        (int(path.name.split("-")[1]), path)
-        for path in root.glob("checkpoint-*")
-        if path.is_dir() and path.name.split("-")[1].isdigit()
-    ]
-    return str(max(steps)[1]) if steps else None
 
 
 def check_model(cfg: DictConfig) -> None:
@@ -384,6 +375,23 @@ def check_expert_parallel(cfg: DictConfig) -> None:
         raise ConfigError(
             f"model.expert_parallel_size={size} does not divide the world size {world}: "
             f"launch a multiple of {size} processes or lower it"
+        )
+    if size == 1:
+        return
+    if not cfg.deepspeed:
+        raise ConfigError(
+            f"model.expert_parallel_size={size} needs DeepSpeed (deepspeed=zero2 or zero3): plain data "
+            "parallelism would average the gradients of different experts"
+        )
+    if cfg.peft.method != "none":
+        raise ConfigError(
+            f"model.expert_parallel_size={size} with peft={cfg.peft.method}: saving adapters split across "
+            "expert-parallel ranks is not supported yet; use peft=none, or expert_parallel_size=1 with LoRA"
+        )
+    if resume_checkpoint(cfg) is not False:
+        raise ConfigError(
+            f"model.expert_parallel_size={size} with resume: DeepSpeed checkpoints of expert-parallel runs "
+            "are not resumable yet; start a new run, or train with expert_parallel_size=1"
         )
 
 

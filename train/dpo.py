@@ -21,9 +21,12 @@ from train import pipeline  # noqa: E402
 from train.callbacks import RouterStatsLoggingMixin, RunSummaryCallback  # noqa: E402
 from train.data import prepare_dpo_data  # noqa: E402
 from train.model_factory import build_frozen_reference, build_model  # noqa: E402
+from train.pipeline import ExpertParallelSaveMixin  # noqa: E402
 
 
-class MixtralDPOTrainer(RouterStatsLoggingMixin, DeepSpeedMoETrainerMixin, DPOTrainer):
+class MixtralDPOTrainer(
+    ExpertParallelSaveMixin, RouterStatsLoggingMixin, DeepSpeedMoETrainerMixin, DPOTrainer
+):
     pass
 
 
@@ -33,15 +36,18 @@ def main(argv: list[str]) -> None:
     data = pipeline.load_data_or_exit(prepare_dpo_data, cfg.data, tokenizer, cfg.trainer.seed)
     pipeline.report_data(data, cfg.data.max_reported_bad_rows)
     pipeline.configure_wandb(cfg)
-    args = DPOConfig(
-        **pipeline.training_kwargs(cfg),
-        max_length=cfg.data.max_length,
-        beta=cfg.trainer.dpo.beta,
-        loss_type=[cfg.trainer.dpo.loss_type],
-        precompute_ref_log_probs=cfg.trainer.dpo.precompute_ref_log_probs,
+    model, args = pipeline.build_model_and_args(
+        cfg,
+        tokenizer,
+        lambda: DPOConfig(
+            **pipeline.training_kwargs(cfg),
+            max_length=cfg.data.max_length,
+            beta=cfg.trainer.dpo.beta,
+            loss_type=[cfg.trainer.dpo.loss_type],
+            precompute_ref_log_probs=cfg.trainer.dpo.precompute_ref_log_probs,
+        ),
+        build_model,
     )
-    pipeline.prepare_base_checkpoint(cfg, tokenizer, args)
-    model = pipeline.wire_deepspeed(build_model(cfg), cfg)
     trainer = MixtralDPOTrainer(
         model=model,
         ref_model=build_frozen_reference(cfg),

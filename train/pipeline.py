@@ -10,9 +10,10 @@ import sys
 from pathlib import Path
 
 import torch
+from accelerate import PartialState
 from omegaconf import DictConfig, OmegaConf
 
-from mixtral_model.zero import check_parallel_combination, prepare_for_deepspeed
+from mixtral_model.zero import check_parallel_combination, gathered_state_dict, prepare_for_deepspeed
 from train.checkpoints import latest_complete_checkpoint
 from train.config import ConfigError, deepspeed_dict, load_config, resume_checkpoint, zero_stage
 from train.data import DataError
@@ -114,12 +115,13 @@ def training_kwargs(cfg: DictConfig) -> dict:
     )
 
 
-def prepare_base_checkpoint(cfg: DictConfig, tokenizer, args) -> None:
-    """Random init (no model.name_or_path): the main process writes OUTPUT_DIR/base, the others wait."""
+def prepare_base_checkpoint(cfg: DictConfig, tokenizer, state) -> None:
+    """Random init (no model.name_or_path): the main process writes OUTPUT_DIR/base, the others wait.
+    `state` is the TrainingArguments or accelerate's PartialState."""
     if cfg.model.name_or_path:
         return
-    with args.main_process_first(desc="random-init base checkpoint"):
-        if args.process_index == 0:
+    with state.main_process_first():
+        if state.process_index == 0:
             write_random_init(cfg, tokenizer, Path(cfg.output_dir) / "base", cfg.trainer.seed)
 
 
@@ -127,10 +129,27 @@ def wire_deepspeed(model, cfg: DictConfig):
     """MoE-aware DeepSpeed preparation (expert groups, ZeRO-3 leaf modules); no-op without DeepSpeed."""
     if not cfg.deepspeed:
         return model
-    model, _ = prepare_for_deepspeed(
-        model, deepspeed_dict(cfg), cfg.model.expert_parallel_size, peft=cfg.peft.method != "none"
-    )
+    model, _ = prepare_for_deepspeed(model, deepspeed_dict(cfg), cfg.model.expert_parallel_size)
     return model
+
+
+def build_model_and_args(cfg: DictConfig, tokenizer, make_args, build):
+    """The trainer arguments and the prepared model, in the order the parallel layout needs.
+
+    Without expert parallelism the arguments come first: under ZeRO-3 they make from_pretrained
+    partition parameters as it loads (zero.Init). With expert parallelism the process group is
+    started first and the model loaded before the arguments exist, so zero.Init cannot spread a
+    rank's experts over ranks that hold other experts (DeepSpeed partitions the dense parameters
+    when the trainer starts).
+    """
+    if cfg.model.expert_parallel_size == 1:
+        args = make_args()
+        prepare_base_checkpoint(cfg, tokenizer, args)
+        return wire_deepspeed(build(cfg), cfg), args
+    PartialState()
+    prepare_base_checkpoint(cfg, tokenizer, PartialState())
+    model = wire_deepspeed(build(cfg), cfg)
+    return model, make_args()
 
 
 def report_data(prepared, max_examples: int) -> None:
@@ -139,13 +158,29 @@ def report_data(prepared, max_examples: int) -> None:
             print(report.summary(max_examples), flush=True)
 
 
+class ExpertParallelSaveMixin:
+    """Put first in a trainer's bases. Under expert parallelism every rank holds different experts:
+    each save (checkpoints and the final model) gathers them into one complete hub checkpoint
+    through the model's collective save_pretrained, instead of rank 0 writing only its own."""
+
+    def save_model(self, output_dir=None, _internal_call=False):
+        model = self.accelerator.unwrap_model(self.model)
+        if getattr(model.config, "expert_parallel_size", 1) == 1:
+            return super().save_model(output_dir, _internal_call)
+        output_dir = output_dir or self.args.output_dir
+        model.save_pretrained(output_dir, state_dict=gathered_state_dict(model))
+        if self.args.should_save and self.processing_class is not None:
+            self.processing_class.save_pretrained(output_dir)
+
+
 def save_final(trainer, cfg: DictConfig, tokenizer) -> str:
     """The final adapter or model with its tokenizer in OUTPUT_DIR/final (gathered under ZeRO-3)."""
     final = str(Path(cfg.output_dir) / "final")
     trainer.save_model(final)
     if trainer.args.should_save:
         tokenizer.save_pretrained(final)
-        OmegaConf.save(cfg, Path(final) / "run_config.yaml")
+        OmegaConf.save(cfg, Path(final) / "run_config.yaml", resolve=True)
+        trainer.state.save_to_json(str(Path(final) / "trainer_state.json"))
     return final
 
 

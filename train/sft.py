@@ -21,9 +21,12 @@ from train import pipeline  # noqa: E402
 from train.callbacks import RouterStatsLoggingMixin, RunSummaryCallback  # noqa: E402
 from train.data import prepare_sft_data  # noqa: E402
 from train.model_factory import build_model  # noqa: E402
+from train.pipeline import ExpertParallelSaveMixin  # noqa: E402
 
 
-class MixtralSFTTrainer(RouterStatsLoggingMixin, DeepSpeedMoETrainerMixin, SFTTrainer):
+class MixtralSFTTrainer(
+    ExpertParallelSaveMixin, RouterStatsLoggingMixin, DeepSpeedMoETrainerMixin, SFTTrainer
+):
     pass
 
 
@@ -33,13 +36,16 @@ def main(argv: list[str]) -> None:
     data = pipeline.load_data_or_exit(prepare_sft_data, cfg.data, tokenizer, cfg.trainer.seed)
     pipeline.report_data(data, cfg.data.max_reported_bad_rows)
     pipeline.configure_wandb(cfg)
-    args = SFTConfig(
-        **pipeline.training_kwargs(cfg),
-        max_length=cfg.data.max_length,
-        padding_free=cfg.data.packing,
+    model, args = pipeline.build_model_and_args(
+        cfg,
+        tokenizer,
+        lambda: SFTConfig(
+            **pipeline.training_kwargs(cfg),
+            max_length=None if cfg.data.packing else cfg.data.max_length,  # packed rows already fit
+            padding_free=cfg.data.packing,
+        ),
+        build_model,
     )
-    pipeline.prepare_base_checkpoint(cfg, tokenizer, args)
-    model = pipeline.wire_deepspeed(build_model(cfg), cfg)
     trainer = MixtralSFTTrainer(
         model=model,
         args=args,

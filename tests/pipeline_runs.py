@@ -1,0 +1,68 @@
+"""Helpers for tests that run the SFT/DPO entry points as a user would: subprocesses, small models."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+SMALL_MODEL = [
+    "model.architecture.hidden_size=32",
+    "model.architecture.intermediate_size=64",
+    "model.architecture.num_attention_heads=4",
+    "model.architecture.num_key_value_heads=2",
+    "model.architecture.num_local_experts=4",
+    "model.architecture.num_hidden_layers=2",
+    "trainer.logging_steps=1",
+    "trainer.report_to=none",
+    "trainer.eval_steps=null",
+    "data.eval_path=null",
+    "trainer.gradient_checkpointing=false",
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_env() -> dict:
+    return {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+
+
+def pipeline_command(stage: str, overrides: list[str], nproc: int = 1) -> list[str]:
+    script = str(REPO / "train" / f"{stage}.py")
+    if nproc == 1:
+        return [sys.executable, script, *overrides]
+    return [
+        sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+        "--master_addr=127.0.0.1", f"--master_port={free_port()}", script, *overrides,
+    ]  # fmt: skip
+
+
+def run_pipeline(stage: str, overrides: list[str], nproc: int = 1, timeout: int = 300, check: bool = True):
+    result = subprocess.run(
+        pipeline_command(stage, overrides, nproc),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=run_env(),
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(
+            f"{stage} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
+        )
+    return result
+
+
+def log_history(final_dir: Path) -> list[dict]:
+    return json.loads((final_dir / "trainer_state.json").read_text())["log_history"]
+
+
+def train_losses(final_dir: Path, key: str = "loss") -> list[float]:
+    """Per-step training values (the end-of-training summary entry carries train_loss instead)."""
+    return [entry[key] for entry in log_history(final_dir) if key in entry and "train_loss" not in entry]

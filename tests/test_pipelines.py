@@ -1,0 +1,220 @@
+"""SFT and DPO entry points run end to end on CPU: learning, router loss, saves, resume after
+kill -9, bad data, two ranks against one, two "nodes" over loopback."""
+
+import json
+import signal
+import subprocess
+import time
+
+import peft
+import pytest
+import torch
+import transformers
+from pipeline_runs import (
+    REPO,
+    SMALL_MODEL,
+    log_history,
+    pipeline_command,
+    run_env,
+    run_pipeline,
+    train_losses,
+)
+
+from mixtral_model import MixtralForCausalLM
+from train.checkpoints import latest_complete_checkpoint
+
+SFT = [
+    "+recipe=tiny/sft",
+    *SMALL_MODEL,
+    "trainer.per_device_train_batch_size=8",
+    "trainer.learning_rate=3e-3",
+]
+DPO = [
+    "+recipe=tiny/dpo",
+    *SMALL_MODEL,
+    "trainer.per_device_train_batch_size=4",
+    "trainer.learning_rate=1e-3",
+]
+
+
+def logits(model, seed=0):
+    ids = torch.randint(3, 32000, (2, 12), generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def test_sft_learns_logs_aux_loss_and_saves_a_hub_checkpoint(tmp_path):
+    out = tmp_path / "sft"
+    run_pipeline("sft", [*SFT, f"output_dir={out}", "max_steps=12", "trainer.save_steps=12"])
+    losses = train_losses(out / "final")
+    assert len(losses) == 12
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.3, losses
+    aux = train_losses(out / "final", "aux_loss")
+    assert len(aux) == 12 and all(a > 0 for a in aux)
+    assert any(key.startswith("router/layer_1/expert_") for key in log_history(out / "final")[0])
+    ours = MixtralForCausalLM.from_pretrained(out / "final")
+    reference = transformers.MixtralForCausalLM.from_pretrained(out / "final")
+    torch.testing.assert_close(logits(ours), logits(reference), rtol=1e-5, atol=1e-5)
+    assert (out / "final" / "tokenizer_config.json").exists()
+
+
+def test_dpo_with_lora_logs_rewards_and_aux_loss_and_exports(tmp_path):
+    out = tmp_path / "dpo"
+    run_pipeline("dpo", [*DPO, f"output_dir={out}", "max_steps=4", "peft=lora", "trainer.save_steps=4"])
+    history = log_history(out / "final")
+    assert all("rewards/margins" in entry and entry["aux_loss"] > 0 for entry in history if "loss" in entry)
+    adapter = out / "final"
+    base = MixtralForCausalLM.from_pretrained(out / "base")
+    trained = peft.PeftModel.from_pretrained(base, adapter)
+    lora_b = [p for name, p in trained.named_parameters() if "lora_B" in name]
+    assert lora_b and any(p.abs().max() > 0 for p in lora_b), "adapter is empty or untrained"
+    reference = peft.PeftModel.from_pretrained(
+        transformers.MixtralForCausalLM.from_pretrained(out / "base"), adapter
+    )
+    torch.testing.assert_close(logits(trained), logits(reference), rtol=1e-5, atol=1e-5)
+
+    export = tmp_path / "merged"
+    subprocess.run(
+        ["python", str(REPO / "train" / "export.py"), str(adapter), str(export)], check=True, env=run_env()
+    )
+    merged = transformers.MixtralForCausalLM.from_pretrained(export)
+    torch.testing.assert_close(logits(merged), logits(trained), rtol=1e-4, atol=1e-5)
+
+
+def test_resume_after_kill_continues_with_the_same_losses(tmp_path):
+    steps = ["max_steps=8", "trainer.save_steps=3", "trainer.save_total_limit=2", "trainer.warmup_ratio=0.0"]
+    uninterrupted = tmp_path / "full"
+    run_pipeline("sft", [*SFT, f"output_dir={uninterrupted}", *steps])
+
+    killed = tmp_path / "killed"
+    process = subprocess.Popen(pipeline_command("sft", [*SFT, f"output_dir={killed}", *steps]), env=run_env(),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.time() + 240
+    while latest_complete_checkpoint(killed) is None or not latest_complete_checkpoint(killed).endswith("-6"):
+        assert process.poll() is None, "run ended before it could be killed"
+        assert time.time() < deadline, "no checkpoint-6 in time"
+        time.sleep(0.2)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (killed / "final").exists()
+
+    run_pipeline("sft", [*SFT, f"output_dir={killed}", *steps, "resume=true"])
+    resumed = {e["step"]: e["loss"] for e in log_history(killed / "final") if "loss" in e}
+    reference = {e["step"]: e["loss"] for e in log_history(uninterrupted / "final") if "loss" in e}
+    for step in (7, 8):
+        assert resumed[step] == pytest.approx(reference[step], rel=1e-5), (step, resumed, reference)
+
+
+def test_existing_run_is_not_overwritten_without_resume(tmp_path):
+    out = tmp_path / "run"
+    (out / "final").mkdir(parents=True)
+    result = run_pipeline("sft", [*SFT, f"output_dir={out}", "max_steps=2"], check=False)
+    assert result.returncode == 2
+    assert "already holds a run" in result.stderr
+
+
+@pytest.mark.parametrize("stage, data", [("sft", "sft_bad.jsonl"), ("dpo", "dpo_bad.jsonl")])
+def test_bad_data_file_fails_cleanly_and_leaves_outputs_alone(tmp_path, stage, data):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "keep.txt").write_text("previous results")
+    recipe = SFT if stage == "sft" else DPO
+    overrides = [*recipe, f"output_dir={out}", "max_steps=2", f"data.path={REPO / 'tests' / 'data' / data}",
+                 "data.max_bad_fraction=0.0"]  # fmt: skip
+    result = run_pipeline(stage, overrides, check=False)
+    assert result.returncode == 2, result.stderr[-2000:]
+    last_line = result.stderr.strip().splitlines()[-1]
+    assert last_line.startswith("error:") and data in last_line
+    assert "Traceback" not in result.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+    assert (out / "keep.txt").read_text() == "previous results"
+
+
+def test_missing_data_file_is_one_line(tmp_path):
+    result = run_pipeline("sft", [*SFT, f"output_dir={tmp_path}/x", "data.path=./no/such.jsonl"], check=False)
+    assert result.returncode == 2 and "no/such.jsonl" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.distributed
+def test_two_ranks_match_one_rank_for_the_same_global_batch(tmp_path):
+    common = [
+        *SFT,
+        "max_steps=3",
+        "trainer.save_steps=3",
+        "trainer.warmup_ratio=0.0",
+        "trainer.max_grad_norm=0",
+    ]
+    run_pipeline("sft", [*common, f"output_dir={tmp_path / 'one'}", "trainer.per_device_train_batch_size=8"])
+    run_pipeline(
+        "sft", [*common, f"output_dir={tmp_path / 'two'}", "trainer.per_device_train_batch_size=4"], nproc=2
+    )
+    one, two = train_losses(tmp_path / "one" / "final"), train_losses(tmp_path / "two" / "final")
+    assert one == pytest.approx(two, rel=2e-3), (one, two)
+    single = MixtralForCausalLM.from_pretrained(tmp_path / "one" / "final")
+    double = MixtralForCausalLM.from_pretrained(tmp_path / "two" / "final")
+    torch.testing.assert_close(logits(single), logits(double), rtol=2e-3, atol=2e-3)
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize(
+    "stage, extra",
+    [
+        ("sft", ["peft=lora", "deepspeed=zero3"]),
+        ("dpo", ["peft=lora", "deepspeed=zero3"]),
+        (
+            "sft",
+            [
+                "peft=qlora",
+                "deepspeed=zero3",
+                "peft.quant.compute_dtype=float32",
+                "peft.quant.quant_storage=float32",
+            ],
+        ),
+        ("sft", ["deepspeed=zero2", "model.expert_parallel_size=2"]),
+    ],
+    ids=["sft-zero3-lora", "dpo-zero3-lora", "sft-zero3-qlora", "sft-zero2-ep2"],
+)
+def test_two_rank_deepspeed_runs_learn_and_save_complete_outputs(tmp_path, stage, extra):
+    recipe = SFT if stage == "sft" else DPO
+    out = tmp_path / "run"
+    run_pipeline(
+        stage, [*recipe, *extra, f"output_dir={out}", "max_steps=4", "trainer.save_steps=4"], nproc=2
+    )
+    losses = train_losses(out / "final")
+    assert len(losses) == 4 and all(loss == loss for loss in losses)
+    assert all(entry["aux_loss"] > 0 for entry in log_history(out / "final") if "loss" in entry)
+    if "peft=lora" in extra or "peft=qlora" in extra:
+        adapter = json.loads((out / "final" / "adapter_config.json").read_text())
+        assert set(adapter["target_modules"]) >= {"w1", "q_proj"}
+        trained = peft.PeftModel.from_pretrained(
+            MixtralForCausalLM.from_pretrained(out / "base"), out / "final"
+        )
+        assert any(p.abs().max() > 0 for n, p in trained.named_parameters() if "lora_B" in n), "empty adapter"
+    else:
+        final = MixtralForCausalLM.from_pretrained(out / "final")
+        base = MixtralForCausalLM.from_pretrained(out / "base")
+        assert not torch.equal(logits(final), logits(base)), "full model did not change"
+
+
+@pytest.mark.distributed
+def test_launch_two_nodes_over_loopback(tmp_path):
+    port = str(__import__("pipeline_runs").free_port())
+    out = tmp_path / "run"
+    nodes = []
+    for node_rank in ("0", "1"):
+        env = {**run_env(), "NNODES": "2", "NODE_RANK": node_rank, "NPROC": "1", "MASTER_ADDR": "127.0.0.1",
+               "MASTER_PORT": port, "VIRTUAL_ENV": run_env().get("VIRTUAL_ENV", "ci")}  # fmt: skip
+        command = [
+            str(REPO / "launch.sh"),
+            "sft",
+            *SFT,
+            f"output_dir={out}",
+            "max_steps=2",
+            "trainer.save_steps=2",
+        ]
+        nodes.append(
+            subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        )
+    outputs = [node.communicate(timeout=300)[0] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    assert len(train_losses(out / "final")) == 2

@@ -8,12 +8,14 @@
 3. dispatch: one stable argsort of the kept slots by expert and one `index_select` of their token
    rows, so each expert's rows form one contiguous slice. Under expert parallelism the sorted rows
    then travel to the ranks that own their experts and come back after step 4 (`parallel.py`);
-4. experts: SwiGLU `w2(silu(w1 x) * w3 x)` on each slice. Two backends, picked per call by
-   `choose_expert_backend`: `per_expert` (one module call per expert: works with bitsandbytes
-   4-bit layers, PEFT LoRA wrappers and ZeRO-3 parameter hooks) and `grouped_mm` (two
-   `torch._grouped_mm` calls over weights stacked to (E, ...) when the experts are plain bf16
-   `nn.Linear` on CUDA sm90+). Every local expert runs every step, even on zero rows, so all ranks
-   call the same modules (ZeRO-3 gathers and EP collectives stay in lockstep);
+4. experts: SwiGLU `w2(silu(w1 x) * w3 x)` on each slice. Three backends, picked per call by
+   `choose_expert_backend`: `per_expert`, the general one (one module call per expert: works with
+   bitsandbytes 4-bit layers, PEFT LoRA wrappers and ZeRO-3 parameter hooks), and two for plain,
+   unpartitioned `nn.Linear` experts that read the weights directly: `grouped_mm` (two
+   `torch._grouped_mm` calls over weights stacked to (E, ...), bf16 on CUDA sm90+) and
+   `transposed_backward` (bf16/fp16 on CPU: see `LinearTransposedBackward`). Every local expert
+   runs every step, even on zero rows, so all ranks call the same modules (ZeRO-3 gathers and EP
+   collectives stay in lockstep);
 5. combine: scale each row by its routing weight and index-add it back to its token.
 
 Experts live in an `nn.ModuleDict` keyed by their global index, so the state-dict keys are the hub
@@ -31,7 +33,8 @@ from torch import nn
 from .config import MixtralConfig
 from .parallel import exchange_with_expert_owners, expert_parallel_placement, get_expert_parallel_group
 
-EXPERT_BACKENDS = ("auto", "per_expert", "grouped_mm")
+EXPERT_BACKENDS = ("auto", "per_expert", "grouped_mm", "transposed_backward")
+WEIGHT_READING_BACKENDS = ("grouped_mm", "transposed_backward")
 
 
 class Router(nn.Module):
@@ -103,22 +106,21 @@ def choose_expert_backend(
     cuda_capability: tuple[int, int] | None,
     grouped_mm_available: bool,
 ) -> str:
-    """`grouped_mm` when the experts are plain, unpartitioned `nn.Linear` in bf16 on a CUDA device of
-    compute capability >= 9.0 and `torch._grouped_mm` exists; `per_expert` otherwise.
+    """`per_expert` unless the experts are plain, unpartitioned `nn.Linear`; then `grouped_mm` in bf16 on
+    a CUDA device of compute capability >= 9.0 when `torch._grouped_mm` exists, `transposed_backward`
+    in bf16/fp16 on CPU, and `per_expert` otherwise.
 
     plain_linear: every w1/w2/w3 is exactly `nn.Linear` (not a bitsandbytes subclass, not a PEFT wrapper);
     partitioned: some expert weight is a ZeRO-3 partition (gathered only by the module's own forward hooks).
     """
-    grouped = (
-        plain_linear
-        and not partitioned
-        and dtype == torch.bfloat16
-        and device_type == "cuda"
-        and cuda_capability is not None
-        and cuda_capability >= (9, 0)
-        and grouped_mm_available
-    )
-    return "grouped_mm" if grouped else "per_expert"
+    if not plain_linear or partitioned:
+        return "per_expert"
+    hopper_or_newer = cuda_capability is not None and cuda_capability >= (9, 0)
+    if device_type == "cuda" and dtype == torch.bfloat16 and hopper_or_newer and grouped_mm_available:
+        return "grouped_mm"
+    if device_type == "cpu" and dtype in (torch.bfloat16, torch.float16):
+        return "transposed_backward"
+    return "per_expert"
 
 
 def expert_layers(experts: Sequence[Expert]) -> list[nn.Module]:
@@ -177,7 +179,44 @@ def grouped_mm_forward(
     return torch._grouped_mm(F.silu(gate_MF) * up_MF, w2_EDF.transpose(-2, -1), offs=offsets_E)
 
 
-EXPERT_FORWARDS = {"per_expert": per_expert_forward, "grouped_mm": grouped_mm_forward}
+class LinearTransposedBackward(torch.autograd.Function):
+    """`F.linear(x, w)` whose input gradient multiplies by a transposed copy of w (one copy per backward).
+
+    On CPUs without native bf16/fp16 arithmetic (AVX2), torch 2.13's low-precision GEMM is ~10x slower
+    when both operands are row-major, which is autograd's `grad @ w` for F.linear; `grad @ w.T.contiguous().T`
+    reads w column-major instead (AMD EPYC, 2 threads, bf16 (512, 3584) @ (3584, 1024): 6.6 s vs 0.6 s).
+    """
+
+    @staticmethod
+    def forward(ctx, x_MI, w_OI):
+        ctx.save_for_backward(x_MI, w_OI)
+        return F.linear(x_MI, w_OI)
+
+    @staticmethod
+    def backward(ctx, grad_MO):
+        x_MI, w_OI = ctx.saved_tensors
+        grad_x_MI = grad_MO @ w_OI.t().contiguous().t() if ctx.needs_input_grad[0] else None
+        grad_w_OI = grad_MO.t() @ x_MI if ctx.needs_input_grad[1] else None
+        return grad_x_MI, grad_w_OI
+
+
+def transposed_backward_forward(
+    experts: Sequence[Expert], x_sorted_MD: torch.Tensor, counts: list[int]
+) -> torch.Tensor:
+    """`per_expert_forward` on the plain weights through `LinearTransposedBackward` (same numbers)."""
+    linear = LinearTransposedBackward.apply
+    outputs = []
+    for expert, rows in zip(experts, torch.split(x_sorted_MD, counts, dim=0), strict=True):
+        hidden = F.silu(linear(rows, expert.w1.weight)) * linear(rows, expert.w3.weight)
+        outputs.append(linear(hidden, expert.w2.weight))
+    return torch.cat(outputs, dim=0)
+
+
+EXPERT_FORWARDS = {
+    "per_expert": per_expert_forward,
+    "grouped_mm": grouped_mm_forward,
+    "transposed_backward": transposed_backward_forward,
+}
 
 
 def combine(
@@ -194,7 +233,9 @@ class SparseMoeBlock(nn.Module):
     """Hub name `block_sparse_moe`. With `expert_parallel_size` n > 1 this rank builds only its E/n
     experts (see `parallel.py`) and exchanges token rows with the other ranks of its EP group.
 
-    `expert_backend` ("auto", "per_expert" or "grouped_mm") overrides the automatic choice.
+    Attributes: `num_experts` (global E), `top_k`, `capacity_factor`, `expert_parallel_size`,
+    `local_expert_ids` (the global indices this rank holds, also the `experts` keys) and
+    `expert_backend` ("auto" or one of the backends: overrides the automatic choice).
     """
 
     def __init__(self, config: MixtralConfig):
@@ -232,9 +273,9 @@ class SparseMoeBlock(nn.Module):
             backend = expert_backend_for(experts)
         elif backend not in EXPERT_FORWARDS:
             raise ValueError(f"expert_backend={backend!r} is not one of {EXPERT_BACKENDS}")
-        elif backend == "grouped_mm" and not are_plain_linear(experts):
+        elif backend in WEIGHT_READING_BACKENDS and not are_plain_linear(experts):
             raise ValueError(
-                "expert_backend='grouped_mm' needs plain nn.Linear experts (not LoRA-wrapped or quantized): "
+                f"expert_backend={backend!r} needs plain nn.Linear experts (not LoRA-wrapped or quantized): "
                 "use 'auto' or 'per_expert'"
             )
         return EXPERT_FORWARDS[backend](experts, x_sorted_MD, counts)

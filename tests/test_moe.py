@@ -68,7 +68,7 @@ def inputs(shape=(2, 9, 32), seed=1, dtype=torch.float32):
     return torch.randn(shape, generator=g).to(dtype), torch.randn(shape, generator=g).to(dtype)
 
 
-@pytest.mark.parametrize("backend", ["per_expert", "grouped_mm"])
+@pytest.mark.parametrize("backend", ["per_expert", "grouped_mm", "transposed_backward"])
 def test_block_matches_transformers(backend):
     ours = random_block()
     ours.expert_backend = backend
@@ -86,24 +86,25 @@ def test_block_matches_transformers(backend):
         assert max_relative_diff(expert.w2.weight.grad, theirs.experts.down_proj.grad[int(e)]) <= TOL
 
 
+@pytest.mark.parametrize("backend", ["grouped_mm", "transposed_backward"])
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-6), (torch.bfloat16, 1e-2)])
-def test_grouped_mm_equals_per_expert(dtype, tol):
-    """Same numbers (and gradients) from both backends, with an expert that receives no token."""
+def test_weight_reading_backends_equal_per_expert(backend, dtype, tol):
+    """Same numbers (and gradients) as the general path, with an expert that receives no token."""
     assert hasattr(torch, "_grouped_mm")
     results = {}
-    for backend in ("per_expert", "grouped_mm"):
+    for name in ("per_expert", backend):
         block = random_block().to(dtype)
         with torch.no_grad():
             block.gate.weight[3] = -10.0 * block.gate.weight[:3].abs().sum(
                 0
             )  # expert 3: large negative logits
-        block.expert_backend = backend
+        block.expert_backend = name
         x, upstream = inputs(dtype=dtype)
         x = x.abs()  # so expert 3's logit stays the smallest
         out, x_grad = forward_backward(block, x, upstream)
-        grads = {name: p.grad.float() for name, p in block.named_parameters()}
-        results[backend] = out.float(), x_grad.float(), grads
-    (out_a, xg_a, grads_a), (out_b, xg_b, grads_b) = results["per_expert"], results["grouped_mm"]
+        grads = {param_name: p.grad.float() for param_name, p in block.named_parameters()}
+        results[name] = out.float(), x_grad.float(), grads
+    (out_a, xg_a, grads_a), (out_b, xg_b, grads_b) = results["per_expert"], results[backend]
     assert grads_a["experts.3.w1.weight"].abs().max() == 0  # no token reached expert 3
     assert max_relative_diff(out_b, out_a) <= tol
     assert max_relative_diff(xg_b, xg_a) <= tol
@@ -111,36 +112,37 @@ def test_grouped_mm_equals_per_expert(dtype, tol):
         assert max_relative_diff(grads_b[name], grads_a[name]) <= tol, name
 
 
-CUDA_H100 = dict(dtype=torch.bfloat16, device_type="cuda", cuda_capability=(9, 0), grouped_mm_available=True)
+def facts(**overrides) -> dict:
+    """Plain, unpartitioned bf16 experts on an H100, with overrides."""
+    base = dict(
+        plain_linear=True,
+        partitioned=False,
+        dtype=torch.bfloat16,
+        device_type="cuda",
+        cuda_capability=(9, 0),
+        grouped_mm_available=True,
+    )
+    return base | overrides
+
+
+CPU = dict(device_type="cpu", cuda_capability=None)
 
 
 @pytest.mark.parametrize(
     "facts, expected",
     [
-        (dict(plain_linear=True, partitioned=False, **CUDA_H100), "grouped_mm"),
-        (
-            dict(plain_linear=True, partitioned=False, **{**CUDA_H100, "cuda_capability": (10, 0)}),
-            "grouped_mm",
-        ),
-        (dict(plain_linear=False, partitioned=False, **CUDA_H100), "per_expert"),  # LoRA / 4-bit
-        (dict(plain_linear=True, partitioned=True, **CUDA_H100), "per_expert"),  # ZeRO-3
-        (dict(plain_linear=True, partitioned=False, **{**CUDA_H100, "dtype": torch.float32}), "per_expert"),
-        (
-            dict(plain_linear=True, partitioned=False, **{**CUDA_H100, "cuda_capability": (8, 0)}),
-            "per_expert",
-        ),
-        (
-            dict(plain_linear=True, partitioned=False, **{**CUDA_H100, "grouped_mm_available": False}),
-            "per_expert",
-        ),
-        (
-            dict(
-                plain_linear=True,
-                partitioned=False,
-                **{**CUDA_H100, "device_type": "cpu", "cuda_capability": None},
-            ),
-            "per_expert",
-        ),
+        (facts(), "grouped_mm"),
+        (facts(cuda_capability=(10, 0)), "grouped_mm"),
+        (facts(plain_linear=False), "per_expert"),  # LoRA wrappers, bitsandbytes layers
+        (facts(partitioned=True), "per_expert"),  # ZeRO-3
+        (facts(dtype=torch.float32), "per_expert"),
+        (facts(cuda_capability=(8, 0)), "per_expert"),
+        (facts(grouped_mm_available=False), "per_expert"),
+        (facts(**CPU), "transposed_backward"),
+        (facts(**CPU, dtype=torch.float16), "transposed_backward"),
+        (facts(**CPU, dtype=torch.float32), "per_expert"),
+        (facts(**CPU, plain_linear=False), "per_expert"),
+        (facts(**CPU, partitioned=True), "per_expert"),
     ],
 )
 def test_choose_expert_backend(facts, expected):

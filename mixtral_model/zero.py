@@ -38,6 +38,7 @@ before `deepspeed.initialize` / `Trainer(...)`, and pass the returned parameter 
 `DeepSpeedMoETrainerMixin` with HF Trainer).
 """
 
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -274,7 +275,9 @@ def moe_optimizer(optimizer):
         return optimizer
     if optimizer.state:
         raise ValueError("moe_optimizer must be applied before the optimizer's first step")
-    return type(optimizer)(moe_param_groups(param_groups), **optimizer.defaults)
+    accepted = inspect.signature(type(optimizer).__init__).parameters
+    defaults = {key: value for key, value in optimizer.defaults.items() if key in accepted}
+    return type(optimizer)(moe_param_groups(param_groups), **defaults)
 
 
 class DeepSpeedMoETrainerMixin:

@@ -9,8 +9,8 @@ import os
 import sys
 from pathlib import Path
 
+import deepspeed
 import torch
-from accelerate import PartialState
 from omegaconf import DictConfig, OmegaConf
 
 from mixtral_model.zero import check_parallel_combination, gathered_state_dict, prepare_for_deepspeed
@@ -115,14 +115,15 @@ def training_kwargs(cfg: DictConfig) -> dict:
     )
 
 
-def prepare_base_checkpoint(cfg: DictConfig, tokenizer, state) -> None:
-    """Random init (no model.name_or_path): the main process writes OUTPUT_DIR/base, the others wait.
-    `state` is the TrainingArguments or accelerate's PartialState."""
+def prepare_base_checkpoint(cfg: DictConfig, tokenizer) -> None:
+    """Random init (no model.name_or_path): rank 0 writes OUTPUT_DIR/base while the others wait."""
     if cfg.model.name_or_path:
         return
-    with state.main_process_first():
-        if state.process_index == 0:
-            write_random_init(cfg, tokenizer, Path(cfg.output_dir) / "base", cfg.trainer.seed)
+    distributed = torch.distributed.is_initialized()
+    if not distributed or torch.distributed.get_rank() == 0:
+        write_random_init(cfg, tokenizer, Path(cfg.output_dir) / "base", cfg.trainer.seed)
+    if distributed:
+        torch.distributed.barrier()
 
 
 def wire_deepspeed(model, cfg: DictConfig):
@@ -131,6 +132,13 @@ def wire_deepspeed(model, cfg: DictConfig):
         return model
     model, _ = prepare_for_deepspeed(model, deepspeed_dict(cfg), cfg.model.expert_parallel_size)
     return model
+
+
+def start_distributed(cfg: DictConfig) -> None:
+    """Under torchrun with DeepSpeed, its comm layer (and torch.distributed) before any model is
+    loaded: zero.Init sizes its partitions by DeepSpeed's world size, which reads 1 until then."""
+    if cfg.deepspeed and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        deepspeed.init_distributed()
 
 
 def build_model_and_args(cfg: DictConfig, tokenizer, make_args, build):
@@ -142,12 +150,13 @@ def build_model_and_args(cfg: DictConfig, tokenizer, make_args, build):
     rank's experts over ranks that hold other experts (DeepSpeed partitions the dense parameters
     when the trainer starts).
     """
+    start_distributed(cfg)
     if cfg.model.expert_parallel_size == 1:
         args = make_args()
-        prepare_base_checkpoint(cfg, tokenizer, args)
+        _ = args.device  # torch.distributed up (torchrun without DeepSpeed) before rank 0 writes the base
+        prepare_base_checkpoint(cfg, tokenizer)
         return wire_deepspeed(build(cfg), cfg), args
-    PartialState()
-    prepare_base_checkpoint(cfg, tokenizer, PartialState())
+    prepare_base_checkpoint(cfg, tokenizer)
     model = wire_deepspeed(build(cfg), cfg)
     return model, make_args()
 

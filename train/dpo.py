@@ -15,51 +15,38 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from trl import DPOConfig, DPOTrainer  # noqa: E402
 
-from mixtral_model import load_tokenizer  # noqa: E402
 from mixtral_model.zero import DeepSpeedMoETrainerMixin  # noqa: E402
 from train import pipeline  # noqa: E402
-from train.callbacks import RouterStatsLoggingMixin, RunSummaryCallback  # noqa: E402
+from train.callbacks import RouterStatsLoggingMixin  # noqa: E402
 from train.data import prepare_dpo_data  # noqa: E402
-from train.model_factory import build_frozen_reference, build_model  # noqa: E402
-from train.pipeline import ExpertParallelSaveMixin  # noqa: E402
+from train.model_factory import build_frozen_reference  # noqa: E402
 
 
 class MixtralDPOTrainer(
-    ExpertParallelSaveMixin, RouterStatsLoggingMixin, DeepSpeedMoETrainerMixin, DPOTrainer
+    pipeline.ExpertParallelSaveMixin, RouterStatsLoggingMixin, DeepSpeedMoETrainerMixin, DPOTrainer
 ):
     pass
 
 
-def main(argv: list[str]) -> None:
-    cfg = pipeline.config_from_argv("dpo", argv)
-    tokenizer = load_tokenizer(cfg.model.tokenizer)
-    data = pipeline.load_data_or_exit(prepare_dpo_data, cfg.data, tokenizer, cfg.trainer.seed)
-    pipeline.report_data(data, cfg.data.max_reported_bad_rows)
-    pipeline.configure_wandb(cfg)
-    model, args = pipeline.build_model_and_args(
-        cfg,
-        tokenizer,
-        lambda: DPOConfig(
-            **pipeline.training_kwargs(cfg),
-            max_length=cfg.data.max_length,
-            beta=cfg.trainer.dpo.beta,
-            loss_type=[cfg.trainer.dpo.loss_type],
-            precompute_ref_log_probs=cfg.trainer.dpo.precompute_ref_log_probs,
-        ),
-        build_model,
+def dpo_arguments(cfg) -> DPOConfig:
+    return DPOConfig(
+        **pipeline.training_kwargs(cfg),
+        max_length=cfg.data.max_length,
+        beta=cfg.trainer.dpo.beta,
+        loss_type=[cfg.trainer.dpo.loss_type],
+        precompute_ref_log_probs=cfg.trainer.dpo.precompute_ref_log_probs,
     )
-    trainer = MixtralDPOTrainer(
-        model=model,
-        ref_model=build_frozen_reference(cfg),
-        args=args,
-        train_dataset=data.train,
-        eval_dataset=data.eval,
-        processing_class=tokenizer,
-        callbacks=[RunSummaryCallback(cfg.output_dir)],
+
+
+def main(argv: list[str]) -> str:
+    return pipeline.run(
+        "dpo",
+        argv,
+        prepare_dpo_data,
+        dpo_arguments,
+        MixtralDPOTrainer,
+        reference_model=build_frozen_reference,
     )
-    trainer.enable_router_stats(model)
-    trainer.train(resume_from_checkpoint=pipeline.resume_path(cfg))
-    pipeline.save_final(trainer, cfg, tokenizer)
 
 
 if __name__ == "__main__":

@@ -13,11 +13,13 @@ import deepspeed
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from mixtral_model import load_tokenizer
 from mixtral_model.zero import check_parallel_combination, gathered_state_dict, prepare_for_deepspeed
+from train.callbacks import RunSummaryCallback
 from train.checkpoints import latest_complete_checkpoint
 from train.config import ConfigError, deepspeed_dict, load_config, resume_checkpoint, zero_stage
 from train.data import DataError
-from train.model_factory import write_random_init
+from train.model_factory import build_model, write_random_init
 
 USAGE = "usage: {script} +recipe=NAME [key=value ...]   (see README: recipes and CLI overrides)"
 
@@ -198,3 +200,30 @@ def load_data_or_exit(prepare, data_cfg, tokenizer, seed: int):
         return prepare(data_cfg, tokenizer, seed)
     except (DataError, FileNotFoundError) as error:
         fail(error)
+
+
+def run(stage: str, argv: list[str], prepare_data, make_args, trainer_class, reference_model=None) -> str:
+    """One pipeline run, in the order every entry point follows; returns OUTPUT_DIR/final.
+
+    config (validated) -> tokenizer and data (validated) -> trainer arguments and model (ordered for
+    the parallel layout) -> train (resumable) -> OUTPUT_DIR/final.
+    """
+    cfg = config_from_argv(stage, argv)
+    tokenizer = load_tokenizer(cfg.model.tokenizer)
+    data = load_data_or_exit(prepare_data, cfg.data, tokenizer, cfg.trainer.seed)
+    report_data(data, cfg.data.max_reported_bad_rows)
+    configure_wandb(cfg)
+    model, args = build_model_and_args(cfg, tokenizer, lambda: make_args(cfg), build_model)
+    extra = {"ref_model": reference_model(cfg)} if reference_model else {}
+    trainer = trainer_class(
+        model=model,
+        args=args,
+        train_dataset=data.train,
+        eval_dataset=data.eval,
+        processing_class=tokenizer,
+        callbacks=[RunSummaryCallback(cfg.output_dir)],
+        **extra,
+    )
+    trainer.enable_router_stats(model)
+    trainer.train(resume_from_checkpoint=resume_path(cfg))
+    return save_final(trainer, cfg, tokenizer)

@@ -3,8 +3,9 @@
 1. route: fp32 router logits, softmax, top-k experts per token, top-k weights renormalised to 1;
 2. capacity (only with `expert_capacity_factor`; None = dropless): each expert keeps at most
    C = ceil(factor * N * top_k / E) of the N tokens' (token, k) slots, earliest tokens first (the
-   position priority of Switch Transformer / GShard); a dropped slot contributes 0 to its token,
-   whose residual connection carries it on. N counts every token of this rank's batch, padding too;
+   token-position priority of Switch Transformer; a token's k-th choice is not ranked behind other
+   tokens' first choices as in GShard); a dropped slot contributes 0 to its token, whose residual
+   connection carries it on. N counts every token of this rank's batch, padding too;
 3. dispatch: one stable argsort of the kept slots by expert and one `index_select` of their token
    rows, so each expert's rows form one contiguous slice. Under expert parallelism the sorted rows
    then travel to the ranks that own their experts and come back after step 4 (`parallel.py`);

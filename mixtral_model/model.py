@@ -179,6 +179,11 @@ class MixtralForCausalLM(MixtralPreTrainedModel, GenerationMixin):
         self.post_init()
 
     def router_losses(self, router_logits, attention_mask) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Aux (and z) loss over this forward's tokens; with a KV cache the mask also covers earlier
+        tokens, so only its last columns (the tokens routed now) count."""
+        if attention_mask is not None:
+            routed_now = router_logits[0].shape[0] // attention_mask.shape[0]
+            attention_mask = attention_mask[:, -routed_now:]
         aux_loss = load_balancing_loss(
             router_logits, self.config.num_local_experts, self.config.num_experts_per_tok, attention_mask
         )

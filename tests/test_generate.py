@@ -67,3 +67,14 @@ def test_cached_step_logits_equal_full_forward(tmp_path):
         )
     torch.testing.assert_close(step.logits[:, -1], full.logits[:, -1], rtol=1e-5, atol=1e-5)
     assert step.past_key_values is step.cache
+
+
+def test_generate_with_router_logits_requested_in_the_config(tmp_path):
+    """Router losses during cached decoding use the mask columns of the tokens routed in that step."""
+    ours, _ = model_pair(tmp_path, attn_implementation="sdpa", output_router_logits=True)
+    input_ids, attention_mask = prompts(ours.config.vocab_size, left_pad=True)
+    with torch.no_grad():
+        with_router = greedy(ours, input_ids, attention_mask)
+        ours.config.output_router_logits = False
+        without = greedy(ours, input_ids, attention_mask)
+    assert torch.equal(with_router, without)

@@ -76,11 +76,19 @@ def main() -> None:
     beta = load_config("dpo", ["+recipe=tiny/dpo"]).trainer.dpo.beta
 
     print("== stage 1: SFT (recipes/tiny/sft.yaml) ==", flush=True)
-    sft.main(["+recipe=tiny/sft", f"output_dir={root / 'sft'}", "trainer.report_to=wandb"])
+    # Evaluation runs after each stage (below), so the trainers' periodic evaluation is off.
+    sft.main(
+        [
+            "+recipe=tiny/sft",
+            f"output_dir={root / 'sft'}",
+            "trainer.report_to=wandb",
+            "trainer.eval_steps=null",
+        ]
+    )
     print("== stage 2: DPO (recipes/tiny/dpo.yaml) from the SFT model ==", flush=True)
     dpo.main([
         "+recipe=tiny/dpo", f"model.name_or_path={root / 'sft' / 'final'}",
-        f"output_dir={root / 'dpo'}", "trainer.report_to=wandb",
+        f"output_dir={root / 'dpo'}", "trainer.report_to=wandb", "trainer.eval_steps=null",
     ])  # fmt: skip
     training_seconds = time.perf_counter() - started
 

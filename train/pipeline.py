@@ -13,11 +13,18 @@ import deepspeed
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from mixtral_model import load_tokenizer
+from mixtral_model import MixtralConfig, load_tokenizer
 from mixtral_model.zero import check_parallel_combination, gathered_state_dict, prepare_for_deepspeed
 from train.callbacks import RunSummaryCallback
 from train.checkpoints import latest_complete_checkpoint
-from train.config import ConfigError, deepspeed_dict, load_config, resume_checkpoint, zero_stage
+from train.config import (
+    ConfigError,
+    check_architecture_matches,
+    deepspeed_dict,
+    load_config,
+    resume_checkpoint,
+    zero_stage,
+)
 from train.data import DataError
 from train.model_factory import build_model, write_random_init
 
@@ -32,6 +39,7 @@ def config_from_argv(stage: str, argv: list[str]) -> DictConfig:
     try:
         cfg = load_config(stage, argv)
         check_parallel_combination(zero_stage(cfg), cfg.model.expert_parallel_size, cfg.peft.method != "none")
+        check_checkpoint_architecture(cfg)
         check_output_dir(cfg)
     except (ConfigError, ValueError, FileNotFoundError) as error:
         fail(error)
@@ -41,6 +49,20 @@ def config_from_argv(stage: str, argv: list[str]) -> DictConfig:
 def fail(error: Exception) -> None:
     print(f"error: {error}", file=sys.stderr)
     sys.exit(2)
+
+
+def check_checkpoint_architecture(cfg: DictConfig) -> None:
+    """The checkpoint's config.json (no weights) agrees with model.architecture, which the checks use."""
+    if not cfg.model.name_or_path:
+        return
+    try:
+        checkpoint = MixtralConfig.from_pretrained(cfg.model.name_or_path)
+    except OSError as error:
+        raise ConfigError(
+            f"model.name_or_path={cfg.model.name_or_path}: cannot read its config.json "
+            f"({str(error).splitlines()[0]}); check the path, or the network for a hub name"
+        ) from error
+    check_architecture_matches(cfg, checkpoint)
 
 
 def check_output_dir(cfg: DictConfig) -> None:
@@ -187,6 +209,9 @@ class ExpertParallelSaveMixin:
 def save_final(trainer, cfg: DictConfig, tokenizer) -> str:
     """The final adapter or model with its tokenizer in OUTPUT_DIR/final (gathered under ZeRO-3)."""
     final = str(Path(cfg.output_dir) / "final")
+    # Training asked for router logits in every forward; the saved config keeps the hub default, so
+    # generation with the saved model (ours or transformers') does not compute router losses.
+    trainer.accelerator.unwrap_model(trainer.model).config.output_router_logits = False
     trainer.save_model(final)
     if trainer.args.should_save:
         tokenizer.save_pretrained(final)

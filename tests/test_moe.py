@@ -193,19 +193,9 @@ def test_bitsandbytes_4bit_experts():
     assert max_relative_diff(x_grad, ref_x_grad) <= 1e-5
 
 
-def lora_on_experts(model):
-    """PEFT 0.21 under transformers 5 rewrites w1/w2/w3 targets of any `model_type: mixtral` model to
-    transformers' fused expert parameters, which our model does not have: the type is hidden meanwhile."""
-    model.config.model_type = "mixtral_native"
-    try:
-        return get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["w1", "w2", "w3"]))
-    finally:
-        del model.config.model_type
-
-
 def test_peft_lora_on_experts():
     """LoRA-wrapped experts take the general path; the wrapped model equals the merged one."""
-    lora = lora_on_experts(tiny_model())
+    lora = get_peft_model(tiny_model(), LoraConfig(r=4, lora_alpha=8, target_modules=["w1", "w2", "w3"]))
     with torch.no_grad():
         for name, p in lora.named_parameters():
             if "lora_B" in name:

@@ -22,6 +22,7 @@ import transformers
 from mixtral_model import encode_chat, load_tokenizer
 from train.config import load_config
 from train.data import prepare_sft_data
+from train.model_factory import random_init_config
 
 
 def cpu_seconds() -> float:
@@ -30,21 +31,11 @@ def cpu_seconds() -> float:
 
 
 def build_reference_model(cfg, tokenizer) -> transformers.MixtralForCausalLM:
-    arch = cfg.model.architecture
-    config = transformers.MixtralConfig(
-        vocab_size=arch.vocab_size,
-        hidden_size=arch.hidden_size,
-        intermediate_size=arch.intermediate_size,
-        num_hidden_layers=arch.num_hidden_layers,
-        num_attention_heads=arch.num_attention_heads,
-        num_key_value_heads=arch.num_key_value_heads,
-        num_local_experts=arch.num_local_experts,
-        num_experts_per_tok=arch.num_experts_per_tok,
-        max_position_embeddings=arch.max_position_embeddings,
-        rope_theta=arch.rope_theta,
+    """transformers' Mixtral with the shape the pipeline's random init would have."""
+    config = transformers.MixtralConfig.from_dict(
+        random_init_config(cfg, tokenizer).to_dict(),
         router_aux_loss_coef=cfg.model.router_aux_loss_coef,
         output_router_logits=True,
-        pad_token_id=tokenizer.pad_token_id,
     )
     config._attn_implementation = cfg.model.attn_implementation
     return transformers.MixtralForCausalLM(config)

@@ -1,7 +1,11 @@
 """One GPU command that measures everything GPU-only and writes it to a dated markdown + json file.
 
-    python bench/gpu_check.py --out bench/results            # on one H100/H200, about 6-8 minutes
+    python bench/gpu_check.py --out bench/results            # one H100/H200: stops itself after --budget-s (450)
     python bench/gpu_check.py --dry-run --out /tmp/check     # tiny shapes on CPU (automatic without CUDA), < 60 s
+    python bench/gpu_check.py --only training,qlora_memory   # a subset of the sections below
+
+It needs torch (CUDA), transformers >= 5.24, peft, bitsandbytes, sentencepiece (imported by
+`mixtral_model`), hydra-core/omegaconf (imported by train/model_factory.py); flash-attn is optional.
 
 Sections, in order (each one records its error and the script moves on; once the time budget
 `--budget-s` is spent the remaining sections are skipped; the files are rewritten after every section):
@@ -32,15 +36,23 @@ FLOPs per token = 6 N_active + 6 L T d_attn for full training and 4 N_active + 6
 QLoRA (frozen weights need no weight gradient); N_active counts the attention projections, router, the
 top-k experts and lm_head (not the embedding lookup); 6 L T d_attn is causal attention (QK^T and PV,
 forward + backward, half of the T x T square); recomputation and LoRA adapter FLOPs are not counted.
+
+QLoRA on both sides goes through `peft.prepare_model_for_kbit_training` (the factory's path, and what TRL
+does for a 4-bit model): every non-4-bit bf16 parameter becomes fp32, so activations flow in fp32, and
+transformers' fused experts, which bitsandbytes does not quantize, are trained around in fp32. PEFT's
+`target_parameters` (ParamWrapper) refuses lora_dropout != 0, so transformers' adapters run without the
+recipe's dropout (0.05), which ours keeps.
 """
 
 import argparse
 import contextlib
+import dataclasses
 import datetime
 import gc
 import importlib.metadata
 import importlib.util
 import json
+import math
 import platform
 import re
 import statistics
@@ -86,8 +98,14 @@ class Shapes:
     repeats: int
 
 
-GPU_SHAPES = Shapes(MIXTRAL_8X7B, 4096, 4, 2048, 4096, 1024, 4096, 32, 10, 2, 5)
-DRY_SHAPES = Shapes(TINY, 64, 2, 64, 64, 16, 64, 3, 2, 1, 2)
+GPU_SHAPES = Shapes(
+    model=MIXTRAL_8X7B, seq=4096, layers=4, attn_parity_seq=2048, attn_speed_seq=4096, window=1024,
+    moe_tokens=4096, full_model_layers=32, full_model_steps=10, warmup=2, repeats=5,
+)  # fmt: skip
+DRY_SHAPES = Shapes(
+    model=TINY, seq=64, layers=2, attn_parity_seq=64, attn_speed_seq=64, window=16,
+    moe_tokens=64, full_model_layers=3, full_model_steps=2, warmup=1, repeats=2,
+)  # fmt: skip
 
 
 def log(msg: str) -> None:
@@ -129,7 +147,7 @@ class Run:
         self.dry = self.device.type == "cpu"
         self.shapes = DRY_SHAPES if self.dry else GPU_SHAPES
         if args.layers:
-            self.shapes.layers = args.layers
+            self.shapes = dataclasses.replace(self.shapes, layers=args.layers)
         self.start = time.perf_counter()
         self.deadline = self.start + args.budget_s
         self.gpu = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu-dry-run"
@@ -309,10 +327,12 @@ def flops_per_token(config, seq: int, frozen_base: bool) -> float:
 
 def expert_backend_of(model) -> str:
     """What `auto` picks for the first MoE block of `model` (whatever wraps its experts)."""
-    from mixtral_model.moe import SparseMoeBlock, expert_backend_for
+    from mixtral_model.moe import SparseMoeBlock
 
     block = next(m for m in model.modules() if isinstance(m, SparseMoeBlock))
     try:
+        from mixtral_model.moe import expert_backend_for
+
         return expert_backend_for(list(block.experts.values()))
     except Exception as error:  # noqa: BLE001 - the dispatch API may change under other branches
         return f"unknown ({type(error).__name__}: {error})"
@@ -356,7 +376,7 @@ def transformers_copy(ours, device: torch.device):
         theirs = transformers.MixtralForCausalLM(config)
     f = c.intermediate_size
     with torch.no_grad():
-        for name, param in ours.named_parameters():
+        for name, param in ours.state_dict().items():  # hub keys, whatever the experts' storage
             if ".block_sparse_moe.experts." in name:
                 prefix, rest = name.split(".block_sparse_moe.experts.")
                 expert, proj, _ = rest.split(".")
@@ -481,14 +501,19 @@ def training_step(model, input_ids, optimizer):
     return step
 
 
-def loss_and_grads(model, input_ids) -> tuple[torch.Tensor, dict]:
-    """Loss and trainable gradients in eval mode (no dropout, no checkpointing), gradients then cleared."""
+def loss_and_grads(model, input_ids, reference: dict | None = None) -> tuple[torch.Tensor, dict]:
+    """Loss and trainable gradients in eval mode (no dropout, no checkpointing), gradients then cleared.
+    With `reference` (name -> gradient), returns name -> rel_diff against it instead of the gradients."""
     was_training = model.training
     model.eval()
     model.zero_grad(set_to_none=True)
     loss = model(input_ids=input_ids, labels=input_ids).loss
     loss.backward()
-    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+    grads = {
+        n: p.grad.detach().clone() if reference is None else rel_diff(p.grad, reference[n])
+        for n, p in model.named_parameters()
+        if p.grad is not None
+    }
     model.zero_grad(set_to_none=True)
     model.train(was_training)
     return loss.detach(), grads
@@ -498,7 +523,7 @@ def loss_and_grads(model, input_ids) -> tuple[torch.Tensor, dict]:
 
 
 def environment(run: Run, sec: Section) -> None:
-    from mixtral_model.moe import SparseMoeBlock, expert_backend_for
+    from mixtral_model.moe import SparseMoeBlock
 
     sec.data.update(
         gpu=run.gpu,
@@ -515,7 +540,7 @@ def environment(run: Run, sec: Section) -> None:
     config = our_config(TINY, 1)  # the choice depends on module types, dtype and device only
     with torch.device(run.device), default_dtype(torch.bfloat16):
         block = SparseMoeBlock(config)
-    sec.data["auto_backend_plain_bf16_experts"] = expert_backend_for(list(block.experts.values()))
+    sec.data["auto_backend_plain_bf16_experts"] = expert_backend_of(block)
     sec.lines += ["| item | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in sec.data.items()]
     for k, v in sec.data.items():
         log(f"  {k}: {v}")
@@ -530,7 +555,7 @@ def nf4_build(run: Run, sec: Section) -> None:
     ours = build_ours(config, torch.device("cpu"))
     with tempfile.TemporaryDirectory() as tmp:
         ours.save_pretrained(tmp)
-        device_map = {"": run.device} if run.device.type == "cuda" else None
+        device_map = {"": torch.cuda.current_device()} if run.device.type == "cuda" else None
         loaded = MixtralForCausalLM.from_pretrained(
             tmp, dtype=torch.bfloat16, quantization_config=quant, device_map=device_map
         )
@@ -637,7 +662,7 @@ def attention(run: Run, sec: Section) -> None:
 
 
 def experts(run: Run, sec: Section) -> None:
-    from mixtral_model.moe import SparseMoeBlock, expert_backend_for
+    from mixtral_model.moe import SparseMoeBlock
 
     shape, s = run.shapes.model, run.shapes
     config = our_config(shape, 1)
@@ -647,7 +672,7 @@ def experts(run: Run, sec: Section) -> None:
     with torch.no_grad():
         for p in block.parameters():
             p.normal_(0.0, config.initializer_range)
-    auto = expert_backend_for(list(block.experts.values()))
+    auto = expert_backend_of(block)
     g = torch.Generator(device=run.device).manual_seed(1)
     x = torch.randn(1, s.moe_tokens, config.hidden_size, device=run.device, generator=g, dtype=torch.bfloat16)
     grad = torch.randn(x.shape, device=run.device, generator=g, dtype=torch.bfloat16)
@@ -710,6 +735,7 @@ def train_mode(run: Run, sec: Section, mode: str, layers: int) -> list[dict]:
     input_ids = torch.randint(0, config.vocab_size, (1, s.seq), device=run.device,
                               generator=torch.Generator(device=run.device).manual_seed(2))  # fmt: skip
     rows = []
+    free_memory(run.device)
     ours = build_ours(config, run.device)
     theirs = attempt(run, sec, f"{mode}/transformers build", partial(transformers_copy, ours, run.device))
     if mode == "qlora":
@@ -766,8 +792,8 @@ def train_mode(run: Run, sec: Section, mode: str, layers: int) -> list[dict]:
     loss_ref, grads_ref = loss_and_grads(ours, input_ids)
     set_expert_backend(ours, "auto")
     if auto != "per_expert":
-        loss_auto, grads_auto = loss_and_grads(ours, input_ids)
-        worst = max(rel_diff(grads_auto[n], grads_ref[n]) for n in grads_ref)
+        loss_auto, diffs = loss_and_grads(ours, input_ids, reference=grads_ref)
+        worst = max(diffs.values())
         sec.check(
             f"[{mode}] ours auto ({auto}) vs per_expert: loss rel diff", rel_diff(loss_auto, loss_ref), 1e-2
         )
@@ -776,7 +802,6 @@ def train_mode(run: Run, sec: Section, mode: str, layers: int) -> list[dict]:
             worst,
             5e-2,
         )
-        del grads_auto
     del grads_ref
     free_memory(run.device)
     for backend in ["auto"] + (["per_expert"] if auto != "per_expert" else []):
@@ -883,7 +908,8 @@ def qlora_memory(run: Run, sec: Section) -> None:
         f"| projected to 32 layers (Mixtral-8x7B) | {projected:.2f} |",
         f"| CPU estimate ({source}) | {cpu_estimate:.2f} |",
     ]  # fmt: skip
-    sec.check("projected 32-layer QLoRA peak (GiB) <= 32 (issue 11 goal)", projected, 32.0)
+    sec.check("projected 32-layer QLoRA peak GiB <= 32 (issue 11 goal; train/memory.py's GB is GiB)",
+              projected, 32.0)  # fmt: skip
 
 
 def train_one_qlora_peak(run: Run, layers: int) -> float:
@@ -936,8 +962,17 @@ def mixtral_8x7b_qlora(run: Run, sec: Section) -> None:
             f"{fmt(weights)} GiB allocated; auto picks {expert_backend_of(model)}")  # fmt: skip
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     ids = torch.randint(0, config.vocab_size, (1, s.seq), device=run.device)
-    step = training_step(model, ids, optimizer)
+    losses = []
+
+    def step():
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        model.zero_grad(set_to_none=True)
+        losses.append(loss.detach())
+
     times = time_steps(run, step, 0, s.full_model_steps)
+    losses = [loss.item() for loss in losses]
     steady = times[1:] or times
     tokens_per_s = s.seq / statistics.median(steady)
     mfu = flops_per_token(config, s.seq, True) * tokens_per_s / run.peak_flops if run.peak_flops else None
@@ -948,14 +983,19 @@ def mixtral_8x7b_qlora(run: Run, sec: Section) -> None:
         f"| layers | {s.full_model_layers} |",
         f"| steps run (batch 1 x {s.seq} tokens) | {len(times)} of {s.full_model_steps} |",
         f"| step seconds | {', '.join(f'{t:.2f}' for t in times)} |",
+        f"| losses | {', '.join(f'{loss:.3f}' for loss in losses)} |",
         f"| tokens/s (median, steps 2..) | {tokens_per_s:.0f} |",
         f"| MFU (4N + attention) | {pct(mfu)} |",
         f"| allocated after build (GiB) | {fmt(weights)} |",
         f"| peak allocated (GiB) | {fmt(peak_gib(run))} |",
     ]  # fmt: skip
+    # A random init (std 0.02) predicts nearly uniformly: the first loss is ln(vocab) + aux loss.
+    sec.check("first loss vs ln(vocab), relative (random init trains from uniform)",
+              abs(losses[0] - math.log(config.vocab_size)) / math.log(config.vocab_size), 0.05)  # fmt: skip
+    sec.check("losses finite (1 = some not)", float(not all(math.isfinite(x) for x in losses)), 0.0)
     if run.device.type == "cuda":
-        sec.check("Mixtral-8x7B QLoRA peak GiB <= 32 (issue 11 goal)", peak_gib(run), 32.0)
-    del model, optimizer
+        sec.check("Mixtral-8x7B QLoRA peak GiB <= 32 (issue 11 goal; train/memory.py's GB is GiB)",
+                  peak_gib(run), 32.0)  # fmt: skip
 
 
 def main(argv=None) -> int:
@@ -968,19 +1008,24 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--dry-run", action="store_true", help="tiny shapes on CPU (automatic without CUDA)")
     parser.add_argument("--layers", type=int, default=None, help="layers of the training comparison (GPU: 4)")
+    parser.add_argument("--only", default=None, help="comma-separated section names to run (default: all)")
     args = parser.parse_args(argv)
     sys.stdout.reconfigure(line_buffering=True)
     run = Run(args)
     if run.dry:
         torch.set_num_threads(min(2, torch.get_num_threads()))
     log(f"gpu_check on {run.gpu}: writing {run.md_path} and {run.json_path}")
-    run.section("environment", environment)
-    run.section("nf4_build", nf4_build)
-    run.section("attention", attention)
-    run.section("experts", experts)
-    run.section("training", training)
-    run.section("qlora_memory", qlora_memory)
-    run.section("mixtral_8x7b_qlora", mixtral_8x7b_qlora, min_seconds=0 if run.dry else 90)
+    sections = [environment, nf4_build, attention, experts, training, qlora_memory, mixtral_8x7b_qlora]
+    only = set(args.only.split(",")) if args.only else {f.__name__ for f in sections}
+    unknown = only - {f.__name__ for f in sections}
+    if unknown:
+        parser.error(
+            f"--only: unknown sections {sorted(unknown)}; choose from {[f.__name__ for f in sections]}"
+        )
+    for fn in sections:
+        if fn.__name__ in only:
+            # the whole model needs about a minute to build and run 10 steps on an H100
+            run.section(fn.__name__, fn, min_seconds=90 if fn is mixtral_8x7b_qlora and not run.dry else 0)
     failed = [s.name for s in run.sections if s.status in ("error", "checks failed")]
     log(
         f"done in {time.perf_counter() - run.start:.0f} s; {run.md_path}; sections not ok: {failed or 'none'}"

@@ -435,6 +435,7 @@ def quantize_nf4_(model, quant, device: torch.device, root=None) -> None:
         new.weight = bnb.nn.Params4bit(module.weight.data, requires_grad=False, **old.__dict__).to(device)
         new.source_cls = type(module)
         new.requires_grad_(False)
+        new.support_avx512bf16_for_cpu = False  # keep the training layout (no CPU inference repack in eval)
         root.set_submodule(name, new)
         del module
     model.is_loaded_in_4bit = True  # what transformers' bitsandbytes quantizer sets; PEFT reads it
@@ -561,6 +562,9 @@ def nf4_build(run: Run, sec: Section) -> None:
         )
     ours = ours.to(run.device)
     quantize_nf4_(ours, quant, run.device)
+    for module in loaded.modules():
+        if type(module).__name__ == "Linear4bit":
+            module.support_avx512bf16_for_cpu = False
     theirs_modules = dict(loaded.named_modules())
     mismatched = total = 0
     for name, module in ours.named_modules():

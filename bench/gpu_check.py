@@ -154,6 +154,7 @@ class Run:
         self.peak_flops = next((p for key, p in BF16_PEAK if key in self.gpu), None)
         self.sections: list[Section] = []
         self.results: dict = {}  # numbers one section hands to a later one
+        self.summary: dict = {}  # headline numbers, shown first
         stem = f"gpu_{datetime.date.today().isoformat()}_{re.sub(r'[^A-Za-z0-9]+', '-', self.gpu).strip('-')}"
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
@@ -177,6 +178,9 @@ class Run:
             "",
         ]
         body = []
+        if self.summary:
+            body += ["## Summary", "", "| what | measured |", "|---|---|"]
+            body += [f"| {k} | {v} |" for k, v in self.summary.items()] + [""]
         for s in self.sections:
             body += [f"## {s.name} ({s.status}, {s.seconds:.0f} s)", ""]
             if s.reason:
@@ -197,6 +201,7 @@ class Run:
             "dry_run": self.dry,
             "budget_s": self.args.budget_s,
             "elapsed_s": time.perf_counter() - self.start,
+            "summary": self.summary,
             "sections": {s.name: {k: v for k, v in s.__dict__.items() if k != "name"} for s in self.sections},
         }
         self.json_path.write_text(json.dumps(payload, indent=1, default=str) + "\n")
@@ -733,7 +738,9 @@ def experts(run: Run, sec: Section) -> None:
         sec.lines.append(f"| {backend} | {ms:.2f} | {s.moe_tokens / ms * 1e3:.0f} |")
     sec.data.update(auto=auto, speed_ms=speed)
     if "grouped_mm" in speed:
-        sec.say(f"grouped_mm / per_expert speed: {speed['per_expert'] / speed['grouped_mm']:.2f}x")
+        ratio = speed["per_expert"] / speed["grouped_mm"]
+        sec.say(f"grouped_mm / per_expert speed: {ratio:.2f}x")
+        run.summary["MoE block fwd+bwd, grouped_mm / per_expert (bf16)"] = f"{ratio:.2f}x"
 
 
 def measure(run: Run, model, input_ids, optimizer) -> dict:
@@ -860,6 +867,11 @@ def training(run: Run, sec: Section) -> None:
         for r in rows:
             ratio = theirs["seconds"] / r["seconds"] if theirs else None
             r["speed_over_transformers"] = ratio
+            if r["model"] == "ours" and r is next(x for x in rows if x["model"] == "ours"):
+                run.summary[f"{mode}: ours ({r['backend']}), {r['layers']} layers"] = (
+                    f"{r['tokens_per_s']:.0f} tokens/s, MFU {pct(r['mfu'])}, {fmt(ratio)}x transformers, "
+                    f"peak {fmt(r['peak_gib'])} GiB (transformers {fmt(theirs and theirs['peak_gib'])})"
+                )
             table.append(
                 f"| {r['mode']} | {r['model']} | {r['backend']} | {r['layers']} | {r['tokens_per_s']:.0f} | "
                 f"{pct(r['mfu'])} | {1e3 * r['seconds']:.1f} | {fmt(r['peak_gib'])} | {fmt(ratio)}x |"
@@ -925,6 +937,9 @@ def qlora_memory(run: Run, sec: Section) -> None:
         f"| projected to 32 layers (Mixtral-8x7B) | {projected:.2f} |",
         f"| CPU estimate ({source}) | {cpu_estimate:.2f} |",
     ]  # fmt: skip
+    run.summary["QLoRA Mixtral-8x7B peak, projected from 1 and N layers"] = (
+        f"{projected:.1f} GiB (CPU estimate {cpu_estimate:.1f})"
+    )
     sec.check("projected 32-layer QLoRA peak GiB <= 32 (issue 11 goal; train/memory.py's GB is GiB)",
               projected, 32.0)  # fmt: skip
 
@@ -1006,6 +1021,9 @@ def mixtral_8x7b_qlora(run: Run, sec: Section) -> None:
         f"| allocated after build (GiB) | {fmt(weights)} |",
         f"| peak allocated (GiB) | {fmt(peak_gib(run))} |",
     ]  # fmt: skip
+    run.summary[f"QLoRA Mixtral-8x7B shape, {s.full_model_layers} layers, measured"] = (
+        f"{tokens_per_s:.0f} tokens/s, MFU {pct(mfu)}, peak {fmt(peak_gib(run))} GiB, {len(times)} steps"
+    )
     # A random init (std 0.02) predicts nearly uniformly: the first loss is ln(vocab) + aux loss.
     sec.check("first loss vs ln(vocab), relative (random init trains from uniform)",
               abs(losses[0] - math.log(config.vocab_size)) / math.log(config.vocab_size), 0.05)  # fmt: skip

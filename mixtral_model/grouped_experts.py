@@ -268,25 +268,54 @@ def _input_grad(grad_MO: torch.Tensor, w_OI: torch.Tensor) -> torch.Tensor:
     return grad_MO @ w_OI
 
 
-class GroupedBaseLinear(torch.autograd.Function):
-    """y[rows of expert e] = x[rows of e] @ W_e^T for every local expert, W read (or dequantized) in
-    forward and again in backward, never saved. Gradients reach a plain weight only if it requires one."""
+def _row_ranges(counts: Sequence[int]) -> list[tuple[int, int]]:
+    ranges, start = [], 0
+    for count in counts:
+        ranges.append((start, start + count))
+        start += count
+    return ranges
+
+
+class GroupedLinear(torch.autograd.Function):
+    """One projection of every local expert on its rows, with its LoRA adapter fused in when given:
+
+        y[rows of e] = x_e W_e^T  (+ scaling * ((x_e * noise_e) A_e^T) B_e^T)
+
+    W is read (4-bit: dequantized) in forward and again in backward, never saved; outputs and input
+    gradients are written into one preallocated tensor (no per-expert results concatenated).
+    params: A_0..A_{E-1}, B_0..B_{E-1} (with_lora), then the base weights when they take gradients."""
 
     @staticmethod
-    def forward(ctx, x_MI, view, counts, kernel, *trainable):
-        ctx.view, ctx.counts, ctx.kernel = view, counts, kernel
-        ctx.save_for_backward(x_MI)
+    def forward(ctx, x_MI, noise_MI, view, counts, kernel, with_lora, *params):
+        num = len(counts)
+        lora_A, lora_B = (params[:num], params[num : 2 * num]) if with_lora else ((), ())
+        ctx.view, ctx.counts, ctx.kernel, ctx.with_lora = view, counts, kernel, with_lora
+        ranges = _row_ranges(counts)
         if kernel == "grouped_mm":
             w_EOI = _weights(view.bases, view.quantized, x_MI.dtype, stacked=True)
-            return torch._grouped_mm(x_MI, w_EOI.transpose(-2, -1), offs=_offsets(counts, x_MI.device))
-        weights = _weights(view.bases, view.quantized, x_MI.dtype, stacked=view.quantized)
-        slices = torch.split(x_MI, counts, dim=0)
-        return torch.cat([F.linear(rows, w) for rows, w in zip(slices, weights, strict=True)], dim=0)
+            out_MO = torch._grouped_mm(x_MI, w_EOI.transpose(-2, -1), offs=_offsets(counts, x_MI.device))
+        else:
+            weights = _weights(view.bases, view.quantized, x_MI.dtype, stacked=view.quantized)
+            out_MO = x_MI.new_empty(x_MI.shape[0], weights[0].shape[0])
+            for (start, end), w in zip(ranges, weights, strict=True):
+                torch.mm(x_MI[start:end], w.t(), out=out_MO[start:end])
+        z_MR = None
+        if with_lora:
+            dropped_MI = x_MI * noise_MI if noise_MI is not None else x_MI
+            z_MR = x_MI.new_empty(x_MI.shape[0], lora_A[0].shape[0])
+            for (start, end), a, b in zip(ranges, lora_A, lora_B, strict=True):
+                torch.mm(dropped_MI[start:end], a.t(), out=z_MR[start:end])
+                out_MO[start:end].addmm_(z_MR[start:end], b.t(), alpha=view.lora.scaling)
+        ctx.save_for_backward(x_MI, noise_MI, z_MR, *lora_A, *lora_B)
+        return out_MO
 
     @staticmethod
     def backward(ctx, grad_MO):
-        (x_MI,) = ctx.saved_tensors
-        view, counts = ctx.view, ctx.counts
+        x_MI, noise_MI, z_MR, *lora = ctx.saved_tensors
+        view, counts, num = ctx.view, ctx.counts, len(ctx.counts)
+        lora_A, lora_B = lora[:num], lora[num:]
+        ranges = _row_ranges(counts)
+        grad_MO = grad_MO.contiguous()
         grad_x = None
         if ctx.needs_input_grad[0]:
             if ctx.kernel == "grouped_mm":
@@ -294,32 +323,77 @@ class GroupedBaseLinear(torch.autograd.Function):
                 grad_x = torch._grouped_mm(grad_MO, w_EOI, offs=_offsets(counts, grad_MO.device))
             else:
                 weights = _weights(view.bases, view.quantized, grad_MO.dtype, stacked=view.quantized)
-                grads = torch.split(grad_MO, counts, dim=0)
-                grad_x = torch.cat([_input_grad(g, w) for g, w in zip(grads, weights, strict=True)], dim=0)
+                grad_x = x_MI.new_empty(x_MI.shape)
+                for (start, end), w in zip(ranges, weights, strict=True):
+                    grad_x[start:end] = _input_grad(grad_MO[start:end], w)
+        lora_grads = []
+        if ctx.with_lora:
+            scaling = view.lora.scaling
+            dropped_MI = x_MI * noise_MI if noise_MI is not None else x_MI
+            grad_A, grad_B = [], []
+            for (start, end), a, b in zip(ranges, lora_A, lora_B, strict=True):
+                g = grad_MO[start:end]
+                g_z = g @ b  # (m, r), before scaling
+                grad_B.append(torch.mm(g.t(), z_MR[start:end]).mul_(scaling))
+                grad_A.append(torch.mm(g_z.t(), dropped_MI[start:end]).mul_(scaling))
+                if grad_x is not None:
+                    if noise_MI is None:
+                        grad_x[start:end].addmm_(g_z, a, alpha=scaling)
+                    else:
+                        grad_x[start:end].add_((g_z @ a).mul_(scaling) * noise_MI[start:end])
+            lora_grads = grad_A + grad_B
         weight_grads = []
-        if any(ctx.needs_input_grad[4:]):
-            x_slices, g_slices = torch.split(x_MI, counts, dim=0), torch.split(grad_MO, counts, dim=0)
-            weight_grads = [g.t() @ x for g, x in zip(g_slices, x_slices, strict=True)]
-        return (grad_x, None, None, None, *weight_grads)
+        if any(ctx.needs_input_grad[6 + len(lora_grads) :]):
+            weight_grads = [grad_MO[start:end].t() @ x_MI[start:end] for start, end in ranges]
+        return (grad_x, None, None, None, None, None, *lora_grads, *weight_grads)
+
+
+def _trainable_base_weights(view: ProjectionView) -> list[torch.Tensor]:
+    if view.quantized:
+        return []
+    weights = projection_weights(view)
+    return weights if any(w.requires_grad for w in weights) else []
+
+
+def _kernel_for(view: ProjectionView, dtype: torch.dtype, kernel: str) -> str:
+    base = view.bases[0]
+    if kernel == "grouped_mm" and not all(_grouped_mm_aligned(n, dtype) for n in (base.in_features, base.out_features)):
+        return "grouped_loop"
+    return kernel
 
 
 def base_projection(view: ProjectionView, x_MI: torch.Tensor, counts: list[int], kernel: str) -> torch.Tensor:
     """The base layers' output on the sorted rows, in the dtype each base layer returns."""
-    base = view.bases[0]
-    if kernel == "grouped_mm" and not all(
-        _grouped_mm_aligned(n, x_MI.dtype) for n in (base.in_features, base.out_features)
-    ):
-        kernel = "grouped_loop"
-    trainable = [] if view.quantized else projection_weights(view)
-    if not any(w.requires_grad for w in trainable):
-        trainable = []
+    kernel = _kernel_for(view, x_MI.dtype, kernel)
     if view.quantized:
         input_dtype = x_MI.dtype
         compute = _compute_dtype(view.bases[0], x_MI)
         for base in view.bases[1:]:
             _compute_dtype(base, x_MI)
-        return GroupedBaseLinear.apply(x_MI.to(compute), view, counts, kernel).to(input_dtype)
-    return GroupedBaseLinear.apply(x_MI, view, counts, kernel, *trainable)
+        return GroupedLinear.apply(x_MI.to(compute), None, view, counts, kernel, False).to(input_dtype)
+    return GroupedLinear.apply(x_MI, None, view, counts, kernel, False, *_trainable_base_weights(view))
+
+
+def fusable(view: ProjectionView, x_MI: torch.Tensor) -> bool:
+    """LoRA can be fused into the base product when PEFT's casts are all no-ops: adapter, input and
+    base compute in one dtype, no autocast."""
+    if view.lora is None or torch.is_autocast_enabled():
+        return False
+    dtypes = {x_MI.dtype, view.lora.A[0].dtype, view.lora.B[0].dtype}
+    if view.quantized:
+        dtypes.add(_compute_dtype(view.bases[0], x_MI))
+        dtypes.update(_compute_dtype(base, x_MI) for base in view.bases[1:])
+    else:
+        dtypes.add(view.bases[0].weight.dtype)
+    return len(dtypes) == 1
+
+
+def fused_projection(view, x_MI, noise_MI, counts, kernel) -> torch.Tensor:
+    lora = view.lora
+    kernel = _kernel_for(view, x_MI.dtype, kernel)
+    return GroupedLinear.apply(
+        x_MI, noise_MI, view, counts, kernel, True, *lora.A, *lora.B, *_trainable_base_weights(view)
+    )
 
 
 # ---------------------------------------------------------------- LoRA
@@ -391,6 +465,8 @@ def lora_delta(
 
 def projection(view: ProjectionView, x_MI, lora_x_MI, noise_MI, counts, kernel) -> torch.Tensor:
     """PEFT's forward for one projection of all experts (LoRA Linear, or its 4-bit variant)."""
+    if fusable(view, x_MI):
+        return fused_projection(view, x_MI, noise_MI, counts, kernel)
     result = base_projection(view, x_MI, counts, kernel)
     if view.lora is None:
         return result

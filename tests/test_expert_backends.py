@@ -68,13 +68,15 @@ def with_lora(block: SparseMoeBlock, dropout: float, dtype: torch.dtype):
 
 
 def build(kind: str, dtype: torch.dtype, dropout: float = 0.0):
-    """(model, block): kind = plain | lora | nf4 | qlora, all from the same seeded weights."""
+    """(model, block): kind = plain | lora | nf4 | qlora | qlora_fp32_adapters, from the same seeded weights."""
     block = random_block()
-    if kind in ("nf4", "qlora"):
+    if kind in ("nf4", "qlora", "qlora_fp32_adapters"):
         quantize_experts(block, compute_dtype=dtype)
         block.gate.to(dtype)
     elif dtype != torch.float32:
         block.to(dtype)
+    if kind == "qlora_fp32_adapters":  # PEFT's casts around the adapter are not no-ops: unfused path
+        return with_lora(block, dropout, torch.float32), block
     if kind in ("lora", "qlora"):
         model = with_lora(block, dropout, torch.float32 if kind == "qlora" else dtype)
         if kind == "qlora":
@@ -131,7 +133,9 @@ def test_grouped_equals_per_expert_fp32(kind, dropout, backend):
 
 
 @pytest.mark.parametrize("backend", GROUPED)
-@pytest.mark.parametrize("kind, dropout", [("plain", 0.0), ("lora", 0.25), ("qlora", 0.0)])
+@pytest.mark.parametrize(
+    "kind, dropout", [("plain", 0.0), ("lora", 0.25), ("qlora", 0.0), ("qlora_fp32_adapters", 0.25)]
+)
 def test_grouped_equals_per_expert_bf16(kind, dropout, backend):
     reference = run(kind, "per_expert", torch.bfloat16, dropout)
     assert_same(run(kind, backend, torch.bfloat16, dropout), reference, tol=2e-2)

@@ -1,12 +1,16 @@
 """The objective the pipelines train (train/objective.py), held to the model's own forward(labels=...):
 LM loss, router aux loss and router z-loss, under SFT and DPO, weighted by the model config's
-coefficients only and logged as trained. Pipelines run in-process on a small model."""
+coefficients only and logged as trained. Pipelines run in-process on a small model. And the TRL/PEFT
+internals we lean on: a version without them fails loudly."""
 
+import peft
 import pytest
 import torch
+import trl
 from pipeline_runs import SMALL_MODEL, log_history
 
 from mixtral_model import MixtralForCausalLM
+from mixtral_model.peft_compat import skip_peft_target_rewrite_for_native_mixtral
 from train import dpo, pipeline, sft
 from train.data import prepare_dpo_data, prepare_sft_data
 from train.model_factory import build_frozen_reference
@@ -143,3 +147,23 @@ def test_trl_router_aux_loss_coef_is_refused_as_a_second_road(stage, tmp_path):
         pipeline.build_trainer(
             stage, [*argv, f"output_dir={tmp_path}"], prepare, with_trl_coef, trainer_class, reference
         )
+
+
+def test_a_trl_without_the_internals_we_take_over_fails_loudly():
+    class TrainerWithoutRouterSwitch:  # what RouterObjectiveMixin finds if TRL renames aux_loss_enabled
+        def __init__(self, *args, **kwargs):
+            self._metrics = {"train": {}, "eval": {}}
+
+    class Ours(RouterObjectiveMixin, TrainerWithoutRouterSwitch):
+        pass
+
+    with pytest.raises(RuntimeError, match=rf"trl {trl.__version__}: .*trl>=1\.16,<1\.17"):
+        Ours(args=None)
+
+
+def test_a_peft_without_the_function_we_wrap_fails_loudly(monkeypatch):
+    from peft.utils import transformers_weight_conversion
+
+    monkeypatch.delattr(transformers_weight_conversion, "convert_peft_config_for_transformers")
+    with pytest.raises(ImportError, match=rf"peft {peft.__version__} .*peft>=0\.21\.2,<0\.22"):
+        skip_peft_target_rewrite_for_native_mixtral()

@@ -3,6 +3,8 @@ LM loss, router aux loss and router z-loss, under SFT and DPO, weighted by the m
 coefficients only and logged as trained. Pipelines run in-process on a small model. And the TRL/PEFT
 internals we lean on: a version without them fails loudly."""
 
+from types import SimpleNamespace
+
 import peft
 import pytest
 import torch
@@ -27,6 +29,10 @@ STAGES = {
         prepare_dpo_data, dpo.dpo_arguments, dpo.MixtralDPOTrainer, build_frozen_reference,
     ),
 }  # fmt: skip
+HALF_BATCH_TWICE = {
+    "sft": ["trainer.per_device_train_batch_size=4", "trainer.gradient_accumulation_steps=2"],
+    "dpo": ["trainer.per_device_train_batch_size=2", "trainer.gradient_accumulation_steps=2"],
+}
 
 
 def build(stage: str, output_dir, *overrides):
@@ -58,13 +64,22 @@ def test_z_loss_trains_and_is_logged_as_trained(stage, tmp_path):
     runs = {}
     for coef in (0.0, Z):
         out = tmp_path / f"z{coef}"
-        main([*argv, f"output_dir={out}", "max_steps=3", f"model.router_z_loss_coef={coef}"])
+        # Two micro-batches per step: the router terms must enter as their mean, like the LM loss.
+        main(
+            [
+                *argv,
+                *HALF_BATCH_TWICE[stage],
+                f"output_dir={out}",
+                "max_steps=3",
+                f"model.router_z_loss_coef={coef}",
+            ]
+        )
         runs[coef] = (log_history(out / "final"), MixtralForCausalLM.from_pretrained(out / "final"))
     (plain, plain_model), (with_z, z_model) = runs[0.0], runs[Z]
     assert per_step(plain, "z_loss") == [None] * 3
     z_logged = per_step(with_z, "z_loss")
     assert all(z > 0 for z in z_logged) and all(a > 0 for a in per_step(with_z, "aux_loss"))
-    # Step 1: same weights, same batch, so the losses differ by exactly the logged z term.
+    # Step 1: same weights, same batches, so the losses differ by exactly the logged z term.
     assert per_step(with_z, "aux_loss")[0] == pytest.approx(per_step(plain, "aux_loss")[0], rel=1e-6)
     assert per_step(with_z, "loss")[0] - per_step(plain, "loss")[0] == pytest.approx(
         Z * z_logged[0], rel=1e-4
@@ -152,6 +167,7 @@ def test_trl_router_aux_loss_coef_is_refused_as_a_second_road(stage, tmp_path):
 def test_a_trl_without_the_internals_we_take_over_fails_loudly():
     class TrainerWithoutRouterSwitch:  # what RouterObjectiveMixin finds if TRL renames aux_loss_enabled
         def __init__(self, *args, **kwargs):
+            self.args = SimpleNamespace(router_aux_loss_coef=None)
             self._metrics = {"train": {}, "eval": {}}
 
     class Ours(RouterObjectiveMixin, TrainerWithoutRouterSwitch):

@@ -63,13 +63,12 @@ class RouterObjectiveMixin:
     """Put before TRL's SFTTrainer or DPOTrainer in a trainer's bases (see the module docstring)."""
 
     def __init__(self, *args, **kwargs):
-        trl_coef = getattr(kwargs.get("args"), "router_aux_loss_coef", None)
-        if trl_coef is not None:
-            raise ValueError(
-                f"router_aux_loss_coef={trl_coef} in the TRL config is a second road for the aux-loss "
-                "coefficient: leave it unset and set model.router_aux_loss_coef"
-            )
         super().__init__(*args, **kwargs)
+        if self.args.router_aux_loss_coef is not None:
+            raise ValueError(
+                f"router_aux_loss_coef={self.args.router_aux_loss_coef} in the TRL config is a second road "
+                "for the aux-loss coefficient: leave it unset and set model.router_aux_loss_coef"
+            )
         if not hasattr(self, "aux_loss_enabled") or not isinstance(getattr(self, "_metrics", None), dict):
             raise _unsupported(self, "has no aux_loss_enabled/_metrics to take the router terms over from")
         self.aux_loss_enabled = False  # TRL adds no router term and requests no router logits

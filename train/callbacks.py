@@ -81,7 +81,15 @@ class RunSummaryCallback(TrainerCallback):
         tokens = state.num_input_tokens_seen
         metrics = {
             k: self.last_logs[k]
-            for k in ("loss", "train_loss", "aux_loss", "eval_loss", "rewards/accuracies", "rewards/margins")
+            for k in (
+                "loss",
+                "train_loss",
+                "aux_loss",
+                "z_loss",
+                "eval_loss",
+                "rewards/accuracies",
+                "rewards/margins",
+            )
             if k in self.last_logs
         }
         print(f"[summary] steps: {state.global_step}, wall time: {seconds:.1f}s", flush=True)

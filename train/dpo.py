@@ -4,8 +4,8 @@
     python train/dpo.py +recipe=tiny/dpo model.name_or_path=outputs/tiny-sft/final
 
 The reference model is the base with adapters disabled under PEFT, a frozen copy otherwise; the
-router aux loss is added to the policy loss with model.router_aux_loss_coef (TRL's
-router_aux_loss_coef is set to the same value) and the reference forward carries none.
+policy's router terms (aux and z-loss, with the model config's coefficients) are added to the DPO
+loss by train/objective.py and the reference forward carries none.
 """
 
 import sys
@@ -20,10 +20,15 @@ from train import pipeline  # noqa: E402
 from train.callbacks import RouterStatsLoggingMixin  # noqa: E402
 from train.data import prepare_dpo_data  # noqa: E402
 from train.model_factory import build_frozen_reference  # noqa: E402
+from train.objective import RouterObjectiveMixin  # noqa: E402
 
 
 class MixtralDPOTrainer(
-    pipeline.ExpertParallelSaveMixin, RouterStatsLoggingMixin, DeepSpeedMoETrainerMixin, DPOTrainer
+    pipeline.ExpertParallelSaveMixin,
+    RouterStatsLoggingMixin,
+    RouterObjectiveMixin,
+    DeepSpeedMoETrainerMixin,
+    DPOTrainer,
 ):
     pass
 

@@ -77,7 +77,6 @@ def load_model(cfg: DictConfig, name_or_path: str) -> MixtralForCausalLM:
         router_jitter_noise=cfg.model.router_jitter_noise,
         router_z_loss_coef=cfg.model.router_z_loss_coef,
         expert_parallel_size=cfg.model.expert_parallel_size,
-        output_router_logits=True,
     )
     model.config.use_cache = False
     return model

@@ -133,7 +133,6 @@ def training_kwargs(cfg: DictConfig) -> dict:
         use_cpu=not torch.cuda.is_available(),
         deepspeed=deepspeed_dict(cfg),
         include_num_input_tokens_seen="non_padding",
-        router_aux_loss_coef=cfg.model.router_aux_loss_coef,
         remove_unused_columns=False,
         ddp_find_unused_parameters=False,
     )
@@ -209,9 +208,6 @@ class ExpertParallelSaveMixin:
 def save_final(trainer, cfg: DictConfig, tokenizer) -> str:
     """The final adapter or model with its tokenizer in OUTPUT_DIR/final (gathered under ZeRO-3)."""
     final = str(Path(cfg.output_dir) / "final")
-    # Training asked for router logits in every forward; the saved config keeps the hub default, so
-    # generation with the saved model (ours or transformers') does not compute router losses.
-    trainer.accelerator.unwrap_model(trainer.model).config.output_router_logits = False
     trainer.save_model(final)
     if trainer.args.should_save:
         tokenizer.save_pretrained(final)
@@ -233,6 +229,15 @@ def run(stage: str, argv: list[str], prepare_data, make_args, trainer_class, ref
     config (validated) -> tokenizer and data (validated) -> trainer arguments and model (ordered for
     the parallel layout) -> train (resumable) -> OUTPUT_DIR/final.
     """
+    trainer, cfg, tokenizer = build_trainer(
+        stage, argv, prepare_data, make_args, trainer_class, reference_model
+    )
+    trainer.train(resume_from_checkpoint=resume_path(cfg))
+    return save_final(trainer, cfg, tokenizer)
+
+
+def build_trainer(stage: str, argv: list[str], prepare_data, make_args, trainer_class, reference_model=None):
+    """The trainer `run` trains, with its composed config and tokenizer (steps before training)."""
     cfg = config_from_argv(stage, argv)
     tokenizer = load_tokenizer(cfg.model.tokenizer)
     data = load_data_or_exit(prepare_data, cfg.data, tokenizer, cfg.trainer.seed)
@@ -250,5 +255,4 @@ def run(stage: str, argv: list[str], prepare_data, make_args, trainer_class, ref
         **extra,
     )
     trainer.enable_router_stats(model)
-    trainer.train(resume_from_checkpoint=resume_path(cfg))
-    return save_final(trainer, cfg, tokenizer)
+    return trainer, cfg, tokenizer

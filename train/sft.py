@@ -19,10 +19,15 @@ from mixtral_model.zero import DeepSpeedMoETrainerMixin  # noqa: E402
 from train import pipeline  # noqa: E402
 from train.callbacks import RouterStatsLoggingMixin  # noqa: E402
 from train.data import prepare_sft_data  # noqa: E402
+from train.objective import RouterObjectiveMixin  # noqa: E402
 
 
 class MixtralSFTTrainer(
-    pipeline.ExpertParallelSaveMixin, RouterStatsLoggingMixin, DeepSpeedMoETrainerMixin, SFTTrainer
+    pipeline.ExpertParallelSaveMixin,
+    RouterStatsLoggingMixin,
+    RouterObjectiveMixin,
+    DeepSpeedMoETrainerMixin,
+    SFTTrainer,
 ):
     pass
 

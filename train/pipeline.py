@@ -5,10 +5,11 @@ Order matters and is the same in both entry points: everything a user can get wr
 files and rows, parallel combination) is checked before a model is built or an output written.
 """
 
-import os
+import os  # noqa: I001  (train.quiet comes before deepspeed)
 import sys
 from pathlib import Path
 
+from train import quiet  # noqa: F401  (first: drops start-up messages nobody can act on)
 import deepspeed
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -22,13 +23,16 @@ from train.config import (
     check_architecture_matches,
     deepspeed_dict,
     load_config,
+    report_to,
     resume_checkpoint,
     zero_stage,
 )
 from train.data import DataError
 from train.model_factory import build_model, write_random_init
 
-USAGE = "usage: {script} +recipe=NAME [key=value ...]   (see README: recipes and CLI overrides)"
+USAGE = """usage: {script} +recipe=NAME|FILE.yaml [deepspeed=NAME|FILE.json] [key=value ...] [--print-config]
+  --print-config (or --cfg job): print the resolved, validated config and exit (see README: CLI)"""
+PRINT_CONFIG_FLAGS = ("--print-config", "--cfg=job")
 
 
 def config_from_argv(stage: str, argv: list[str]) -> DictConfig:
@@ -36,14 +40,29 @@ def config_from_argv(stage: str, argv: list[str]) -> DictConfig:
     if any(arg in ("-h", "--help") for arg in argv):
         print(USAGE.format(script=f"train/{stage}.py"))
         sys.exit(0)
+    print_only, argv = split_print_config_flag(argv)
     try:
         cfg = load_config(stage, argv)
+        if print_only:
+            print(OmegaConf.to_yaml(cfg, resolve=True), end="")
+            sys.exit(0)
         check_parallel_combination(zero_stage(cfg), cfg.model.expert_parallel_size, cfg.peft.method != "none")
         check_checkpoint_architecture(cfg)
         check_output_dir(cfg)
     except (ConfigError, ValueError, FileNotFoundError) as error:
         fail(error)
     return cfg
+
+
+def split_print_config_flag(argv: list[str]) -> tuple[bool, list[str]]:
+    """(whether --print-config / --cfg job was given, the other arguments)."""
+    argv = list(argv)
+    if "--cfg" in argv and argv[argv.index("--cfg") + 1 :][:1] == ["job"]:
+        index = argv.index("--cfg")
+        argv[index : index + 2] = ["--cfg=job"]
+    return any(arg in PRINT_CONFIG_FLAGS for arg in argv), [
+        arg for arg in argv if arg not in PRINT_CONFIG_FLAGS
+    ]
 
 
 def fail(error: Exception) -> None:
@@ -88,7 +107,7 @@ def resume_path(cfg: DictConfig) -> str | None:
 
 def configure_wandb(cfg: DictConfig) -> None:
     """wandb logs offline unless an API key is configured; WANDB_MODE set by the user always wins."""
-    if cfg.trainer.report_to != "wandb":
+    if "wandb" not in report_to(cfg):
         return
     if not os.environ.get("WANDB_API_KEY") and not (Path.home() / ".netrc").exists():
         os.environ.setdefault("WANDB_MODE", "offline")
@@ -98,44 +117,35 @@ def configure_wandb(cfg: DictConfig) -> None:
 
 
 def training_kwargs(cfg: DictConfig) -> dict:
-    """Arguments shared by TRL's SFTConfig and DPOConfig, from the composed config."""
-    trainer = cfg.trainer
+    """Arguments for TRL's SFTConfig/DPOConfig: the `trainer` section as it is (TRL's names), and
+    what the pipelines derive from the rest of the config."""
+    trainer = OmegaConf.to_container(cfg.trainer, resolve=True)
     compute_dtype = cfg.peft.quant.compute_dtype if cfg.peft.method == "qlora" else cfg.model.dtype
-    evaluate = trainer.eval_steps is not None and (cfg.data.eval_path or cfg.data.eval_fraction > 0)
-    return dict(
-        output_dir=cfg.output_dir,
-        max_steps=cfg.max_steps,
-        num_train_epochs=trainer.num_train_epochs,
-        learning_rate=trainer.learning_rate,
-        lr_scheduler_type=trainer.lr_scheduler_type,
-        warmup_steps=trainer.warmup_ratio,
-        weight_decay=trainer.weight_decay,
-        max_grad_norm=trainer.max_grad_norm,
-        optim=trainer.optim,
-        per_device_train_batch_size=trainer.per_device_train_batch_size,
-        per_device_eval_batch_size=trainer.per_device_eval_batch_size,
-        gradient_accumulation_steps=trainer.gradient_accumulation_steps,
-        gradient_checkpointing=trainer.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False},
-        logging_steps=trainer.logging_steps,
+    has_eval_data = bool(cfg.data.eval_path or cfg.data.eval_fraction > 0)
+    evaluate = trainer.get("eval_steps") is not None and has_eval_data
+    derived = dict(
+        activation_checkpointing_kwargs={"use_reentrant": False},
         logging_first_step=True,
         eval_strategy="steps" if evaluate else "no",
-        eval_steps=trainer.eval_steps if evaluate else None,
         save_strategy="steps",
-        save_steps=trainer.save_steps,
-        save_total_limit=trainer.save_total_limit,
-        seed=trainer.seed,
-        data_seed=trainer.seed,
-        report_to=[] if trainer.report_to == "none" else [trainer.report_to],
-        run_name=trainer.run_name,
+        data_seed=trainer.get("seed", 42),
+    )
+    if not has_eval_data:
+        trainer.pop("eval_steps", None)
+    return dict(
+        **derived,
+        **trainer,
+        output_dir=cfg.output_dir,
+        max_steps=cfg.max_steps,
+        report_to=report_to(cfg),
         bf16=compute_dtype == "bfloat16",
         fp16=compute_dtype == "float16",
         use_cpu=not torch.cuda.is_available(),
         deepspeed=deepspeed_dict(cfg),
-        include_num_input_tokens_seen="non_padding",
+        include_num_input_tokens_seen=trainer.get("include_num_input_tokens_seen", "non_padding"),
         router_aux_loss_coef=cfg.model.router_aux_loss_coef,
         remove_unused_columns=False,
-        ddp_find_unused_parameters=False,
+        ddp_find_unused_parameters=trainer.get("ddp_find_unused_parameters", False),
     )
 
 

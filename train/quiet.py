@@ -1,0 +1,27 @@
+"""Start-up messages a user cannot act on, dropped: import this before TRL, PEFT or DeepSpeed.
+
+- bitsandbytes (imported by PEFT on every run, QLoRA or not) warns on CPUs with AVX512-BF16 that an
+  optional kernels-community 4-bit kernel is missing; it matters only to 4-bit matmuls on a CPU.
+- DeepSpeed announces at import that it found no GPU and picked its CPU accelerator.
+Everything else these loggers say still reaches the console.
+"""
+
+import logging
+
+UNACTIONABLE = {
+    "bitsandbytes.backends.cpu.ops": "Failed to load CPU gemm_4bit_forward",
+    "DeepSpeed": "Setting accelerator to CPU",
+}
+
+
+class DropMessage(logging.Filter):
+    def __init__(self, prefix: str):
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.prefix)
+
+
+for logger_name, prefix in UNACTIONABLE.items():
+    logging.getLogger(logger_name).addFilter(DropMessage(prefix))

@@ -101,7 +101,12 @@ def apply_peft(model: MixtralForCausalLM, cfg: DictConfig, gradient_checkpointin
         modules_to_save=lora_modules_to_save(cfg) or None,
         task_type="CAUSAL_LM",
     )
-    return peft.get_peft_model(model, lora)
+    model = peft.get_peft_model(model, lora)
+    # The dropout layers are built above; the saved adapter_config.json records the inference value 0
+    # (peft.dropout stays in run_config.yaml): PEFT loads adapters onto transformers' fused Mixtral
+    # experts through its ParamWrapper, which refuses any lora_dropout != 0, even for inference.
+    model.peft_config["default"].lora_dropout = 0.0
+    return model
 
 
 def base_model_path(cfg: DictConfig) -> str:

@@ -12,11 +12,12 @@ from pathlib import Path
 from train import quiet  # noqa: F401  (first: drops start-up messages nobody can act on)
 import deepspeed
 import torch
+from huggingface_hub import HfApi
 from omegaconf import DictConfig, OmegaConf
 
 from mixtral_model import MixtralConfig, load_tokenizer
 from mixtral_model.zero import check_parallel_combination, gathered_state_dict, prepare_for_deepspeed
-from train.callbacks import RunSummaryCallback
+from train.callbacks import RunSummaryCallback, use_lean_console
 from train.checkpoints import latest_complete_checkpoint
 from train.config import (
     ConfigError,
@@ -25,9 +26,11 @@ from train.config import (
     load_config,
     report_to,
     resume_checkpoint,
+    trainer_value,
     zero_stage,
 )
 from train.data import DataError
+from train.model_card import write_generation_config, write_model_card
 from train.model_factory import build_model, write_random_init
 
 USAGE = """usage: {script} +recipe=NAME|FILE.yaml [deepspeed=NAME|FILE.json] [key=value ...] [--print-config]
@@ -49,6 +52,7 @@ def config_from_argv(stage: str, argv: list[str]) -> DictConfig:
         check_parallel_combination(zero_stage(cfg), cfg.model.expert_parallel_size, cfg.peft.method != "none")
         check_checkpoint_architecture(cfg)
         check_output_dir(cfg)
+        check_hub_access(cfg)
     except (ConfigError, ValueError, FileNotFoundError) as error:
         fail(error)
     return cfg
@@ -95,6 +99,20 @@ def check_output_dir(cfg: DictConfig) -> None:
         )
 
 
+def check_hub_access(cfg: DictConfig) -> None:
+    """trainer.push_to_hub needs the Hub and a login: find out now, not after training."""
+    if not trainer_value(cfg, "push_to_hub"):
+        return
+    try:
+        HfApi().whoami()
+    except Exception as error:  # offline mode, no network, no token: all end the same way
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise ConfigError(
+            f"trainer.push_to_hub=true but the Hugging Face Hub is not usable here ({reason}): "
+            "log in with `hf auth login` where the network allows, or drop trainer.push_to_hub"
+        ) from error
+
+
 def resume_path(cfg: DictConfig) -> str | None:
     resume = resume_checkpoint(cfg)
     if resume is True:
@@ -132,20 +150,22 @@ def training_kwargs(cfg: DictConfig) -> dict:
     )
     if not has_eval_data:
         trainer.pop("eval_steps", None)
-    return dict(
-        **derived,
-        **trainer,
-        output_dir=cfg.output_dir,
-        max_steps=cfg.max_steps,
-        report_to=report_to(cfg),
-        bf16=compute_dtype == "bfloat16",
-        fp16=compute_dtype == "float16",
-        use_cpu=not torch.cuda.is_available(),
-        deepspeed=deepspeed_dict(cfg),
-        include_num_input_tokens_seen=trainer.get("include_num_input_tokens_seen", "non_padding"),
-        router_aux_loss_coef=cfg.model.router_aux_loss_coef,
-        remove_unused_columns=False,
-        ddp_find_unused_parameters=trainer.get("ddp_find_unused_parameters", False),
+    return (
+        derived
+        | trainer
+        | dict(
+            output_dir=cfg.output_dir,
+            max_steps=cfg.max_steps,
+            report_to=report_to(cfg),
+            bf16=compute_dtype == "bfloat16",
+            fp16=compute_dtype == "float16",
+            use_cpu=not torch.cuda.is_available(),
+            deepspeed=deepspeed_dict(cfg),
+            include_num_input_tokens_seen=trainer.get("include_num_input_tokens_seen", "non_padding"),
+            router_aux_loss_coef=cfg.model.router_aux_loss_coef,
+            remove_unused_columns=False,
+            ddp_find_unused_parameters=trainer.get("ddp_find_unused_parameters", False),
+        )
     )
 
 
@@ -227,6 +247,13 @@ def save_final(trainer, cfg: DictConfig, tokenizer) -> str:
         tokenizer.save_pretrained(final)
         OmegaConf.save(cfg, Path(final) / "run_config.yaml", resolve=True)
         trainer.state.save_to_json(str(Path(final) / "trainer_state.json"))
+        write_generation_config(Path(final), tokenizer)
+        is_adapter = (Path(final) / "adapter_config.json").exists()
+        write_model_card(Path(final), cfg, trainer.state.log_history, is_adapter)
+        if trainer.args.push_to_hub:
+            HfApi().upload_folder(
+                repo_id=trainer.hub_model_id, folder_path=final, commit_message="final model"
+            )
     return final
 
 
@@ -260,5 +287,6 @@ def run(stage: str, argv: list[str], prepare_data, make_args, trainer_class, ref
         **extra,
     )
     trainer.enable_router_stats(model)
+    use_lean_console(trainer)
     trainer.train(resume_from_checkpoint=resume_path(cfg))
     return save_final(trainer, cfg, tokenizer)

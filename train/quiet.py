@@ -3,10 +3,12 @@
 - bitsandbytes (imported by PEFT on every run, QLoRA or not) warns on CPUs with AVX512-BF16 that an
   optional kernels-community 4-bit kernel is missing; it matters only to 4-bit matmuls on a CPU.
 - DeepSpeed announces at import that it found no GPU and picked its CPU accelerator.
+- PEFT 0.21 reads transformers' deprecated `is_gradient_checkpointing` when it wraps a model.
 Everything else these loggers say still reaches the console.
 """
 
 import logging
+import warnings
 
 UNACTIONABLE = {
     "bitsandbytes.backends.cpu.ops": "Failed to load CPU gemm_4bit_forward",
@@ -25,3 +27,5 @@ class DropMessage(logging.Filter):
 
 for logger_name, prefix in UNACTIONABLE.items():
     logging.getLogger(logger_name).addFilter(DropMessage(prefix))
+
+warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)

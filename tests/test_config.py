@@ -346,3 +346,37 @@ def test_print_config_prints_the_resolved_config_and_exits(tmp_path, capsys):
         assert exited.value.code == 0
         printed = OmegaConf.create(capsys.readouterr().out)
         assert printed.trainer.learning_rate == 1e-4 and printed.data.path.endswith("sft_train.jsonl")
+
+
+def test_trl_only_options_reach_the_trainer_arguments(tmp_path):
+    from train.dpo import dpo_arguments
+    from train.sft import sft_arguments
+
+    sft = sft_arguments(
+        load_config(
+            "sft",
+            [
+                "+recipe=tiny/sft",
+                f"output_dir={tmp_path}",
+                "trainer.neftune_noise_alpha=5",
+                "trainer.eval_strategy=epoch",
+                "trainer.report_to=[tensorboard]",
+            ],
+        )  # fmt: skip
+    )
+    assert (sft.neftune_noise_alpha, sft.eval_strategy, sft.report_to) == (5, "epoch", ["tensorboard"])
+    assert (sft.output_dir, sft.learning_rate, sft.activation_checkpointing) == (str(tmp_path), 3e-3, False)
+    dpo = dpo_arguments(
+        load_config(
+            "dpo",
+            [
+                "+recipe=tiny/dpo",
+                "trainer.loss_type=[exo_pair,sft]",
+                "trainer.loss_weights=[1.0,0.5]",
+                "trainer.label_smoothing=1e-3",
+                "model.router_aux_loss_coef=0.05",
+            ],
+        )  # fmt: skip
+    )
+    assert (dpo.loss_type, dpo.loss_weights, dpo.label_smoothing) == (["exo_pair", "sft"], [1.0, 0.5], 1e-3)
+    assert (dpo.beta, dpo.router_aux_loss_coef, dpo.max_length) == (0.1, 0.05, 64)

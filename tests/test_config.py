@@ -380,3 +380,10 @@ def test_trl_only_options_reach_the_trainer_arguments(tmp_path):
     )
     assert (dpo.loss_type, dpo.loss_weights, dpo.label_smoothing) == (["exo_pair", "sft"], [1.0, 0.5], 1e-3)
     assert (dpo.beta, dpo.router_aux_loss_coef, dpo.max_length) == (0.1, 0.05, 64)
+
+
+def test_a_saved_run_config_is_a_recipe_that_composes_the_same_config(tmp_path):
+    cfg = load_config("dpo", ["+recipe=tiny/dpo", "peft=lora", "trainer.loss_type=ipo", "trainer.beta=0.2"])
+    OmegaConf.save(cfg, tmp_path / "run_config.yaml", resolve=True)  # as save_final writes it
+    again = load_config("dpo", [f"+recipe={tmp_path / 'run_config.yaml'}"])
+    assert OmegaConf.to_container(again, resolve=True) == OmegaConf.to_container(cfg, resolve=True)

@@ -4,6 +4,7 @@
   optional kernels-community 4-bit kernel is missing; it matters only to 4-bit matmuls on a CPU.
 - DeepSpeed announces at import that it found no GPU and picked its CPU accelerator.
 - PEFT 0.21 reads transformers' deprecated `is_gradient_checkpointing` when it wraps a model.
+- DeepSpeed 0.19 calls torch's deprecated `all_gather_into_tensor` under ZeRO.
 Everything else these loggers say still reaches the console.
 """
 
@@ -29,3 +30,6 @@ for logger_name, prefix in UNACTIONABLE.items():
     logging.getLogger(logger_name).addFilter(DropMessage(prefix))
 
 warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+warnings.filterwarnings(
+    "ignore", message="`torch.distributed.all_gather_into_tensor` is deprecated", category=FutureWarning
+)

@@ -321,6 +321,12 @@ def test_a_deepspeed_json_file_is_used_as_given_and_checked(tmp_path):
     assert "offload_param" in config_error("sft", [f"deepspeed={path}", "peft=qlora"])
     path.write_text(json.dumps({**ds, "zero_optimization": {**ds["zero_optimization"], "stage": 2}}))
     assert "offload_param needs ZeRO stage 3" in config_error("sft", [f"deepspeed={path}"])
+    # values the JSON fixes must equal the trainer settings they mirror (the HF Trainer's rule)
+    path.write_text(json.dumps({**ds, "train_micro_batch_size_per_gpu": 2}))
+    assert "trainer.per_device_train_batch_size=4" in config_error("sft", [f"deepspeed={path}"])
+    load_config("sft", [f"deepspeed={path}", "trainer.per_device_train_batch_size=2"])
+    path.write_text(json.dumps({**ds, "bf16": {"enabled": True}}))
+    assert "model.dtype=float32" in config_error("sft", [f"deepspeed={path}"])
     path.write_text("{not json")
     assert "not a valid json file" in config_error("sft", [f"deepspeed={path}"])
 

@@ -540,6 +540,37 @@ def check_deepspeed(cfg: DictConfig) -> None:
         raise ConfigError(
             "deepspeed=... needs the deepspeed package: pip install deepspeed, or use deepspeed=none"
         )
+    check_deepspeed_agrees_with_trainer(cfg)
+
+
+def check_deepspeed_agrees_with_trainer(cfg: DictConfig) -> None:
+    """A value a DeepSpeed JSON sets (not "auto") must equal the setting it mirrors, as the HF Trainer
+    requires: say which, now, instead of a multi-line error once the data is prepared."""
+    compute_dtype = cfg.peft.quant.compute_dtype if cfg.peft.method == "qlora" else cfg.model.dtype
+    mirrors = {
+        "train_micro_batch_size_per_gpu": (
+            "trainer.per_device_train_batch_size",
+            "per_device_train_batch_size",
+        ),
+        "gradient_accumulation_steps": ("trainer.gradient_accumulation_steps", "gradient_accumulation_steps"),
+        "gradient_clipping": ("trainer.max_grad_norm", "max_grad_norm"),
+        "optimizer.params.lr": ("trainer.learning_rate", "learning_rate"),
+    }
+    for ds_key, (key, trainer_key) in mirrors.items():
+        value = OmegaConf.select(cfg.deepspeed, ds_key)
+        expected = trainer_value(cfg, trainer_key)
+        if value not in (None, "auto") and value != expected:
+            raise ConfigError(
+                f'deepspeed {ds_key}={value} but {key}={expected}: make them equal, or write "auto" in the JSON'
+            )
+    for precision in ("bf16", "fp16"):
+        enabled = OmegaConf.select(cfg.deepspeed, f"{precision}.enabled")
+        expected = compute_dtype == {"bf16": "bfloat16", "fp16": "float16"}[precision]
+        if enabled not in (None, "auto") and bool(enabled) != expected:
+            raise ConfigError(
+                f"deepspeed {precision}.enabled={enabled} but model.dtype={cfg.model.dtype}: set the dtype to "
+                f'match, or write "auto" in the JSON'
+            )
 
 
 @functools.cache

@@ -350,7 +350,8 @@ def test_print_config_prints_the_resolved_config_and_exits(tmp_path, capsys):
         with pytest.raises(SystemExit) as exited:
             config_from_argv("sft", ["+recipe=tiny/sft", "trainer.learning_rate=1e-4", *flags])
         assert exited.value.code == 0
-        printed = OmegaConf.create(capsys.readouterr().out)
+        out = capsys.readouterr().out
+        printed = OmegaConf.create(out[out.index("stage: sft") :])  # after any library start-up line
         assert printed.trainer.learning_rate == 1e-4 and printed.data.path.endswith("sft_train.jsonl")
 
 

@@ -35,7 +35,6 @@ from train.model_factory import build_model, write_random_init
 
 USAGE = """usage: {script} +recipe=NAME|FILE.yaml [deepspeed=NAME|FILE.json] [key=value ...] [--print-config]
   --print-config (or --cfg job): print the resolved, validated config and exit (see README: CLI)"""
-PRINT_CONFIG_FLAGS = ("--print-config", "--cfg=job")
 
 
 def config_from_argv(stage: str, argv: list[str]) -> DictConfig:
@@ -59,14 +58,15 @@ def config_from_argv(stage: str, argv: list[str]) -> DictConfig:
 
 
 def split_print_config_flag(argv: list[str]) -> tuple[bool, list[str]]:
-    """(whether --print-config / --cfg job was given, the other arguments)."""
-    argv = list(argv)
-    if "--cfg" in argv and argv[argv.index("--cfg") + 1 :][:1] == ["job"]:
-        index = argv.index("--cfg")
-        argv[index : index + 2] = ["--cfg=job"]
-    return any(arg in PRINT_CONFIG_FLAGS for arg in argv), [
-        arg for arg in argv if arg not in PRINT_CONFIG_FLAGS
-    ]
+    """(whether --print-config or --cfg job was given, the other arguments)."""
+    rest, flagged = [], False
+    for arg in argv:
+        if arg in ("--print-config", "--cfg=job") or (arg == "job" and rest[-1:] == ["--cfg"]):
+            flagged = True
+            rest = rest[:-1] if arg == "job" else rest
+        else:
+            rest.append(arg)
+    return flagged, rest
 
 
 def fail(error: Exception) -> None:
@@ -135,38 +135,34 @@ def configure_wandb(cfg: DictConfig) -> None:
 
 
 def training_kwargs(cfg: DictConfig) -> dict:
-    """Arguments for TRL's SFTConfig/DPOConfig: the `trainer` section as it is (TRL's names), and
-    what the pipelines derive from the rest of the config."""
+    """Arguments for TRL's SFTConfig/DPOConfig: the `trainer` section as it is (TRL's names) over
+    the pipelines' defaults, then what is set from the rest of the config (never from `trainer`)."""
     trainer = OmegaConf.to_container(cfg.trainer, resolve=True)
     compute_dtype = cfg.peft.quant.compute_dtype if cfg.peft.method == "qlora" else cfg.model.dtype
     has_eval_data = bool(cfg.data.eval_path or cfg.data.eval_fraction > 0)
-    evaluate = trainer.get("eval_steps") is not None and has_eval_data
-    derived = dict(
-        activation_checkpointing_kwargs={"use_reentrant": False},
-        logging_first_step=True,
-        eval_strategy="steps" if evaluate else "no",
-        save_strategy="steps",
-        data_seed=trainer.get("seed", 42),
-    )
     if not has_eval_data:
         trainer.pop("eval_steps", None)
-    return (
-        derived
-        | trainer
-        | dict(
-            output_dir=cfg.output_dir,
-            max_steps=cfg.max_steps,
-            report_to=report_to(cfg),
-            bf16=compute_dtype == "bfloat16",
-            fp16=compute_dtype == "float16",
-            use_cpu=not torch.cuda.is_available(),
-            deepspeed=deepspeed_dict(cfg),
-            include_num_input_tokens_seen=trainer.get("include_num_input_tokens_seen", "non_padding"),
-            router_aux_loss_coef=cfg.model.router_aux_loss_coef,
-            remove_unused_columns=False,
-            ddp_find_unused_parameters=trainer.get("ddp_find_unused_parameters", False),
-        )
+    defaults = dict(
+        activation_checkpointing_kwargs={"use_reentrant": False},
+        logging_first_step=True,
+        eval_strategy="steps" if trainer.get("eval_steps") is not None else "no",
+        save_strategy="steps",
+        data_seed=trainer.get("seed", 42),
+        include_num_input_tokens_seen="non_padding",
+        ddp_find_unused_parameters=False,
     )
+    set_elsewhere = dict(
+        output_dir=cfg.output_dir,
+        max_steps=cfg.max_steps,
+        report_to=report_to(cfg),
+        bf16=compute_dtype == "bfloat16",
+        fp16=compute_dtype == "float16",
+        use_cpu=not torch.cuda.is_available(),
+        deepspeed=deepspeed_dict(cfg),
+        router_aux_loss_coef=cfg.model.router_aux_loss_coef,
+        remove_unused_columns=False,
+    )
+    return defaults | trainer | set_elsewhere
 
 
 def prepare_base_checkpoint(cfg: DictConfig, tokenizer) -> None:

@@ -98,8 +98,8 @@ class RunSummaryCallback(TrainerCallback):
 class ConsoleLogCallback(ProgressCallback):
     """transformers' progress bar, with each log printed as two short lines instead of the whole dict:
 
-        step 20/200 (10%) | loss 2.345 | lr 3.00e-03 | grad_norm 1.23 | aux_loss 2.011 | 1520 tok/s | eta 2m14s
-          moe: router entropy 1.37/1.39 | busiest expert 1.42x balanced | dropped 0.3%
+        step 2/4 (50%) | loss 10.42 | lr 3.00e-03 | grad_norm 1.26 | aux_loss 2.002 | 221 tok/s | eta 0m03s
+          moe: router entropy 1.38/1.39 | busiest expert 1.38x balanced  [| dropped 0.3% with a capacity factor]
 
     Evaluation logs print their scalar metrics on one line; per-layer router keys never print.
     """

@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from train import quiet  # noqa: E402, F401, I001  (before PEFT: drops start-up messages nobody can act on)
+from mixtral_model import quiet  # noqa: E402, F401, I001  (before PEFT: drops start-up messages nobody can act on)
 from safetensors import safe_open  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 

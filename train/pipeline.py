@@ -5,11 +5,11 @@ Order matters and is the same in both entry points: everything a user can get wr
 files and rows, parallel combination) is checked before a model is built or an output written.
 """
 
-import os  # noqa: I001  (train.quiet comes before deepspeed)
+import os  # noqa: I001  (mixtral_model.quiet comes before deepspeed)
 import sys
 from pathlib import Path
 
-from train import quiet  # noqa: F401  (first: drops start-up messages nobody can act on)
+from mixtral_model import quiet  # noqa: F401  (first: drops start-up messages nobody can act on)
 import deepspeed
 import torch
 from huggingface_hub import HfApi

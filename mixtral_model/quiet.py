@@ -1,4 +1,6 @@
-"""Start-up messages a user cannot act on, dropped: import this before TRL, PEFT or DeepSpeed.
+"""Start-up messages a user cannot act on, dropped: imported first by `mixtral_model` (whose PEFT
+compatibility shim imports PEFT, and with it bitsandbytes) and by the entry points before TRL, PEFT
+or DeepSpeed.
 
 - bitsandbytes (imported by PEFT on every run, QLoRA or not) warns on CPUs with AVX512-BF16 that an
   optional kernels-community 4-bit kernel is missing; it matters only to 4-bit matmuls on a CPU.

@@ -290,13 +290,13 @@ def test_mixtral_8x7b_model_group_matches_the_published_architecture():
 
 
 def test_a_recipe_file_outside_the_repository_composes_like_a_shipped_one(tmp_path):
-    recipe = tmp_path / "elsewhere" / "my_recipe.yaml"
+    recipe = tmp_path / "elsewhere" / "my.recipe v2.yaml"
     recipe.parent.mkdir()
     recipe.write_text(
         "defaults:\n  - override /peft: lora\n  - _self_\n"
         "stage: sft\noutput_dir: outputs/mine\nmax_steps: 3\ntrainer:\n  learning_rate: 1.0e-4\n"
     )
-    cfg = load_config("sft", [f"+recipe={recipe}", "peft.r=4"])
+    cfg = load_config("sft", [f"+recipe={recipe}", "peft.r=4"])  # one argument, as a shell passes it
     assert (cfg.peft.method, cfg.peft.r, cfg.max_steps, cfg.trainer.learning_rate) == ("lora", 4, 3, 1.0e-4)
     assert cfg.trainer.per_device_train_batch_size == 4  # the rest from the trainer group
     assert "no such file" in config_error("sft", [f"+recipe={tmp_path / 'missing.yaml'}"])

@@ -189,7 +189,8 @@ def register_file_option(group: str, path: str) -> str:
     except (ValueError, OmegaConfBaseException) as error:
         problem = str(error).splitlines()[0]
         raise ConfigError(f"{group}={path} is not a valid {file.suffix[1:]} file: {problem}") from error
-    name = f"{file.stem}-{hashlib.sha1(str(file).encode()).hexdigest()[:8]}"
+    stem = "".join(c if c.isalnum() or c in "_-" else "_" for c in file.stem)
+    name = f"{stem}-{hashlib.sha1(str(file).encode()).hexdigest()[:8]}"
     package = "_global_" if group == "recipe" else group
     ConfigStore.instance().store(group=f"{group}/file", name=name, node=node, package=package)
     return f"file/{name}"

@@ -210,6 +210,7 @@ def test_unknown_recipe_and_group_option_fail_with_the_choices():
         ),  # fmt: skip
         ("sft", ["trainer.report_to=mlflow"], "trainer.report_to"),
         ("sft", ["trainer.output_dir=/tmp/x"], "trainer.output_dir"),
+        ("sft", ["trainer.loss_type=exo_pair"], "trainer.loss_type"),
         ("sft", ["data.eval_path=null", "trainer.eval_strategy=epoch"], "trainer.eval_strategy"),
         (
             "sft",

@@ -51,6 +51,7 @@ ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
 PEFT_METHODS = ("none", "lora", "qlora")
 QUANT_TYPES = ("nf4", "fp4")
 REPORT_TO_PACKAGES = {"wandb": "wandb", "tensorboard": "tensorboard"}  # extras in pyproject.toml
+SFT_LOSS_TYPES = ("nll", "dft")  # TRL 1.16 SFTTrainer
 DPO_LOSS_TYPES = (
     "sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard",
     "aot", "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm",
@@ -635,6 +636,8 @@ def check_trainer(cfg: DictConfig) -> None:
     check_report_to(cfg)
     if cfg.stage == "dpo":
         check_dpo_loss(cfg)
+    else:
+        require_choice("trainer.loss_type", trainer_value(cfg, "loss_type"), SFT_LOSS_TYPES)
 
 
 def check_evaluation(cfg: DictConfig) -> None:

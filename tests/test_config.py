@@ -341,6 +341,11 @@ def test_trainer_keys_are_trl_names_and_older_names_still_work():
         True,
     )
     assert not {"warmup_ratio", "dpo", "gradient_checkpointing"} & set(cfg.trainer)
+    for form in ("trainer", "+trainer", "++trainer"):  # set or add, whatever Hydra habit is used
+        assert (
+            load_config("dpo", ["+recipe=tiny/dpo", f"{form}.beta=0.5", f"{form}.ld_alpha=0.5"]).trainer.beta
+            == 0.5
+        )
     assert list(cfg.trainer.loss_type) == ["sigmoid"]
 
 

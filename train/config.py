@@ -209,8 +209,8 @@ def rewrite_overrides(overrides: list[str] | tuple[str, ...]) -> list[str]:
         key, sep, value = override.partition("=")
         if sep and key.lstrip("+") in ("recipe", "deepspeed") and is_file_option(value):
             override = f"{key}={register_file_option(key.lstrip('+'), value)}"
-        elif sep and key.startswith("trainer."):
-            name = key.removeprefix("trainer.").removeprefix("dpo.")
+        elif sep and key.lstrip("+").startswith("trainer."):
+            name = key.lstrip("+").removeprefix("trainer.").removeprefix("dpo.")
             override = f"++trainer.{TRAINER_ALIASES.get(name, name)}={value}"
         rewritten.append(override)
     return rewritten

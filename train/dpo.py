@@ -13,6 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from mixtral_model import quiet  # noqa: E402, F401, I001  (before TRL: drops start-up messages nobody can act on)
 from trl import DPOConfig, DPOTrainer  # noqa: E402
 
 from mixtral_model.zero import DeepSpeedMoETrainerMixin  # noqa: E402
@@ -34,13 +35,7 @@ class MixtralDPOTrainer(
 
 
 def dpo_arguments(cfg) -> DPOConfig:
-    return DPOConfig(
-        **pipeline.training_kwargs(cfg),
-        max_length=cfg.data.max_length,
-        beta=cfg.trainer.dpo.beta,
-        loss_type=[cfg.trainer.dpo.loss_type],
-        precompute_ref_log_probs=cfg.trainer.dpo.precompute_ref_log_probs,
-    )
+    return DPOConfig(**pipeline.training_kwargs(cfg), max_length=cfg.data.max_length)
 
 
 def main(argv: list[str]) -> str:

@@ -14,7 +14,7 @@ from omegaconf import DictConfig
 from transformers import BitsAndBytesConfig, PreTrainedTokenizerBase
 
 from mixtral_model import MixtralConfig, MixtralForCausalLM
-from train.config import lora_modules_to_save, lora_target_modules
+from train.config import lora_modules_to_save, lora_target_modules, trainer_value
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 NEVER_QUANTIZED = ["gate", "lm_head"]  # the router and the output head stay in the compute dtype
@@ -100,7 +100,12 @@ def apply_peft(model: MixtralForCausalLM, cfg: DictConfig, gradient_checkpointin
         modules_to_save=lora_modules_to_save(cfg) or None,
         task_type="CAUSAL_LM",
     )
-    return peft.get_peft_model(model, lora)
+    model = peft.get_peft_model(model, lora)
+    # The dropout layers are built above; the saved adapter_config.json records the inference value 0
+    # (peft.dropout stays in run_config.yaml): PEFT loads adapters onto transformers' fused Mixtral
+    # experts through its ParamWrapper, which refuses any lora_dropout != 0, even for inference.
+    model.peft_config["default"].lora_dropout = 0.0
+    return model
 
 
 def base_model_path(cfg: DictConfig) -> str:
@@ -111,7 +116,7 @@ def base_model_path(cfg: DictConfig) -> str:
 def build_model(cfg: DictConfig):
     """The trainable model: checkpoint (or random init written to OUTPUT_DIR/base) + PEFT."""
     model = load_model(cfg, base_model_path(cfg))
-    return apply_peft(model, cfg, cfg.trainer.gradient_checkpointing)
+    return apply_peft(model, cfg, trainer_value(cfg, "activation_checkpointing"))
 
 
 def build_frozen_reference(cfg: DictConfig) -> MixtralForCausalLM | None:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from mixtral_model import quiet  # noqa: E402, F401, I001  (before TRL: drops start-up messages nobody can act on)
 from trl import SFTConfig, SFTTrainer  # noqa: E402
 
 from mixtral_model.zero import DeepSpeedMoETrainerMixin  # noqa: E402

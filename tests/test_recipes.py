@@ -3,7 +3,7 @@
 What a test replaces in a recipe is generated from the composed recipe itself (`scaled_down`): the model
 becomes a random-init tiny Mixtral (model.name_or_path=null, model.architecture.* = TINY), hub datasets
 become bundled files of the same row shape (tests/data/make_recipe_fixtures.py), packed SFT rows are
-512 tokens instead of 4096, and the run is cut to a few steps with a log line per step. Everything else
+256 tokens instead of 4096, and the run is cut to a few steps with a log line per step. Everything else
 is what the recipe ships - dtype, gradient checkpointing, packing and padding-free, LoRA rank/alpha/
 dropout, QLoRA quant type and storage dtype, DeepSpeed stage (2 gloo ranks for the multi-GPU recipes),
 optimizer, batch size and gradient accumulation, schedule, eval and save cadence - and every run checks
@@ -46,8 +46,8 @@ STAND_INS = {  # hub dataset -> bundled (train, eval) files with the same row sh
     "HuggingFaceH4/ultrachat_200k": ("ultrachat_tiny.jsonl", "ultrachat_tiny_test.jsonl"),
     "HuggingFaceH4/ultrafeedback_binarized": ("ultrafeedback_tiny.jsonl", "ultrafeedback_tiny_test.jsonl"),
 }
-PACKED_LENGTH = 512  # the stand-in conversations are 40-310 tokens; 4096-token bins would need 8x the data
-STEPS = 3
+PACKED_LENGTH = 256  # the stand-in conversations are 26-170 tokens; 4096-token bins would need 16x the data
+STEPS = 2  # the recipes warm up for 1 of 2 steps (learning rate 0 at step 1): step 2 trains
 CPU_LIMITS = {
     # setting as shipped: what runs instead on CPU, and why
     "trainer.optim=paged_adamw_8bit": "bitsandbytes pages optimizer state through CUDA unified memory; on CPU "
@@ -247,7 +247,7 @@ def test_full_model_dpo_matches_plain_torch_with_the_frozen_base_as_reference(tm
     out = tmp_path / "run"
     config, _ = run_recipe(
         "tiny/dpo", out, **{"data.path": str(data), "data.eval_path": str(data),
-                            "trainer.save_steps": 1, "trainer.save_total_limit": None},
+                            "max_steps": 3, "trainer.save_steps": 1, "trainer.save_total_limit": None},
     )  # fmt: skip
     assert config["trainer.per_device_train_batch_size"] == len(rows) and config["peft.method"] == "none"
     beta, coef = config["trainer.dpo.beta"], config["model.router_aux_loss_coef"]

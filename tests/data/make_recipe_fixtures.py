@@ -6,7 +6,7 @@
                             rejected as [user, assistant] conversations that repeat the prompt, messages,
                             score_chosen, score_rejected.
 
-The text is seeded word salad of a few hundred tokens per row: the recipe tests need the shape, not
+The text is seeded word salad of 20-250 tokens per row: the recipe tests need the shape, not
 the meaning. Run from the repository root: python tests/data/make_recipe_fixtures.py
 """
 
@@ -37,8 +37,8 @@ def ultrachat_row(rng: random.Random) -> dict:
     turns = rng.randint(1, 3)
     messages = []
     for _ in range(turns):
-        messages.append({"content": sentence(rng, 5, 30), "role": "user"})
-        messages.append({"content": " ".join(sentence(rng, 8, 25) for _ in range(rng.randint(1, 3))), "role": "assistant"})  # fmt: skip
+        messages.append({"content": sentence(rng, 4, 12), "role": "user"})
+        messages.append({"content": sentence(rng, 6, 24), "role": "assistant"})
     prompt = messages[0]["content"]
     return {"prompt": prompt, "prompt_id": prompt_id(prompt), "messages": messages}
 
@@ -65,7 +65,7 @@ def write(path: Path, rows: list[dict]) -> None:
 
 if __name__ == "__main__":
     rng = random.Random(0)
-    write(HERE / "ultrachat_tiny.jsonl", [ultrachat_row(rng) for _ in range(200)])
+    write(HERE / "ultrachat_tiny.jsonl", [ultrachat_row(rng) for _ in range(180)])
     write(HERE / "ultrachat_tiny_test.jsonl", [ultrachat_row(rng) for _ in range(16)])
     write(HERE / "ultrafeedback_tiny.jsonl", [ultrafeedback_row(rng) for _ in range(32)])
     write(HERE / "ultrafeedback_tiny_test.jsonl", [ultrafeedback_row(rng) for _ in range(8)])

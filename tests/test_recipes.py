@@ -30,8 +30,9 @@ from pipeline_runs import REPO, log_history, run_pipeline
 from safetensors.torch import load_file
 
 from mixtral_model import MixtralConfig, MixtralForCausalLM, load_tokenizer
-from train.config import compose, recipe_files
+from train.config import compose, load_config, recipe_files
 from train.evaluate import exact_match, preference_metrics, read_jsonl
+from train.model_factory import load_model, quantization_config, write_random_init
 
 DATA = REPO / "tests" / "data"
 TINY = {
@@ -48,13 +49,10 @@ STAND_INS = {  # hub dataset -> bundled (train, eval) files with the same row sh
 }
 PACKED_LENGTH = 256  # the stand-in conversations are 26-170 tokens; 4096-token bins would need 16x the data
 STEPS = 2  # the recipes warm up for 1 of 2 steps (learning rate 0 at step 1): step 2 trains
-CPU_LIMITS = {
-    # setting as shipped: what runs instead on CPU, and why
+CPU_LIMITS = {  # a setting some recipe ships -> what runs instead on CPU, and why
     "trainer.optim=paged_adamw_8bit": "bitsandbytes pages optimizer state through CUDA unified memory; on CPU "
-    "it runs the same 8-bit AdamW unpaged (its own fallback). Tensors under 4096 elements (all of the tiny "
-    "model's adapters) keep 32-bit state in bitsandbytes at any size of model.",
-    "model.attn_implementation=flash_attention_2": "not shipped as a default (recipes name it in a comment); "
-    "needs CUDA.",
+    "it runs the same 8-bit AdamW unpaged (its own fallback). Tensors under 4096 elements - every adapter "
+    "of the tiny model - keep 32-bit state in bitsandbytes at any model size.",
 }
 MULTI_GPU = {"mixtral-8x7b/sft_full_zero3", "mixtral-8x7b/dpo_qlora_zero3"}
 
@@ -199,6 +197,55 @@ def test_zero3_qlora_sft_with_default_quant_settings_evaluates_and_saves(tmp_pat
     assert_trained_as_shipped(config, tmp_path, nproc=2)
     assert any(key.startswith("eval_") for entry in log_history(tmp_path / "final") for key in entry)
     assert_adapter_trained(config, tmp_path / "final")
+
+
+def test_qlora_training_model_keeps_its_4bit_layout_through_an_eval_forward(tmp_path):
+    """What broke ZeRO-3 QLoRA saves, in one process: on a CPU with AVX512-BF16, bitsandbytes rewrites a
+    Linear4bit's weight into a uint8 inference layout (and its quant state) at the first eval-mode
+    forward - the trainer's evaluation. The pipeline's model keeps its quantized layout."""
+    import bitsandbytes as bnb
+    from bitsandbytes.functional import has_avx512bf16
+
+    cfg = load_config(
+        "sft", ["+recipe=tiny/sft", "peft=qlora", f"output_dir={tmp_path}"]
+    )  # hidden 128: K >= 64
+    write_random_init(cfg, load_tokenizer(None), tmp_path / "base", 0)
+    ids = torch.randint(3, 32000, (1, 8), generator=torch.Generator().manual_seed(0))
+
+    def layouts(model):
+        return [
+            (
+                m.weight.dtype,
+                tuple(m.weight.shape),
+                getattr(m.weight.quant_state, "packing_format_for_cpu", False),
+            )
+            for m in model.modules()
+            if isinstance(m, bnb.nn.Linear4bit)
+        ]
+
+    model = load_model(cfg, str(tmp_path / "base"))
+    before = layouts(model)
+    assert before and all(dtype == torch.bfloat16 and not packed for dtype, _, packed in before)
+    with torch.no_grad():
+        model.eval()(input_ids=ids)
+    assert layouts(model) == before
+    if has_avx512bf16():  # bitsandbytes on its own repacks here
+        plain = MixtralForCausalLM.from_pretrained(
+            tmp_path / "base", quantization_config=quantization_config(cfg), dtype=torch.bfloat16
+        )
+        layer = plain.model.layers[0].self_attn.q_proj  # one layer: the packed kernel dies on 0-token experts
+        with torch.no_grad():
+            layer.eval()(torch.ones(2, layer.in_features, dtype=torch.bfloat16))
+        assert layouts(layer) == [(torch.uint8, (layer.out_features, layer.in_features // 2), True)]
+
+
+def test_cpu_limits_name_settings_a_recipe_ships():
+    settings = {
+        f"{key}={value}"
+        for recipe in recipe_files()
+        for key, value in shipped(recipe, stage_of(recipe)).items()
+    }
+    assert set(CPU_LIMITS) <= settings
 
 
 def test_every_shipped_recipe_has_a_run_here():

@@ -131,7 +131,7 @@ def assert_trained_as_shipped(config: dict, output_dir: Path, nproc: int) -> lis
     """What the trainer actually ran with (its saved TrainingArguments), and that it trained."""
     args = training_arguments(output_dir)
     assert args.world_size == nproc
-    assert args.gradient_checkpointing == config["trainer.gradient_checkpointing"]
+    assert args.activation_checkpointing == config["trainer.activation_checkpointing"]
     assert args.gradient_accumulation_steps == config["trainer.gradient_accumulation_steps"]
     assert args.per_device_train_batch_size == config["trainer.per_device_train_batch_size"]
     assert args.optim == config["trainer.optim"]
@@ -304,7 +304,7 @@ def test_full_model_dpo_matches_plain_torch_with_the_frozen_base_as_reference(tm
                             "max_steps": 3, "trainer.save_steps": 1, "trainer.save_total_limit": None},
     )  # fmt: skip
     assert config["trainer.per_device_train_batch_size"] == len(rows) and config["peft.method"] == "none"
-    beta, coef = config["trainer.dpo.beta"], config["model.router_aux_loss_coef"]
+    beta, coef = config["trainer.beta"], config["model.router_aux_loss_coef"]
     pairs = [json.loads(row) for row in rows]
     mistral = MistralTokenizer.v1()
     reference = transformers.MixtralForCausalLM.from_pretrained(out / "base", dtype=torch.float32).eval()

@@ -392,7 +392,9 @@ def test_trl_only_options_reach_the_trainer_arguments(tmp_path):
         )  # fmt: skip
     )
     assert (dpo.loss_type, dpo.loss_weights, dpo.label_smoothing) == (["exo_pair", "sft"], [1.0, 0.5], 1e-3)
-    assert (dpo.beta, dpo.router_aux_loss_coef, dpo.max_length) == (0.1, 0.05, 64)
+    # The aux coefficient reaches the loss by one road, the model config (train/objective.py): TRL's
+    # own copy stays unset, or the objective mixin refuses the run.
+    assert (dpo.beta, dpo.router_aux_loss_coef, dpo.max_length) == (0.1, None, 64)
 
 
 def test_a_saved_run_config_is_a_recipe_that_composes_the_same_config(tmp_path):

@@ -105,6 +105,23 @@ CHAT_TEMPLATE = (
 )
 
 
+# What outputs carry for serving (`save_for_serving`): the same template without the training-only
+# `{% generation %}` marks, a transformers extension that minijinja-based servers (TGI) and llama.cpp
+# reject. It renders the same text; only `return_assistant_tokens_mask` needs the marks, and
+# `load_tokenizer` puts the training template back on whatever it loads.
+SERVING_CHAT_TEMPLATE = CHAT_TEMPLATE.replace("{%- generation %}", "").replace("{%- endgeneration %}", "")
+
+
+def save_for_serving(tokenizer: PreTrainedTokenizerBase, directory: str | os.PathLike) -> None:
+    """`tokenizer.save_pretrained(directory)` with SERVING_CHAT_TEMPLATE as the saved chat template."""
+    training_template = tokenizer.chat_template
+    tokenizer.chat_template = SERVING_CHAT_TEMPLATE
+    try:
+        tokenizer.save_pretrained(directory)
+    finally:
+        tokenizer.chat_template = training_template
+
+
 def load_tokenizer(path: str | os.PathLike | None = None) -> PreTrainedTokenizerBase:
     """The Mixtral tokenizer built offline from mistral-common (no `path`), or the one saved at `path`.
 
@@ -198,6 +215,8 @@ def _prepare_for_training(tokenizer: PreTrainedTokenizerBase) -> None:
     # Byte fallback means <unk> never occurs in real text, so pad positions stay unambiguous.
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.unk_token
+    # A tokenizer saved for serving has the template without `{% generation %}` marks: training masks need them.
+    tokenizer.chat_template = CHAT_TEMPLATE
     tokenizer.padding_side = "right"  # training; switch to "left" for batched generation
 
 

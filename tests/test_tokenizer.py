@@ -11,6 +11,7 @@ import types
 from importlib import resources
 
 import datasets
+import minijinja
 import pytest
 import sentencepiece
 from jinja2 import TemplateError
@@ -20,7 +21,13 @@ from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 from transformers import AutoTokenizer
 from trl import DPOConfig, DPOTrainer
 
-from mixtral_model.tokenizer import TEXT_MARK, encode_chat, load_tokenizer
+from mixtral_model.tokenizer import (
+    SERVING_CHAT_TEMPLATE,
+    TEXT_MARK,
+    encode_chat,
+    load_tokenizer,
+    save_for_serving,
+)
 
 
 def user(content):
@@ -431,3 +438,65 @@ def test_save_and_reload_keeps_template_and_ids(tokenizer, mistral, tmp_path):
         messages = CONVERSATIONS[name]
         assert template_ids(reloaded, messages) == reference_ids(mistral, messages)
         assert encode_chat(reloaded, messages) == encode_chat(tokenizer, messages)
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """What `final/` holds: the tokenizer saved for serving, loaded as a server would (AutoTokenizer)."""
+    directory = tmp_path_factory.mktemp("served_tokenizer")
+    save_for_serving(load_tokenizer(), directory)
+    return directory
+
+
+def test_serving_template_has_no_training_marks_and_training_template_is_kept(tokenizer, served):
+    saved = (served / "chat_template.jinja").read_text()
+    assert saved == SERVING_CHAT_TEMPLATE and "generation %}" not in saved
+    assert "generation %}" in tokenizer.chat_template  # the caller's tokenizer keeps its training form
+    # load_tokenizer on a served directory trains again: assistant masks need the marks
+    assert load_tokenizer(str(served)).chat_template == tokenizer.chat_template
+
+
+@pytest.mark.parametrize("spelling", SPELLINGS)
+def test_serving_template_renders_like_mistral_common(served, mistral, spelling):
+    reloaded = AutoTokenizer.from_pretrained(served)
+    for name, messages in probe_conversations(spelling).items():
+        assert template_ids(reloaded, messages) == reference_ids(mistral, messages), name
+        prompt = messages[:-1]
+        assert template_ids(reloaded, prompt, add_generation_prompt=True) == chat_completion_ids(
+            mistral, prompt
+        )
+
+
+def minijinja_render(template: str, messages, add_generation_prompt: bool) -> str:
+    """Render as TGI does (minijinja, with a raise_exception function), not through jinja2."""
+    environment = minijinja.Environment()
+
+    def raise_exception(message):
+        raise ValueError(message)
+
+    environment.add_function("raise_exception", raise_exception)
+    return environment.render_str(
+        template,
+        messages=messages,
+        bos_token="<s>",
+        eos_token="</s>",
+        add_generation_prompt=add_generation_prompt,
+    )
+
+
+def test_serving_template_renders_in_minijinja_as_in_transformers(served):
+    reloaded = AutoTokenizer.from_pretrained(served)
+    template = (served / "chat_template.jinja").read_text()
+    with pytest.raises(Exception, match="generation"):  # the training form is what minijinja refuses
+        minijinja_render(reloaded_training_template(), CONVERSATIONS["system_prompt"], False)
+    for spelling in SPELLINGS:
+        for name, messages in probe_conversations(spelling).items():
+            for prompt, generation in ((messages, False), (messages[:-1], True)):
+                expected = reloaded.apply_chat_template(
+                    prompt, tokenize=False, add_generation_prompt=generation
+                )
+                assert minijinja_render(template, prompt, generation) == expected, (spelling, name)
+
+
+def reloaded_training_template() -> str:
+    return load_tokenizer().chat_template

@@ -16,6 +16,7 @@ from huggingface_hub import HfApi
 from omegaconf import DictConfig, OmegaConf
 
 from mixtral_model import MixtralConfig, load_tokenizer
+from mixtral_model.tokenizer import save_for_serving
 from mixtral_model.zero import check_parallel_combination, gathered_state_dict, prepare_for_deepspeed
 from train.callbacks import RunSummaryCallback, use_lean_console
 from train.checkpoints import latest_complete_checkpoint
@@ -236,7 +237,7 @@ def save_final(trainer, cfg: DictConfig, tokenizer) -> str:
     final = str(Path(cfg.output_dir) / "final")
     trainer.save_model(final)
     if trainer.args.should_save:
-        tokenizer.save_pretrained(final)
+        save_for_serving(tokenizer, final)
         OmegaConf.save(cfg, Path(final) / "run_config.yaml", resolve=True)
         trainer.state.save_to_json(str(Path(final) / "trainer_state.json"))
         write_generation_config(Path(final), tokenizer)

@@ -98,17 +98,17 @@ def backend_name(model) -> str:
     return expert_backend_for(list(block.experts.values()))
 
 
-def build(scenario: str, directory: str, r: int) -> dict:
+def build(scenario: str, directory: str, r: int, per_expert: bool = True) -> dict:
     kind, dtype_name = scenario.split("_")
     dtype = DTYPES[dtype_name]
     if kind == "lora":
-        return {
-            "ours[auto]": lora(ours(directory, dtype), r, ["w1", "w2", "w3"]),
-            "ours[per_expert]": lora(ours(directory, dtype, "per_expert"), r, ["w1", "w2", "w3"]),
-            "transformers+peft": lora(
-                transformers_model(directory, dtype), r, expert_parameters=["experts.gate_up_proj", "experts.down_proj"]
-            ),
-        }
+        models = {"ours[auto]": lora(ours(directory, dtype), r, ["w1", "w2", "w3"])}
+        if per_expert:
+            models["ours[per_expert]"] = lora(ours(directory, dtype, "per_expert"), r, ["w1", "w2", "w3"])
+        models["transformers+peft"] = lora(
+            transformers_model(directory, dtype), r, expert_parameters=["experts.gate_up_proj", "experts.down_proj"]
+        )
+        return models
     if kind == "qlora":
         return {
             "ours[auto]": lora(ours(directory, dtype, quantized_dtype=dtype), r, ["w1", "w2", "w3"]),
@@ -125,8 +125,8 @@ def step(model, input_ids) -> float:
     return loss.item()
 
 
-def bench(scenario: str, directory: str, shape: dict, repeats: int, r: int) -> list[str]:
-    models = build(scenario, directory, r)
+def bench(scenario: str, directory: str, shape: dict, repeats: int, r: int, per_expert: bool) -> list[str]:
+    models = build(scenario, directory, r, per_expert)
     for model in models.values():
         model.train()
     input_ids = torch.randint(0, shape["vocab_size"], (shape["batch"], shape["seq"]), generator=torch.Generator().manual_seed(1))
@@ -175,6 +175,7 @@ def main(argv=None) -> None:
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--quick", action="store_true", help="tiny shapes, 1 round")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--no-per-expert", action="store_true", help="LoRA scenarios without ours[per_expert]")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -190,7 +191,7 @@ def main(argv=None) -> None:
         save_random_init(shape, directory)
         for scenario in args.scenarios:
             before = load()
-            for line in bench(scenario, directory, shape, repeats, args.rank):
+            for line in bench(scenario, directory, shape, repeats, args.rank, not args.no_per_expert):
                 print(line, flush=True)
             print(f"| {scenario} | load before / after: {before.split('load average:')[-1].strip()} / "
                   f"{load().split('load average:')[-1].strip()} | | | |", flush=True)

@@ -242,14 +242,29 @@ def compare(trained: dict, reference_model) -> dict:
     }
 
 
+def record_expert_backends(backends: set) -> None:
+    """Note which backend every MoE block call picks (per_expert on ZeRO-3 partitions, grouped once gathered)."""
+    choose = moe.expert_backend_for
+
+    def recording(experts, views=None):
+        backend = choose(experts, views)
+        backends.add(backend)
+        return backend
+
+    moe.expert_backend_for = recording
+
+
 def main():
     args = parse_args()
     if args.skip_idle_experts:
         moe.per_expert_forward = run_busy_experts
+    backends = set()
+    record_expert_backends(backends)
     deepspeed.init_distributed(dist_backend="gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     model, reference = build_models(args.expert_parallel_size, args.peft)
     engine, losses, step_seconds, seen_experts = train_deepspeed(args, model, rank)
+    print(f"rank {rank} expert backends {sorted(backends)}", flush=True)
     per_rank = [None] * world
     dist.all_gather_object(per_rank, (local_parameters(engine), losses, partition_ranks(engine)))
     if rank == 0:

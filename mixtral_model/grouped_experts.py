@@ -184,8 +184,9 @@ def _compute_dtype(base: nn.Module, x: torch.Tensor) -> torch.dtype:
 
 
 def _dequantize_all(bases: Sequence[nn.Module], dtype: torch.dtype) -> torch.Tensor:
-    """Every expert's 4-bit weight dequantized into one (E, O, I) tensor of `dtype`: bitsandbytes'
-    kernel on CUDA, else `_dequantize_4bit_cpu` over all experts at once."""
+    """Every expert's 4-bit weight dequantized into one (E, O, I) tensor of `dtype` by bitsandbytes'
+    kernel, except on CPU for weights with fewer inputs than a quantization block, where bitsandbytes
+    0.50's CPU kernel is wrong (`_dequantize_4bit_cpu`)."""
     import bitsandbytes.functional as bnbF
     from bitsandbytes.nn.modules import fix_4bit_weight_quant_state_from_module
 
@@ -194,7 +195,7 @@ def _dequantize_all(bases: Sequence[nn.Module], dtype: torch.dtype) -> torch.Ten
     states = [base.weight.quant_state for base in bases]
     first = bases[0].weight
     out_features, in_features = states[0].shape
-    if not first.is_cuda and _same_layout(states):
+    if not first.is_cuda and in_features < states[0].blocksize and _same_layout(states):
         return _dequantize_4bit_cpu([base.weight.data for base in bases], states, dtype)
     stacked = torch.empty(len(bases), out_features, in_features, dtype=states[0].dtype, device=first.device)
     for e, (base, state) in enumerate(zip(bases, states, strict=True)):
@@ -224,8 +225,8 @@ def _absmax(state) -> torch.Tensor:
 def _dequantize_4bit_cpu(packed: Sequence[torch.Tensor], states, dtype: torch.dtype) -> torch.Tensor:
     """bitsandbytes' 4-bit dequantization (NF4 or FP4) of equally shaped weights in one pass of torch
     ops: every byte holds two 4-bit codes (high nibble first), value = code_table[c] * block absmax.
-    Same numbers as `bitsandbytes.functional.dequantize_4bit`, several times faster on CPU
-    (bitsandbytes 0.50), which is what QLoRA spends most of its CPU step on."""
+    Same numbers as `bitsandbytes.functional.dequantize_4bit` where that one is right (and ~10x slower
+    than its CPU kernel, one thread); used where it is not: fewer than `blocksize` inputs."""
     first = states[0]
     code = first.code.float().to(packed[0].device)
     nibbles = torch.arange(256, device=code.device)

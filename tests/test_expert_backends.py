@@ -141,6 +141,15 @@ def test_grouped_equals_per_expert_bf16(kind, dropout, backend):
     assert_same(run(kind, backend, torch.bfloat16, dropout), reference, tol=2e-2)
 
 
+def test_transposed_input_gradient_for_cpus_without_native_bf16(monkeypatch):
+    """The input gradient through a transposed weight copy (used where bf16 is emulated) is the same."""
+    from mixtral_model import grouped_experts
+
+    reference = run("lora", "per_expert", torch.bfloat16, 0.0)
+    monkeypatch.setattr(grouped_experts, "_emulated_low_precision_cpu", lambda t: True)
+    assert_same(run("lora", "grouped_loop", torch.bfloat16, 0.0), reference, tol=2e-2)
+
+
 def test_dropout_masks_differ_between_seeds():
     """The dropout test above is not vacuous: another seed gives other LoRA gradients."""
     a, b = run("lora", "grouped_loop", torch.float32, 0.25, seed=7), run("lora", "grouped_loop", torch.float32, 0.25, seed=8)

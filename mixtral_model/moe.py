@@ -9,15 +9,16 @@
 3. dispatch: one stable argsort of the kept slots by expert and one `index_select` of their token
    rows, so each expert's rows form one contiguous slice. Under expert parallelism the sorted rows
    then travel to the ranks that own their experts and come back after step 4 (`parallel.py`);
-4. experts: SwiGLU `w2(silu(w1 x) * w3 x)` on each slice. Three backends, picked per call by
-   `choose_expert_backend`: `per_expert`, the reference (one module call per expert: works with any
-   layer, hook or adapter), and two grouped ones that read the weights of every local expert without
-   module calls (`grouped_experts.py`): `grouped_mm` (`torch._grouped_mm`, bf16 on CUDA sm90+) and
-   `grouped_loop` (one `F.linear` per expert slice, elsewhere). The grouped backends take plain
-   `nn.Linear`, bitsandbytes 4-bit and single-adapter PEFT LoRA experts (LoRA products grouped too,
-   4-bit experts dequantized once per layer pass), and ZeRO-3 experts while their block (a ZeRO-3 leaf)
-   holds them gathered; any other case (merged/disabled/several adapters, DoRA, hooks on the expert
-   layers, a partitioned weight outside the block's forward) runs `per_expert`. Every local expert
+4. experts: SwiGLU `w2(silu(w1 x) * w3 x)` on each slice. Three backends (`expert_backend`, or
+   "auto": `choose_expert_backend`, which follows measurements): `per_expert`, the reference (one
+   module call per expert: works with any layer, hook or adapter), and two grouped ones that read the
+   weights of every local expert without module calls (`grouped_experts.py`): `grouped_mm`
+   (`torch._grouped_mm`) and `grouped_loop` (one GEMM per expert slice). The grouped backends take
+   plain `nn.Linear`, bitsandbytes 4-bit and single-adapter PEFT LoRA experts (LoRA fused into the
+   grouped product, 4-bit experts dequantized once per layer pass and again in backward), and ZeRO-3
+   experts while their block (a ZeRO-3 leaf) holds them gathered; any other case (merged/disabled/
+   several adapters, DoRA, hooks on the expert layers, a partitioned weight outside the block's
+   forward) runs `per_expert`. Every local expert
    runs every step, even on zero rows, so all ranks call the same modules (ZeRO-3 gathers and EP
    collectives stay in lockstep);
 5. combine: scale each row by its routing weight and index-add it back to its token.

@@ -44,14 +44,19 @@ def quantize(block: SparseMoeBlock, dtype: torch.dtype) -> None:
             layer = bnb.nn.Linear4bit(
                 linear.in_features, linear.out_features, bias=False, compute_dtype=dtype, quant_type="nf4"
             )
-            layer.weight = bnb.nn.Params4bit(linear.weight.data.clone(), requires_grad=False, quant_type="nf4")
+            layer.weight = bnb.nn.Params4bit(
+                linear.weight.data.clone(), requires_grad=False, quant_type="nf4"
+            )
             setattr(expert, name, layer.to("cpu"))
 
 
 def build(kind: str, dtype: torch.dtype, backend: str) -> nn.Module:
     torch.manual_seed(0)
     config = MixtralConfig(
-        **{k: v for k, v in SHAPE.items() if k != "tokens"}, num_attention_heads=8, num_key_value_heads=2, vocab_size=128
+        **{k: v for k, v in SHAPE.items() if k != "tokens"},
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        vocab_size=128,
     )
     block = SparseMoeBlock(config)
     for p in block.parameters():
@@ -79,17 +84,25 @@ def main(argv=None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     cpu = next(
-        (line.split(":", 1)[1].strip() for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines() if line.startswith("Model name")),
+        (
+            line.split(":", 1)[1].strip()
+            for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines()
+            if line.startswith("Model name")
+        ),
         "unknown CPU",
     )
-    print(f"{cpu}, {torch.get_num_threads()} torch threads, torch {torch.__version__}; block {SHAPE}, tokens {args.tokens}")
+    print(
+        f"{cpu}, {torch.get_num_threads()} torch threads, torch {torch.__version__}; block {SHAPE}, tokens {args.tokens}"
+    )
     print("| block | backend | median s | per_expert / this (median of rounds) | rounds |")
     print("|---|---|---|---|---|")
     for kind in args.kinds:
         for dtype_name in args.dtypes:
             dtype = DTYPES[dtype_name]
             models = {backend: build(kind, dtype, backend) for backend in BACKENDS}
-            x = torch.randn(1, args.tokens, SHAPE["hidden_size"], generator=torch.Generator().manual_seed(1)).to(dtype)
+            x = torch.randn(
+                1, args.tokens, SHAPE["hidden_size"], generator=torch.Generator().manual_seed(1)
+            ).to(dtype)
             x.requires_grad_()
             seconds = {backend: [] for backend in BACKENDS}
             for _ in range(args.rounds + 1):

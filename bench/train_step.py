@@ -47,9 +47,20 @@ FULL = dict(
     batch=4,
     seq=512,
 )
-QUICK = dict(FULL, vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2, batch=2, seq=32)
+QUICK = dict(
+    FULL, vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2, batch=2, seq=32
+)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-SCENARIOS = ("lora_fp32", "lora_bf16", "qlora_bf16", "qlora_fp32", "full_bf16", "full_fp32", "parts_bf16", "parts_fp32")
+SCENARIOS = (
+    "lora_fp32",
+    "lora_bf16",
+    "qlora_bf16",
+    "qlora_fp32",
+    "full_bf16",
+    "full_fp32",
+    "parts_bf16",
+    "parts_fp32",
+)
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
 
@@ -59,7 +70,9 @@ def model_kwargs(shape: dict) -> dict:
 
 def save_random_init(shape: dict, directory: str) -> None:
     torch.manual_seed(0)
-    MixtralForCausalLM(MixtralConfig(**model_kwargs(shape), router_aux_loss_coef=0.02)).save_pretrained(directory)
+    MixtralForCausalLM(MixtralConfig(**model_kwargs(shape), router_aux_loss_coef=0.02)).save_pretrained(
+        directory
+    )
 
 
 def ours(directory: str, dtype, backend: str = "auto", quantized_dtype=None) -> MixtralForCausalLM:
@@ -108,16 +121,23 @@ def build(scenario: str, directory: str, r: int, per_expert: bool = True) -> dic
         if per_expert:
             models["ours[per_expert]"] = lora(ours(directory, dtype, "per_expert"), r, ["w1", "w2", "w3"])
         models["transformers+peft"] = lora(
-            transformers_model(directory, dtype), r, expert_parameters=["experts.gate_up_proj", "experts.down_proj"]
+            transformers_model(directory, dtype),
+            r,
+            expert_parameters=["experts.gate_up_proj", "experts.down_proj"],
         )
         return models
     if kind == "qlora":
         return {
             "ours[auto]": lora(ours(directory, dtype, quantized_dtype=dtype), r, ["w1", "w2", "w3"]),
-            "ours[per_expert]": lora(ours(directory, dtype, "per_expert", quantized_dtype=dtype), r, ["w1", "w2", "w3"]),
+            "ours[per_expert]": lora(
+                ours(directory, dtype, "per_expert", quantized_dtype=dtype), r, ["w1", "w2", "w3"]
+            ),
         }
     theirs = transformers_model(directory, dtype)
-    return {"ours[auto]": ours(directory, dtype), f"transformers[{theirs.config._experts_implementation}]": theirs}
+    return {
+        "ours[auto]": ours(directory, dtype),
+        f"transformers[{theirs.config._experts_implementation}]": theirs,
+    }
 
 
 def step(model, input_ids) -> float:
@@ -131,9 +151,14 @@ def bench(scenario: str, directory: str, shape: dict, repeats: int, r: int, per_
     models = build(scenario, directory, r, per_expert)
     for model in models.values():
         model.train()
-    input_ids = torch.randint(0, shape["vocab_size"], (shape["batch"], shape["seq"]), generator=torch.Generator().manual_seed(1))
+    input_ids = torch.randint(
+        0, shape["vocab_size"], (shape["batch"], shape["seq"]), generator=torch.Generator().manual_seed(1)
+    )
     names = list(models)
-    labels = {name: f"{name} -> {backend_name(m)}" if name.startswith("ours") else name for name, m in models.items()}
+    labels = {
+        name: f"{name} -> {backend_name(m)}" if name.startswith("ours") else name
+        for name, m in models.items()
+    }
     losses = {name: step(model, input_ids) for name, model in models.items()}  # warm-up and check
     seconds = {name: [] for name in names}
     for _ in range(repeats):
@@ -189,7 +214,9 @@ def parts(directory: str, shape: dict, dtype_name: str, repeats: int) -> list[st
     rows = {name: [] for name in [*blocks, "output head + loss"]}
     for _ in range(repeats):
         for name, block in blocks.items():
-            rows[name].append(shape["num_hidden_layers"] * timed_backward(lambda h, b=block: _moe_loss(b, h), x))
+            rows[name].append(
+                shape["num_hidden_layers"] * timed_backward(lambda h, b=block: _moe_loss(b, h), x)
+            )
         rows["output head + loss"].append(timed_backward(head, x))
     return [
         f"| parts_{dtype_name} | {name} (x{shape['num_hidden_layers'] if 'MoE' in name else 1}) | "
@@ -206,7 +233,11 @@ def _moe_loss(block, h):
 
 def machine() -> str:
     model = next(
-        (line.split(":", 1)[1].strip() for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines() if line.startswith("Model name")),
+        (
+            line.split(":", 1)[1].strip()
+            for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines()
+            if line.startswith("Model name")
+        ),
         "unknown CPU",
     )
     return f"{model}, {torch.get_num_threads()} torch threads"
@@ -223,7 +254,9 @@ def main(argv=None) -> None:
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--quick", action="store_true", help="tiny shapes, 1 round")
     parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--no-per-expert", action="store_true", help="LoRA scenarios without ours[per_expert]")
+    parser.add_argument(
+        "--no-per-expert", action="store_true", help="LoRA scenarios without ours[per_expert]"
+    )
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -231,7 +264,9 @@ def main(argv=None) -> None:
     transformers.utils.logging.disable_progress_bar()
     shape = QUICK if args.quick else FULL
     repeats = 1 if args.quick else args.repeats
-    print(f"machine: {machine()}; torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}")
+    print(
+        f"machine: {machine()}; torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}"
+    )
     print(f"shape: {shape}; LoRA r={args.rank}; {repeats} timed rounds after one warm-up step")
     print("| scenario | implementation | median s/step | rounds | |")
     print("|---|---|---|---|---|")
@@ -245,8 +280,11 @@ def main(argv=None) -> None:
                 lines = bench(scenario, directory, shape, repeats, args.rank, not args.no_per_expert)
             for line in lines:
                 print(line, flush=True)
-            print(f"| {scenario} | load before / after: {before.split('load average:')[-1].strip()} / "
-                  f"{load().split('load average:')[-1].strip()} | | | |", flush=True)
+            print(
+                f"| {scenario} | load before / after: {before.split('load average:')[-1].strip()} / "
+                f"{load().split('load average:')[-1].strip()} | | | |",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -209,7 +209,8 @@ def _dequantize_all(bases: Sequence[nn.Module], dtype: torch.dtype) -> torch.Ten
 def _same_layout(states) -> bool:
     first = states[0]
     return all(
-        s.shape == first.shape and s.blocksize == first.blocksize and torch.equal(s.code, first.code) for s in states
+        s.shape == first.shape and s.blocksize == first.blocksize and torch.equal(s.code, first.code)
+        for s in states
     )
 
 
@@ -363,7 +364,9 @@ def _trainable_base_weights(view: ProjectionView) -> list[torch.Tensor]:
 
 def _kernel_for(view: ProjectionView, dtype: torch.dtype, kernel: str) -> str:
     base = view.bases[0]
-    if kernel == "grouped_mm" and not all(_grouped_mm_aligned(n, dtype) for n in (base.in_features, base.out_features)):
+    if kernel == "grouped_mm" and not all(
+        _grouped_mm_aligned(n, dtype) for n in (base.in_features, base.out_features)
+    ):
         return "grouped_loop"
     return kernel
 
@@ -435,7 +438,10 @@ def draw_dropout(views: Sequence[ProjectionView], inputs: Sequence[torch.Tensor]
     projection by projection in the order given -- the order per_expert's PEFT layers draw them.
     Returns one (M, I) noise tensor or None per projection (None: no dropout)."""
     active = [
-        v.lora is not None and isinstance(v.lora.dropout, nn.Dropout) and v.lora.dropout.training and v.lora.dropout.p > 0
+        v.lora is not None
+        and isinstance(v.lora.dropout, nn.Dropout)
+        and v.lora.dropout.training
+        and v.lora.dropout.p > 0
         for v in views
     ]
     if not any(active):
@@ -447,7 +453,9 @@ def draw_dropout(views: Sequence[ProjectionView], inputs: Sequence[torch.Tensor]
                 continue
             shape = (count, x.shape[1])
             noise = dropout_noise(shape, view.lora.dropout.p, x)
-            pieces[i].append(noise if noise is not None else torch.ones(shape, dtype=x.dtype, device=x.device))
+            pieces[i].append(
+                noise if noise is not None else torch.ones(shape, dtype=x.dtype, device=x.device)
+            )
     return [torch.cat(p, dim=0) if active[i] else None for i, p in enumerate(pieces)]
 
 
@@ -465,7 +473,10 @@ def lora_delta(
         z_MR = torch._grouped_mm(x_MI, a_ERI.transpose(-2, -1), offs=offsets)
         return torch._grouped_mm(z_MR, b_EOR.transpose(-2, -1), offs=offsets) * lora.scaling
     slices = torch.split(x_MI, counts, dim=0)
-    outputs = [F.linear(F.linear(rows, a), b) * lora.scaling for rows, a, b in zip(slices, lora.A, lora.B, strict=True)]
+    outputs = [
+        F.linear(F.linear(rows, a), b) * lora.scaling
+        for rows, a, b in zip(slices, lora.A, lora.B, strict=True)
+    ]
     return torch.cat(outputs, dim=0)
 
 
@@ -486,7 +497,12 @@ def projection(view: ProjectionView, x_MI, lora_x_MI, noise_MI, counts, kernel) 
 
 
 def grouped_swiglu(
-    w1: ProjectionView, w3: ProjectionView, w2: ProjectionView, x_MD: torch.Tensor, counts: list[int], kernel: str
+    w1: ProjectionView,
+    w3: ProjectionView,
+    w2: ProjectionView,
+    x_MD: torch.Tensor,
+    counts: list[int],
+    kernel: str,
 ) -> torch.Tensor:
     """w2(silu(w1 x) * w3 x) for every expert's slice of x_MD (rows sorted by expert, slice sizes = counts).
 
@@ -497,7 +513,11 @@ def grouped_swiglu(
     hidden_like = torch.empty(0, w2.bases[0].in_features, dtype=hidden_dtype, device=x_MD.device)
     noise1, noise3, noise2 = draw_dropout(
         (w1, w3, w2),
-        (lora_x[0] if lora_x[0] is not None else x_MD, lora_x[1] if lora_x[1] is not None else x_MD, hidden_like),
+        (
+            lora_x[0] if lora_x[0] is not None else x_MD,
+            lora_x[1] if lora_x[1] is not None else x_MD,
+            hidden_like,
+        ),
         counts,
     )
     h_MF = F.silu(projection(w1, x_MD, lora_x[0], noise1, counts, kernel)) * projection(

@@ -145,7 +145,9 @@ def read_experts(experts: Sequence[Expert]):
     """Grouped views of (w1, w3, w2) over these experts, or None when some projection is not readable."""
     if any(_module_hooked(expert) for expert in experts):
         return None
-    views = tuple(read_projection([getattr(expert, name) for expert in experts]) for name in ("w1", "w3", "w2"))
+    views = tuple(
+        read_projection([getattr(expert, name) for expert in experts]) for name in ("w1", "w3", "w2")
+    )
     return None if any(v is None for v in views) else views
 
 

@@ -50,9 +50,15 @@ def quantize_experts(block: SparseMoeBlock, compute_dtype: torch.dtype) -> None:
         for name in ("w1", "w2", "w3"):
             linear = getattr(expert, name)
             layer = bnb.nn.Linear4bit(
-                linear.in_features, linear.out_features, bias=False, compute_dtype=compute_dtype, quant_type="nf4"
+                linear.in_features,
+                linear.out_features,
+                bias=False,
+                compute_dtype=compute_dtype,
+                quant_type="nf4",
             )
-            layer.weight = bnb.nn.Params4bit(linear.weight.data.clone(), requires_grad=False, quant_type="nf4")
+            layer.weight = bnb.nn.Params4bit(
+                linear.weight.data.clone(), requires_grad=False, quant_type="nf4"
+            )
             setattr(expert, name, layer.to("cpu"))
 
 
@@ -152,7 +158,10 @@ def test_transposed_input_gradient_for_cpus_without_native_bf16(monkeypatch):
 
 def test_dropout_masks_differ_between_seeds():
     """The dropout test above is not vacuous: another seed gives other LoRA gradients."""
-    a, b = run("lora", "grouped_loop", torch.float32, 0.25, seed=7), run("lora", "grouped_loop", torch.float32, 0.25, seed=8)
+    a, b = (
+        run("lora", "grouped_loop", torch.float32, 0.25, seed=7),
+        run("lora", "grouped_loop", torch.float32, 0.25, seed=8),
+    )
     assert max_relative_diff(a[0], b[0]) > 1e-3
 
 
@@ -183,7 +192,12 @@ def saved_tensor_shapes(kind: str, backend: str) -> list[tuple[int, ...]]:
 
 @pytest.mark.parametrize("backend", GROUPED)
 def test_quantized_path_keeps_no_dequantized_weight_for_backward(backend):
-    weight_shapes = {(INTERMEDIATE, HIDDEN), (HIDDEN, INTERMEDIATE), (4, INTERMEDIATE, HIDDEN), (4, HIDDEN, INTERMEDIATE)}
+    weight_shapes = {
+        (INTERMEDIATE, HIDDEN),
+        (HIDDEN, INTERMEDIATE),
+        (4, INTERMEDIATE, HIDDEN),
+        (4, HIDDEN, INTERMEDIATE),
+    }
     assert weight_shapes & set(saved_tensor_shapes("plain", "per_expert"))  # the probe sees weights
     assert not weight_shapes & set(saved_tensor_shapes("qlora", backend))
     assert not weight_shapes & set(saved_tensor_shapes("lora", backend))  # frozen base: read again
@@ -192,7 +206,9 @@ def test_quantized_path_keeps_no_dequantized_weight_for_backward(backend):
 def lora_model(**lora_kwargs):
     torch.manual_seed(0)
     model = MixtralForCausalLM(MixtralConfig(**tiny_config()))
-    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "w1", "w2", "w3"], **lora_kwargs)
+    config = LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "w1", "w2", "w3"], **lora_kwargs
+    )
     return get_peft_model(model, config)
 
 
@@ -247,7 +263,10 @@ def test_lora_model_step_and_saved_adapter(tmp_path):
         torch.manual_seed(3)
         out = model(input_ids=input_ids, labels=input_ids, output_router_logits=True)
         out.loss.backward()
-        results[backend] = out.loss.item(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+        results[backend] = (
+            out.loss.item(),
+            {n: p.grad for n, p in model.named_parameters() if p.requires_grad},
+        )
     (loss_a, grads_a), (loss_b, grads_b) = results["per_expert"], results["grouped_loop"]
     assert abs(loss_a - loss_b) <= 1e-6 * abs(loss_a)
     for name in grads_a:
@@ -264,7 +283,9 @@ def quantized_weights(shape, quant_type: str, nested: bool, count: int = 3):
     g = torch.Generator().manual_seed(4)
     weights = [torch.randn(shape, generator=g) * 0.2 for _ in range(count)]
     params = [
-        bnb.nn.Params4bit(w.clone(), requires_grad=False, quant_type=quant_type, compress_statistics=nested).to("cpu")
+        bnb.nn.Params4bit(
+            w.clone(), requires_grad=False, quant_type=quant_type, compress_statistics=nested
+        ).to("cpu")
         for w in weights
     ]
     return weights, params

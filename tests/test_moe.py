@@ -198,7 +198,6 @@ def test_peft_lora_on_experts():
         for name, p in lora.named_parameters():
             if "lora_B" in name:
                 p.normal_(std=0.1)
-    block = lora.base_model.model.model.layers[0].block_sparse_moe
     input_ids = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(1))
     out = lora(input_ids=input_ids, labels=input_ids, output_router_logits=True)
     out.loss.backward()

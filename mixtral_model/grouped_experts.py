@@ -8,17 +8,26 @@ ZeRO-1/2 own each parameter's storage. This file only reads them:
 
     projection(x) = base(x) + lora_B(lora_A(dropout(x))) * scaling      (PEFT's LoRA Linear.forward)
 
-* base: `GroupedBaseLinear`, one autograd node per projection over all experts. The base weights are
-  materialized (NF4: dequantized in one pass into one (E, O, I) buffer; plain: read in place, or
-  stacked for `torch._grouped_mm`) in forward and again in backward, never saved: a QLoRA model holds
-  at most one layer's dequantized experts at a time.
-* LoRA: A (E, r, I) and B (E, O, r) products over the same sorted token slices, with PEFT's dropout
-  drawn in PEFT's per-expert order (so a seeded run draws the same masks as `per_expert`), PEFT's
-  scaling and its dtype casts.
+* `GroupedLinear`: one autograd node per projection over all experts, with the LoRA adapter fused
+  in when PEFT's dtype casts are no-ops (`fusable`; else the base node plus PEFT's formula in autograd
+  ops). Base weights are read in forward and again in backward, never saved (4-bit: dequantized for
+  all experts of the projection at once, so a QLoRA model holds at most one projection's dequantized
+  experts at a time). Outputs and input gradients are written into preallocated tensors.
+* LoRA: A (r, I) and B (O, r) products per expert slice, with PEFT's scaling; dropout masks are drawn
+  in PEFT's per-expert order (w1, w3, w2 of expert 0, then expert 1, ...), so a seeded run on CPU draws
+  the very masks `per_expert` draws (`draw_dropout`).
 
-Kernels: `grouped_mm` (`torch._grouped_mm` over weights stacked to (E, ...); bf16 on CUDA sm90+) and
-`grouped_loop` (one `F.linear` per expert slice on the weights themselves, no stacking copy; in
-bf16/fp16 on CPU the input gradient multiplies by a transposed copy of the weight, see `_input_grad`).
+Kernels: `grouped_mm` (`torch._grouped_mm` over the base weights stacked to (E, O, I): one copy in
+forward and one in backward) and `grouped_loop` (one GEMM per expert slice on the weights in place; on
+CPUs without native bf16 the bf16/fp16 input gradient multiplies by a transposed weight copy, see
+`_input_grad`). Why the weights are not stored stacked (which would make `grouped_mm` copy-free):
+PEFT targets and saves the per-expert `nn.Linear` modules, bitsandbytes quantizes per module,
+DeepSpeed ZeRO-1/2 re-points every parameter into its flat buffers and ZeRO-3 partitions each one,
+and transformers' `save_pretrained` treats tensors sharing one storage as tied; a stacked storage
+(or parameters re-pointed into one) would break each of those.
+
+Which backend is fastest is measured, not assumed (`moe.choose_expert_backend`,
+bench/results/cpu_2026-11-27.md).
 
 `read_projection` returns None for anything else (merged or disabled adapters, several active adapters,
 DoRA and other LoRA variants, biases, modules with hooks, CPU-packed 4-bit weights, unequal ranks or

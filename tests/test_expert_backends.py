@@ -309,3 +309,18 @@ def test_dequantize_4bit_cpu_with_fewer_than_64_inputs():
     ours = _dequantize_4bit_cpu([p.data for p in params], [p.quant_state for p in params], torch.float32)
     for e, w in enumerate(weights):
         assert max_relative_diff(ours[e], w) <= 0.15
+
+
+def test_train_step_bench_quick_smoke(capsys):
+    """bench/train_step.py runs (tiny shapes, one round) and prints ratios against its references."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "train_step.py"
+    spec = importlib.util.spec_from_file_location("train_step_bench", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    bench.main(["--quick", "--scenarios", "lora_fp32", "qlora_fp32", "parts_fp32"])
+    printed = capsys.readouterr().out
+    assert "ours[auto] / transformers+peft" in printed and "ours[auto] / ours[per_expert]" in printed
+    assert "output head + loss" in printed

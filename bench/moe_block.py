@@ -141,13 +141,16 @@ def main(argv=None) -> None:
     parser.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
     parser.add_argument("--tokens", type=int, default=None, help="override the number of tokens")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
+    parser.add_argument("--hidden-size", type=int, default=None, help="override the hidden size")
+    parser.add_argument("--intermediate-size", type=int, default=None, help="override the expert width")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
 
     shape = dict(QUICK if args.quick else FULL)
-    if args.tokens:
-        shape["tokens"] = args.tokens
+    for key in ("tokens", "hidden_size", "intermediate_size"):
+        if getattr(args, key):
+            shape[key] = getattr(args, key)
     repeats = args.repeats or (2 if args.quick else 5)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     default_backend = transformers_default_experts_implementation(shape)

@@ -13,6 +13,8 @@ them alike; printed: median seconds per step and the median over rounds of each 
     qlora_{bf16,fp32}  NF4 experts and attention (bitsandbytes, compute dtype as named) with LoRA r=16 on
                        attention and experts: ours automatic against ours `per_expert`.
     full_{bf16,fp32}   every parameter trained: ours (automatic) against transformers' default.
+    parts_{bf16,fp32}  where a full step's time goes: all MoE blocks (ours, transformers') and the output
+                       head + loss, each forward + backward alone at the step's shapes.
 
 A step is `model(input_ids, labels, output_router_logits=True).loss.backward()` (router aux loss on,
 no optimizer step: the same for both). Our weights are saved once in the hub layout and transformers
@@ -45,9 +47,20 @@ FULL = dict(
     batch=4,
     seq=512,
 )
-QUICK = dict(FULL, vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2, batch=2, seq=32)
+QUICK = dict(
+    FULL, vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2, batch=2, seq=32
+)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-SCENARIOS = ("lora_fp32", "lora_bf16", "qlora_bf16", "qlora_fp32", "full_bf16", "full_fp32")
+SCENARIOS = (
+    "lora_fp32",
+    "lora_bf16",
+    "qlora_bf16",
+    "qlora_fp32",
+    "full_bf16",
+    "full_fp32",
+    "parts_bf16",
+    "parts_fp32",
+)
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
 
@@ -57,7 +70,9 @@ def model_kwargs(shape: dict) -> dict:
 
 def save_random_init(shape: dict, directory: str) -> None:
     torch.manual_seed(0)
-    MixtralForCausalLM(MixtralConfig(**model_kwargs(shape), router_aux_loss_coef=0.02)).save_pretrained(directory)
+    MixtralForCausalLM(MixtralConfig(**model_kwargs(shape), router_aux_loss_coef=0.02)).save_pretrained(
+        directory
+    )
 
 
 def ours(directory: str, dtype, backend: str = "auto", quantized_dtype=None) -> MixtralForCausalLM:
@@ -98,24 +113,31 @@ def backend_name(model) -> str:
     return expert_backend_for(list(block.experts.values()))
 
 
-def build(scenario: str, directory: str, r: int) -> dict:
+def build(scenario: str, directory: str, r: int, per_expert: bool = True) -> dict:
     kind, dtype_name = scenario.split("_")
     dtype = DTYPES[dtype_name]
     if kind == "lora":
-        return {
-            "ours[auto]": lora(ours(directory, dtype), r, ["w1", "w2", "w3"]),
-            "ours[per_expert]": lora(ours(directory, dtype, "per_expert"), r, ["w1", "w2", "w3"]),
-            "transformers+peft": lora(
-                transformers_model(directory, dtype), r, expert_parameters=["experts.gate_up_proj", "experts.down_proj"]
-            ),
-        }
+        models = {"ours[auto]": lora(ours(directory, dtype), r, ["w1", "w2", "w3"])}
+        if per_expert:
+            models["ours[per_expert]"] = lora(ours(directory, dtype, "per_expert"), r, ["w1", "w2", "w3"])
+        models["transformers+peft"] = lora(
+            transformers_model(directory, dtype),
+            r,
+            expert_parameters=["experts.gate_up_proj", "experts.down_proj"],
+        )
+        return models
     if kind == "qlora":
         return {
             "ours[auto]": lora(ours(directory, dtype, quantized_dtype=dtype), r, ["w1", "w2", "w3"]),
-            "ours[per_expert]": lora(ours(directory, dtype, "per_expert", quantized_dtype=dtype), r, ["w1", "w2", "w3"]),
+            "ours[per_expert]": lora(
+                ours(directory, dtype, "per_expert", quantized_dtype=dtype), r, ["w1", "w2", "w3"]
+            ),
         }
     theirs = transformers_model(directory, dtype)
-    return {"ours[auto]": ours(directory, dtype), f"transformers[{theirs.config._experts_implementation}]": theirs}
+    return {
+        "ours[auto]": ours(directory, dtype),
+        f"transformers[{theirs.config._experts_implementation}]": theirs,
+    }
 
 
 def step(model, input_ids) -> float:
@@ -125,13 +147,18 @@ def step(model, input_ids) -> float:
     return loss.item()
 
 
-def bench(scenario: str, directory: str, shape: dict, repeats: int, r: int) -> list[str]:
-    models = build(scenario, directory, r)
+def bench(scenario: str, directory: str, shape: dict, repeats: int, r: int, per_expert: bool) -> list[str]:
+    models = build(scenario, directory, r, per_expert)
     for model in models.values():
         model.train()
-    input_ids = torch.randint(0, shape["vocab_size"], (shape["batch"], shape["seq"]), generator=torch.Generator().manual_seed(1))
+    input_ids = torch.randint(
+        0, shape["vocab_size"], (shape["batch"], shape["seq"]), generator=torch.Generator().manual_seed(1)
+    )
     names = list(models)
-    labels = {name: f"{name} -> {backend_name(m)}" if name.startswith("ours") else name for name, m in models.items()}
+    labels = {
+        name: f"{name} -> {backend_name(m)}" if name.startswith("ours") else name
+        for name, m in models.items()
+    }
     losses = {name: step(model, input_ids) for name, model in models.items()}  # warm-up and check
     seconds = {name: [] for name in names}
     for _ in range(repeats):
@@ -156,9 +183,61 @@ def bench(scenario: str, directory: str, shape: dict, repeats: int, r: int) -> l
     return lines
 
 
+def timed_backward(fn, *inputs) -> float:
+    """Seconds for fn(*inputs).sum-like scalar .backward(), after one warm-up call."""
+    for warm in (True, False):
+        start = time.perf_counter()
+        fn(*inputs).backward()
+        if not warm:
+            return time.perf_counter() - start
+    raise AssertionError
+
+
+def parts(directory: str, shape: dict, dtype_name: str, repeats: int) -> list[str]:
+    """Where a full step's time goes: the MoE blocks (ours and transformers', all layers) and the
+    output head with its loss (the same code path in both models: bf16/fp32 logits upcast to fp32,
+    cross-entropy), each timed forward + backward on its own at the step's shapes."""
+    dtype = DTYPES[dtype_name]
+    mine, theirs = ours(directory, dtype), transformers_model(directory, dtype)
+    tokens = shape["batch"] * shape["seq"]
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(1, tokens, shape["hidden_size"], generator=g).to(dtype).requires_grad_()
+    labels = torch.randint(0, shape["vocab_size"], (tokens,), generator=g)
+    blocks = {
+        "ours MoE blocks": mine.model.layers[0].block_sparse_moe,
+        "transformers MoE blocks": theirs.model.layers[0].mlp,
+    }
+
+    def head(h):
+        return torch.nn.functional.cross_entropy(mine.lm_head(h)[0].float(), labels)
+
+    rows = {name: [] for name in [*blocks, "output head + loss"]}
+    for _ in range(repeats):
+        for name, block in blocks.items():
+            rows[name].append(
+                shape["num_hidden_layers"] * timed_backward(lambda h, b=block: _moe_loss(b, h), x)
+            )
+        rows["output head + loss"].append(timed_backward(head, x))
+    return [
+        f"| parts_{dtype_name} | {name} (x{shape['num_hidden_layers'] if 'MoE' in name else 1}) | "
+        f"{statistics.median(seconds):.2f} | {' '.join(f'{t:.2f}' for t in seconds)} | fwd+bwd alone |"
+        for name, seconds in rows.items()
+    ]
+
+
+def _moe_loss(block, h):
+    out = block(h)
+    out = out[0] if isinstance(out, tuple) else out
+    return out.float().square().mean()
+
+
 def machine() -> str:
     model = next(
-        (line.split(":", 1)[1].strip() for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines() if line.startswith("Model name")),
+        (
+            line.split(":", 1)[1].strip()
+            for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines()
+            if line.startswith("Model name")
+        ),
         "unknown CPU",
     )
     return f"{model}, {torch.get_num_threads()} torch threads"
@@ -175,6 +254,9 @@ def main(argv=None) -> None:
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--quick", action="store_true", help="tiny shapes, 1 round")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument(
+        "--no-per-expert", action="store_true", help="LoRA scenarios without ours[per_expert]"
+    )
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -182,7 +264,9 @@ def main(argv=None) -> None:
     transformers.utils.logging.disable_progress_bar()
     shape = QUICK if args.quick else FULL
     repeats = 1 if args.quick else args.repeats
-    print(f"machine: {machine()}; torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}")
+    print(
+        f"machine: {machine()}; torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}"
+    )
     print(f"shape: {shape}; LoRA r={args.rank}; {repeats} timed rounds after one warm-up step")
     print("| scenario | implementation | median s/step | rounds | |")
     print("|---|---|---|---|---|")
@@ -190,10 +274,17 @@ def main(argv=None) -> None:
         save_random_init(shape, directory)
         for scenario in args.scenarios:
             before = load()
-            for line in bench(scenario, directory, shape, repeats, args.rank):
+            if scenario.startswith("parts"):
+                lines = parts(directory, shape, scenario.split("_")[1], repeats)
+            else:
+                lines = bench(scenario, directory, shape, repeats, args.rank, not args.no_per_expert)
+            for line in lines:
                 print(line, flush=True)
-            print(f"| {scenario} | load before / after: {before.split('load average:')[-1].strip()} / "
-                  f"{load().split('load average:')[-1].strip()} | | | |", flush=True)
+            print(
+                f"| {scenario} | load before / after: {before.split('load average:')[-1].strip()} / "
+                f"{load().split('load average:')[-1].strip()} | | | |",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

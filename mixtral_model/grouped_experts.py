@@ -8,17 +8,26 @@ ZeRO-1/2 own each parameter's storage. This file only reads them:
 
     projection(x) = base(x) + lora_B(lora_A(dropout(x))) * scaling      (PEFT's LoRA Linear.forward)
 
-* base: `GroupedBaseLinear`, one autograd node per projection over all experts. The base weights are
-  materialized (NF4: dequantized in one pass into one (E, O, I) buffer; plain: read in place, or
-  stacked for `torch._grouped_mm`) in forward and again in backward, never saved: a QLoRA model holds
-  at most one layer's dequantized experts at a time.
-* LoRA: A (E, r, I) and B (E, O, r) products over the same sorted token slices, with PEFT's dropout
-  drawn in PEFT's per-expert order (so a seeded run draws the same masks as `per_expert`), PEFT's
-  scaling and its dtype casts.
+* `GroupedLinear`: one autograd node per projection over all experts, with the LoRA adapter fused
+  in when PEFT's dtype casts are no-ops (`fusable`; else the base node plus PEFT's formula in autograd
+  ops). Base weights are read in forward and again in backward, never saved (4-bit: dequantized for
+  all experts of the projection at once, so a QLoRA model holds at most one projection's dequantized
+  experts at a time). Outputs and input gradients are written into preallocated tensors.
+* LoRA: A (r, I) and B (O, r) products per expert slice, with PEFT's scaling; dropout masks are drawn
+  in PEFT's per-expert order (w1, w3, w2 of expert 0, then expert 1, ...), so a seeded run on CPU draws
+  the very masks `per_expert` draws (`draw_dropout`).
 
-Kernels: `grouped_mm` (`torch._grouped_mm` over weights stacked to (E, ...); bf16 on CUDA sm90+) and
-`grouped_loop` (one `F.linear` per expert slice on the weights themselves, no stacking copy; in
-bf16/fp16 on CPU the input gradient multiplies by a transposed copy of the weight, see `_input_grad`).
+Kernels: `grouped_mm` (`torch._grouped_mm` over the base weights stacked to (E, O, I): one copy in
+forward and one in backward) and `grouped_loop` (one GEMM per expert slice on the weights in place; on
+CPUs without native bf16 the bf16/fp16 input gradient multiplies by a transposed weight copy, see
+`_input_grad`). Why the weights are not stored stacked (which would make `grouped_mm` copy-free):
+PEFT targets and saves the per-expert `nn.Linear` modules, bitsandbytes quantizes per module,
+DeepSpeed ZeRO-1/2 re-points every parameter into its flat buffers and ZeRO-3 partitions each one,
+and transformers' `save_pretrained` treats tensors sharing one storage as tied; a stacked storage
+(or parameters re-pointed into one) would break each of those.
+
+Which backend is fastest is measured, not assumed (`moe.choose_expert_backend`,
+bench/results/cpu_2026-11-27.md).
 
 `read_projection` returns None for anything else (merged or disabled adapters, several active adapters,
 DoRA and other LoRA variants, biases, modules with hooks, CPU-packed 4-bit weights, unequal ranks or
@@ -184,8 +193,9 @@ def _compute_dtype(base: nn.Module, x: torch.Tensor) -> torch.dtype:
 
 
 def _dequantize_all(bases: Sequence[nn.Module], dtype: torch.dtype) -> torch.Tensor:
-    """Every expert's 4-bit weight dequantized into one (E, O, I) tensor of `dtype`: bitsandbytes'
-    kernel on CUDA, else `_dequantize_4bit_cpu` over all experts at once."""
+    """Every expert's 4-bit weight dequantized into one (E, O, I) tensor of `dtype` by bitsandbytes'
+    kernel, except on CPU for weights with fewer inputs than a quantization block, where bitsandbytes
+    0.50's CPU kernel is wrong (`_dequantize_4bit_cpu`)."""
     import bitsandbytes.functional as bnbF
     from bitsandbytes.nn.modules import fix_4bit_weight_quant_state_from_module
 
@@ -194,7 +204,7 @@ def _dequantize_all(bases: Sequence[nn.Module], dtype: torch.dtype) -> torch.Ten
     states = [base.weight.quant_state for base in bases]
     first = bases[0].weight
     out_features, in_features = states[0].shape
-    if not first.is_cuda and _same_layout(states):
+    if not first.is_cuda and in_features < states[0].blocksize and _same_layout(states):
         return _dequantize_4bit_cpu([base.weight.data for base in bases], states, dtype)
     stacked = torch.empty(len(bases), out_features, in_features, dtype=states[0].dtype, device=first.device)
     for e, (base, state) in enumerate(zip(bases, states, strict=True)):
@@ -208,7 +218,8 @@ def _dequantize_all(bases: Sequence[nn.Module], dtype: torch.dtype) -> torch.Ten
 def _same_layout(states) -> bool:
     first = states[0]
     return all(
-        s.shape == first.shape and s.blocksize == first.blocksize and torch.equal(s.code, first.code) for s in states
+        s.shape == first.shape and s.blocksize == first.blocksize and torch.equal(s.code, first.code)
+        for s in states
     )
 
 
@@ -224,8 +235,8 @@ def _absmax(state) -> torch.Tensor:
 def _dequantize_4bit_cpu(packed: Sequence[torch.Tensor], states, dtype: torch.dtype) -> torch.Tensor:
     """bitsandbytes' 4-bit dequantization (NF4 or FP4) of equally shaped weights in one pass of torch
     ops: every byte holds two 4-bit codes (high nibble first), value = code_table[c] * block absmax.
-    Same numbers as `bitsandbytes.functional.dequantize_4bit`, several times faster on CPU
-    (bitsandbytes 0.50), which is what QLoRA spends most of its CPU step on."""
+    Same numbers as `bitsandbytes.functional.dequantize_4bit` where that one is right (and ~10x slower
+    than its CPU kernel, one thread); used where it is not: fewer than `blocksize` inputs."""
     first = states[0]
     code = first.code.float().to(packed[0].device)
     nibbles = torch.arange(256, device=code.device)
@@ -256,14 +267,19 @@ def _grouped_mm_aligned(width: int, dtype: torch.dtype) -> bool:
     return width * torch.empty(0, dtype=dtype).element_size() % 16 == 0
 
 
-def _low_precision_cpu(t: torch.Tensor) -> bool:
-    return t.device.type == "cpu" and t.dtype in (torch.bfloat16, torch.float16)
+def _emulated_low_precision_cpu(t: torch.Tensor) -> bool:
+    """bf16/fp16 on a CPU without native bf16 arithmetic (no AVX512-BF16/AMX: e.g. AMD Zen 3)."""
+    if t.device.type != "cpu" or t.dtype not in (torch.bfloat16, torch.float16):
+        return False
+    native = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
+    return not native
 
 
 def _input_grad(grad_MO: torch.Tensor, w_OI: torch.Tensor) -> torch.Tensor:
-    """grad @ w. In bf16/fp16 on CPU through a transposed copy of w: torch's low-precision CPU GEMM is
-    many times slower for some shapes when both operands are row-major (see bench/results)."""
-    if _low_precision_cpu(w_OI):
+    """grad @ w. In bf16/fp16 on a CPU without native bf16 through a transposed copy of w: there torch's
+    low-precision GEMM is ~10x slower when both operands are row-major (AMD EPYC Zen 3, 2 threads,
+    bf16 (512, 3584) @ (3584, 1024): 6.6 s vs 0.6 s); on CPUs with AVX512-BF16 it is not."""
+    if _emulated_low_precision_cpu(w_OI):
         return grad_MO @ w_OI.t().contiguous().t()
     return grad_MO @ w_OI
 
@@ -357,7 +373,9 @@ def _trainable_base_weights(view: ProjectionView) -> list[torch.Tensor]:
 
 def _kernel_for(view: ProjectionView, dtype: torch.dtype, kernel: str) -> str:
     base = view.bases[0]
-    if kernel == "grouped_mm" and not all(_grouped_mm_aligned(n, dtype) for n in (base.in_features, base.out_features)):
+    if kernel == "grouped_mm" and not all(
+        _grouped_mm_aligned(n, dtype) for n in (base.in_features, base.out_features)
+    ):
         return "grouped_loop"
     return kernel
 
@@ -429,7 +447,10 @@ def draw_dropout(views: Sequence[ProjectionView], inputs: Sequence[torch.Tensor]
     projection by projection in the order given -- the order per_expert's PEFT layers draw them.
     Returns one (M, I) noise tensor or None per projection (None: no dropout)."""
     active = [
-        v.lora is not None and isinstance(v.lora.dropout, nn.Dropout) and v.lora.dropout.training and v.lora.dropout.p > 0
+        v.lora is not None
+        and isinstance(v.lora.dropout, nn.Dropout)
+        and v.lora.dropout.training
+        and v.lora.dropout.p > 0
         for v in views
     ]
     if not any(active):
@@ -441,7 +462,9 @@ def draw_dropout(views: Sequence[ProjectionView], inputs: Sequence[torch.Tensor]
                 continue
             shape = (count, x.shape[1])
             noise = dropout_noise(shape, view.lora.dropout.p, x)
-            pieces[i].append(noise if noise is not None else torch.ones(shape, dtype=x.dtype, device=x.device))
+            pieces[i].append(
+                noise if noise is not None else torch.ones(shape, dtype=x.dtype, device=x.device)
+            )
     return [torch.cat(p, dim=0) if active[i] else None for i, p in enumerate(pieces)]
 
 
@@ -459,7 +482,10 @@ def lora_delta(
         z_MR = torch._grouped_mm(x_MI, a_ERI.transpose(-2, -1), offs=offsets)
         return torch._grouped_mm(z_MR, b_EOR.transpose(-2, -1), offs=offsets) * lora.scaling
     slices = torch.split(x_MI, counts, dim=0)
-    outputs = [F.linear(F.linear(rows, a), b) * lora.scaling for rows, a, b in zip(slices, lora.A, lora.B, strict=True)]
+    outputs = [
+        F.linear(F.linear(rows, a), b) * lora.scaling
+        for rows, a, b in zip(slices, lora.A, lora.B, strict=True)
+    ]
     return torch.cat(outputs, dim=0)
 
 
@@ -480,7 +506,12 @@ def projection(view: ProjectionView, x_MI, lora_x_MI, noise_MI, counts, kernel) 
 
 
 def grouped_swiglu(
-    w1: ProjectionView, w3: ProjectionView, w2: ProjectionView, x_MD: torch.Tensor, counts: list[int], kernel: str
+    w1: ProjectionView,
+    w3: ProjectionView,
+    w2: ProjectionView,
+    x_MD: torch.Tensor,
+    counts: list[int],
+    kernel: str,
 ) -> torch.Tensor:
     """w2(silu(w1 x) * w3 x) for every expert's slice of x_MD (rows sorted by expert, slice sizes = counts).
 
@@ -491,7 +522,11 @@ def grouped_swiglu(
     hidden_like = torch.empty(0, w2.bases[0].in_features, dtype=hidden_dtype, device=x_MD.device)
     noise1, noise3, noise2 = draw_dropout(
         (w1, w3, w2),
-        (lora_x[0] if lora_x[0] is not None else x_MD, lora_x[1] if lora_x[1] is not None else x_MD, hidden_like),
+        (
+            lora_x[0] if lora_x[0] is not None else x_MD,
+            lora_x[1] if lora_x[1] is not None else x_MD,
+            hidden_like,
+        ),
         counts,
     )
     h_MF = F.silu(projection(w1, x_MD, lora_x[0], noise1, counts, kernel)) * projection(

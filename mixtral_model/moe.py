@@ -9,15 +9,16 @@
 3. dispatch: one stable argsort of the kept slots by expert and one `index_select` of their token
    rows, so each expert's rows form one contiguous slice. Under expert parallelism the sorted rows
    then travel to the ranks that own their experts and come back after step 4 (`parallel.py`);
-4. experts: SwiGLU `w2(silu(w1 x) * w3 x)` on each slice. Three backends, picked per call by
-   `choose_expert_backend`: `per_expert`, the reference (one module call per expert: works with any
-   layer, hook or adapter), and two grouped ones that read the weights of every local expert without
-   module calls (`grouped_experts.py`): `grouped_mm` (`torch._grouped_mm`, bf16 on CUDA sm90+) and
-   `grouped_loop` (one `F.linear` per expert slice, elsewhere). The grouped backends take plain
-   `nn.Linear`, bitsandbytes 4-bit and single-adapter PEFT LoRA experts (LoRA products grouped too,
-   4-bit experts dequantized once per layer pass), and ZeRO-3 experts while their block (a ZeRO-3 leaf)
-   holds them gathered; any other case (merged/disabled/several adapters, DoRA, hooks on the expert
-   layers, a partitioned weight outside the block's forward) runs `per_expert`. Every local expert
+4. experts: SwiGLU `w2(silu(w1 x) * w3 x)` on each slice. Three backends (`expert_backend`, or
+   "auto": `choose_expert_backend`, which follows measurements): `per_expert`, the reference (one
+   module call per expert: works with any layer, hook or adapter), and two grouped ones that read the
+   weights of every local expert without module calls (`grouped_experts.py`): `grouped_mm`
+   (`torch._grouped_mm`) and `grouped_loop` (one GEMM per expert slice). The grouped backends take
+   plain `nn.Linear`, bitsandbytes 4-bit and single-adapter PEFT LoRA experts (LoRA fused into the
+   grouped product, 4-bit experts dequantized once per layer pass and again in backward), and ZeRO-3
+   experts while their block (a ZeRO-3 leaf) holds them gathered; any other case (merged/disabled/
+   several adapters, DoRA, hooks on the expert layers, a partitioned weight outside the block's
+   forward) runs `per_expert`. Every local expert
    runs every step, even on zero rows, so all ranks call the same modules (ZeRO-3 gathers and EP
    collectives stay in lockstep);
 5. combine: scale each row by its routing weight and index-add it back to its token.
@@ -109,21 +110,31 @@ def choose_expert_backend(
     device_type: str,
     cuda_capability: tuple[int, int] | None,
     grouped_mm_available: bool,
+    native_low_precision: bool = True,
 ) -> str:
-    """`per_expert` unless the grouped path can read the experts' weights right now; then `grouped_mm`
-    in bf16 on a CUDA device of compute capability >= 9.0 when `torch._grouped_mm` exists, else
-    `grouped_loop`.
+    """The fastest measured backend for these facts (bench/results/cpu_2026-11-27.md, and the H200 run
+    of bench/gpu_check.py): `per_expert`, except `grouped_loop` for readable bf16/fp16 experts (plain,
+    LoRA or 4-bit) on a CPU without native bf16 arithmetic, whose backward multiplies by a transposed
+    weight copy (torch's emulated bf16 GEMM is ~10x slower on two row-major operands: AMD EPYC Zen 3).
+
+    Measured, not assumed: on a CPU with AVX512-BF16 (one thread) the grouped LoRA/QLoRA block is
+    0.86-0.87x `per_expert` in bf16 (whole-tensor elementwise SwiGLU leaves the cache; per-expert slices
+    stay in it), the LoRA step equal within noise in fp32; on an H200 (torch 2.11) `grouped_mm` was
+    0.77x `per_expert` on the block, 0.89x vs 1.05x transformers on full steps, 1.23x vs 1.43x on LoRA.
+    The grouped backends stay available through `SparseMoeBlock.expert_backend` ("grouped_mm" needs
+    bf16 on CUDA sm90+ for speed; both are held to `per_expert` in tests).
 
     readable: every w1/w2/w3 is a bias-free `nn.Linear` or bitsandbytes `Linear4bit`, or a PEFT LoRA
     layer over one with a single active, unmerged, vanilla adapter, and nothing hooks them;
-    partitioned: some expert weight is a ZeRO-3 partition not gathered at this moment.
+    partitioned: some expert weight is a ZeRO-3 partition not gathered at this moment;
+    native_low_precision: the CPU has native bf16 arithmetic (AVX512-BF16/AMX).
     """
     if not readable or partitioned:
         return "per_expert"
-    hopper_or_newer = cuda_capability is not None and cuda_capability >= (9, 0)
-    if device_type == "cuda" and dtype == torch.bfloat16 and hopper_or_newer and grouped_mm_available:
-        return "grouped_mm"
-    return "grouped_loop"
+    low_precision = dtype in (torch.bfloat16, torch.float16)
+    if device_type == "cpu" and low_precision and not native_low_precision:
+        return "grouped_loop"
+    return "per_expert"
 
 
 def expert_layers(experts: Sequence[Expert]) -> list[nn.Module]:
@@ -134,7 +145,9 @@ def read_experts(experts: Sequence[Expert]):
     """Grouped views of (w1, w3, w2) over these experts, or None when some projection is not readable."""
     if any(_module_hooked(expert) for expert in experts):
         return None
-    views = tuple(read_projection([getattr(expert, name) for expert in experts]) for name in ("w1", "w3", "w2"))
+    views = tuple(
+        read_projection([getattr(expert, name) for expert in experts]) for name in ("w1", "w3", "w2")
+    )
     return None if any(v is None for v in views) else views
 
 
@@ -154,10 +167,8 @@ def expert_backend_for(experts: Sequence[Expert], views=None) -> str:
     weight = expert_layers(experts)[0].weight
     readable = views is not None and not _global_hooks()
     compute_dtype = weight.dtype
-    if readable:
-        compute_dtype = views[0].bases[0].weight.dtype
-        if views[0].quantized:
-            compute_dtype = views[0].bases[0].compute_dtype or torch.float32
+    if readable and views[0].quantized:
+        compute_dtype = views[0].bases[0].compute_dtype or torch.float32
     return choose_expert_backend(
         readable=readable,
         partitioned=any(not gathered(p) for p in (p for e in experts for p in e.parameters())),
@@ -165,6 +176,7 @@ def expert_backend_for(experts: Sequence[Expert], views=None) -> str:
         device_type=weight.device.type,
         cuda_capability=torch.cuda.get_device_capability(weight.device) if weight.is_cuda else None,
         grouped_mm_available=hasattr(torch, "_grouped_mm"),
+        native_low_precision=getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)(),
     )
 
 

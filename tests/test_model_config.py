@@ -120,10 +120,14 @@ def flash_attention_usable() -> bool:
     return True
 
 
-@pytest.mark.skipif(flash_attention_usable(), reason="flash-attn and a CUDA GPU are present: the real path is tested")
+@pytest.mark.skipif(
+    flash_attention_usable(), reason="flash-attn and a CUDA GPU are present: the real path is tested"
+)
 def test_flash_attention_without_flash_attn_is_a_clear_error():
     with pytest.raises(ImportError, match="flash_attention_2.*sdpa"):
-        MixtralForCausalLM._from_config(MixtralConfig(**tiny_config()), attn_implementation="flash_attention_2")
+        MixtralForCausalLM._from_config(
+            MixtralConfig(**tiny_config()), attn_implementation="flash_attention_2"
+        )
 
 
 @pytest.mark.skipif(not flash_attention_usable(), reason="needs flash-attn >= 2.3 and a CUDA GPU")

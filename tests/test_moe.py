@@ -131,18 +131,16 @@ CPU = dict(device_type="cpu", cuda_capability=None)
 @pytest.mark.parametrize(
     "facts, expected",
     [
-        (facts(), "grouped_mm"),
-        (facts(cuda_capability=(10, 0)), "grouped_mm"),
+        (facts(), "per_expert"),  # H200, torch 2.11: grouped_mm measured 0.77x per_expert
+        (facts(cuda_capability=(8, 0)), "per_expert"),
         (facts(readable=False), "per_expert"),  # merged/disabled/several adapters, DoRA, hooks
         (facts(partitioned=True), "per_expert"),  # ZeRO-3 outside the gathered leaf block
-        (facts(dtype=torch.float32), "grouped_loop"),
-        (facts(cuda_capability=(8, 0)), "grouped_loop"),
-        (facts(grouped_mm_available=False), "grouped_loop"),
-        (facts(**CPU), "grouped_loop"),
-        (facts(**CPU, dtype=torch.float16), "grouped_loop"),
-        (facts(**CPU, dtype=torch.float32), "grouped_loop"),
-        (facts(**CPU, readable=False), "per_expert"),
-        (facts(**CPU, partitioned=True), "per_expert"),
+        (facts(**CPU), "per_expert"),  # native bf16 (AVX512-BF16)
+        (facts(**CPU, native_low_precision=False), "grouped_loop"),  # emulated bf16: transposed copy
+        (facts(**CPU, native_low_precision=False, dtype=torch.float16), "grouped_loop"),
+        (facts(**CPU, native_low_precision=False, dtype=torch.float32), "per_expert"),
+        (facts(**CPU, native_low_precision=False, readable=False), "per_expert"),
+        (facts(**CPU, native_low_precision=False, partitioned=True), "per_expert"),
     ],
 )
 def test_choose_expert_backend(facts, expected):
@@ -184,7 +182,7 @@ def dequantized_copy(block: SparseMoeBlock) -> SparseMoeBlock:
 def test_bitsandbytes_4bit_experts():
     block = random_block()
     quantize_experts_4bit(block)
-    assert expert_backend_for(list(block.experts.values())) == "grouped_loop"
+    assert expert_backend_for(list(block.experts.values())) == "per_expert"
     reference = dequantized_copy(block)
     x, upstream = inputs()
     out, x_grad = forward_backward(block, x, upstream)
@@ -194,14 +192,12 @@ def test_bitsandbytes_4bit_experts():
 
 
 def test_peft_lora_on_experts():
-    """LoRA-wrapped experts take the grouped path; the wrapped model equals the merged one."""
+    """LoRA-wrapped experts train; the wrapped model equals the merged one."""
     lora = get_peft_model(tiny_model(), LoraConfig(r=4, lora_alpha=8, target_modules=["w1", "w2", "w3"]))
     with torch.no_grad():
         for name, p in lora.named_parameters():
             if "lora_B" in name:
                 p.normal_(std=0.1)
-    block = lora.base_model.model.model.layers[0].block_sparse_moe
-    assert expert_backend_for(list(block.experts.values())) == "grouped_loop"
     input_ids = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(1))
     out = lora(input_ids=input_ids, labels=input_ids, output_router_logits=True)
     out.loss.backward()

@@ -61,6 +61,9 @@ def parse_args():
         action="store_true",
         help="experts with no tokens are not called (as an expert loop may)",
     )
+    parser.add_argument(
+        "--expert-backend", default="auto", help="SparseMoeBlock.expert_backend of the model DeepSpeed trains"
+    )
     parser.add_argument("--out", required=True)
     return parser.parse_args()
 
@@ -242,14 +245,36 @@ def compare(trained: dict, reference_model) -> dict:
     }
 
 
+def record_expert_paths(paths: set) -> None:
+    """Note which expert path the MoE blocks run: 'per_expert' module calls or the 'grouped' read of
+    the weights (which needs the block's ZeRO-3 partitions gathered)."""
+    per_expert, grouped = moe.per_expert_forward, moe.grouped_swiglu
+
+    def per_expert_recording(*args):
+        paths.add("per_expert")
+        return per_expert(*args)
+
+    def grouped_recording(*args):
+        paths.add("grouped")
+        return grouped(*args)
+
+    moe.per_expert_forward, moe.grouped_swiglu = per_expert_recording, grouped_recording
+
+
 def main():
     args = parse_args()
     if args.skip_idle_experts:
         moe.per_expert_forward = run_busy_experts
+    paths = set()
+    record_expert_paths(paths)
     deepspeed.init_distributed(dist_backend="gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     model, reference = build_models(args.expert_parallel_size, args.peft)
+    for module in model.modules():
+        if isinstance(module, moe.SparseMoeBlock):
+            module.expert_backend = args.expert_backend
     engine, losses, step_seconds, seen_experts = train_deepspeed(args, model, rank)
+    print(f"rank {rank} expert paths {sorted(paths)}", flush=True)
     per_rank = [None] * world
     dist.all_gather_object(per_rank, (local_parameters(engine), losses, partition_ranks(engine)))
     if rank == 0:

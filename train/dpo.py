@@ -32,6 +32,7 @@ def dpo_arguments(cfg) -> DPOConfig:
     return DPOConfig(
         **pipeline.training_kwargs(cfg),
         max_length=cfg.data.max_length,
+        truncation_mode=cfg.data.dpo_truncation_mode,
         beta=cfg.trainer.dpo.beta,
         loss_type=[cfg.trainer.dpo.loss_type],
         precompute_ref_log_probs=cfg.trainer.dpo.precompute_ref_log_probs,

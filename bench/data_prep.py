@@ -94,11 +94,14 @@ def data_config(path: Path, procs: int, cache: Path, max_length: int):
     return OmegaConf.structured(DataConfig(path=str(path), kind="sft", max_length=max_length, **extra))
 
 
-def measure_floor(path: Path) -> dict:
+def measure_floor(path: Path, rows: int) -> dict:
+    """The first `rows` rows (the floor's rate does not depend on the size; its memory does)."""
     from mixtral_model import load_tokenizer
 
     tokenizer = load_tokenizer()
-    texts = [" ".join(m["content"] for m in json.loads(line)["messages"]) for line in path.open()]
+    with path.open() as handle:
+        lines = [line for _, line in zip(range(rows), handle, strict=False)]
+    texts = [" ".join(m["content"] for m in json.loads(line)["messages"]) for line in lines]
     start = time.perf_counter()
     ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
     seconds = time.perf_counter() - start
@@ -147,9 +150,9 @@ def measure_torchrun(path: Path, cache: Path, max_length: int, out: Path) -> Non
     (out / f"rank{rank}.json").write_text(json.dumps(result))
 
 
-def child(mode: str, path: Path, procs: int, cache: Path, max_length: int) -> dict:
+def child(mode: str, path: Path, procs: int, cache: Path, max_length: int, count: int = 0) -> dict:
     command = [sys.executable, __file__, "--child", mode, "--data", str(path), "--procs", str(procs),
-               "--cache", str(cache), "--max-length", str(max_length)]  # fmt: skip
+               "--cache", str(cache), "--max-length", str(max_length), "--count", str(count)]  # fmt: skip
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "true" if mode == "floor" else "false"}
     start = time.perf_counter()
     result = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
@@ -178,22 +181,28 @@ def rate(measured: dict) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--rows", type=int, default=5000)
     parser.add_argument("--max-length", type=int, default=4096)
     parser.add_argument("--workdir", type=Path, default=None, help="keep the set and caches here")
     parser.add_argument("--out", type=Path, default=None, help="write the measurements as JSON here")
+    parser.add_argument(
+        "--floor-rows", type=int, default=20000, help="rows the floor is measured on (at most)"
+    )
     parser.add_argument("--skip-torchrun", action="store_true")
     parser.add_argument("--skip-uncached-1proc", action="store_true")
     parser.add_argument("--child", choices=("floor", "prepare", "torchrun"), help=argparse.SUPPRESS)
     parser.add_argument("--data", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--procs", type=int, default=1, help=argparse.SUPPRESS)
+    parser.add_argument("--count", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--cache", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     sys.path.append(str(Path(__file__).resolve().parents[1]))  # PYTHONPATH (another checkout) wins
 
     if args.child == "floor":
-        print(json.dumps(measure_floor(args.data)))
+        print(json.dumps(measure_floor(args.data, args.count)))
         return
     if args.child == "prepare":
         print(json.dumps(measure_prepare(args.data, args.procs, args.cache, args.max_length)))
@@ -211,7 +220,9 @@ def main() -> None:
     print(f"set: {path} ({args.rows} rows, {raw_mb:.0f} MB); load average {os.getloadavg()}", flush=True)
 
     results = {"rows": args.rows, "raw_mb": round(raw_mb), "load_average_start": os.getloadavg()}
-    results["floor"] = child("floor", path, 1, workdir, args.max_length)
+    results["floor"] = child(
+        "floor", path, 1, workdir, args.max_length, count=min(args.rows, args.floor_rows)
+    )
     print(f"floor (one batched fast-tokenizer call): {rate(results['floor'])}", flush=True)
     for procs in (1, 2):
         if procs == 1 and args.skip_uncached_1proc:
@@ -223,7 +234,9 @@ def main() -> None:
         if "skipped" in measured:
             print(f"prepare, {procs} proc: n/a", flush=True)
             continue
-        ratio = (measured["rows"] / measured["seconds"]) / (results["floor"]["rows"] / results["floor"]["seconds"])
+        ratio = (measured["rows"] / measured["seconds"]) / (
+            results["floor"]["rows"] / results["floor"]["seconds"]
+        )
         print(f"prepare, {procs} proc: {rate(measured)} ({ratio:.0%} of the floor), {measured['seconds']:.1f} s, "
               f"peak RSS {measured['peak_rss_mb']} MB (largest worker {measured['largest_worker_rss_mb']} MB)",
               flush=True)  # fmt: skip

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import datasets
 import pytest
-import torch
 from omegaconf import OmegaConf
 from trl.data_utils import is_conversational
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
@@ -338,20 +337,30 @@ def test_mixture_is_reproducible_with_a_seed_and_changes_with_another(tokenizer,
     second = write_jsonl(tmp_path / "second.jsonl", numbered_rows("second", 40))
     sources = [{"path": str(first), "weight": 0.5}, {"path": str(second), "weight": 0.5}]
     runs = [
-        decoded_prompts(tokenizer, prepare_sft_data(mixture_cfg(sources, cache_dir=str(tmp_path / f"c{n}")), tokenizer, seed))
+        decoded_prompts(
+            tokenizer,
+            prepare_sft_data(mixture_cfg(sources, cache_dir=str(tmp_path / f"c{n}")), tokenizer, seed),
+        )
         for n, seed in enumerate((1, 1, 2))
     ]
     assert runs[0] == runs[1]
     assert set(runs[0]) != set(runs[2])
-    assert sum(text.startswith("first") for text in runs[0]) == sum(text.startswith("second") for text in runs[0]) == 20
+    assert (
+        sum(text.startswith("first") for text in runs[0])
+        == sum(text.startswith("second") for text in runs[0])
+        == 20
+    )
 
 
 def test_mixture_renames_columns_and_holds_out_a_test_fraction(tokenizer, tmp_path):
-    renamed = [{"conversation": row["messages"], "id": n} for n, row in enumerate(numbered_rows("renamed", 20))]
+    renamed = [
+        {"conversation": row["messages"], "id": n} for n, row in enumerate(numbered_rows("renamed", 20))
+    ]
     source = write_jsonl(tmp_path / "renamed.jsonl", renamed)
     plain = write_jsonl(tmp_path / "plain.jsonl", numbered_rows("plain", 20))
     cfg = mixture_cfg(
-        [{"path": str(source), "columns": {"conversation": "messages"}}, {"path": str(plain)}], eval_fraction=0.25
+        [{"path": str(source), "columns": {"conversation": "messages"}}, {"path": str(plain)}],
+        eval_fraction=0.25,
     )
     prepared = prepare_sft_data(cfg, tokenizer, seed=0)
     assert [report.bad for report in prepared.reports] == [0, 0]
@@ -382,7 +391,9 @@ def test_a_row_index_is_the_line_in_the_file_even_for_a_weighted_source(tokenize
         cfg = mixture_cfg([{"path": str(path), "weight": 0.5}], cache_dir=str(tmp_path / f"c{seed}"))
         (report,) = prepare_sft_data(cfg, tokenizer, seed=seed).reports
         if report.bad:
-            assert report.examples == [(13, "broken alternation", "'messages' must end with an assistant message")]
+            assert report.examples == [
+                (13, "broken alternation", "'messages' must end with an assistant message")
+            ]
             return
     pytest.fail("no seed selected line 13")
 
@@ -420,11 +431,16 @@ def test_long_sft_rows_keep_the_prompt_and_cut_the_completion(tokenizer, tmp_pat
     (report,) = prepared.reports
     assert (report.bad, report.truncated, report.dropped_long) == (0, 2, {"prompt too long": 1})
     by_ids = {tuple(row["input_ids"]): row["labels"] for row in prepared.train}
-    for row in (rows[1]["messages"], [{"role": "user", "content": "Say it:"}, {"role": "assistant", "content": rows[3]["completion"]}]):
+    for row in (
+        rows[1]["messages"],
+        [{"role": "user", "content": "Say it:"}, {"role": "assistant", "content": rows[3]["completion"]}],
+    ):
         encoded = encode_chat(tokenizer, row)
         labels = by_ids[tuple(encoded["input_ids"][:32])]  # the first 32 tokens: whole prompt, cut completion
         mask = encoded["assistant_mask"][:32]
-        assert labels == [t if m else IGNORE_INDEX for t, m in zip(encoded["input_ids"][:32], mask, strict=True)]
+        assert labels == [
+            t if m else IGNORE_INDEX for t, m in zip(encoded["input_ids"][:32], mask, strict=True)
+        ]
     assert tuple(encode_chat(tokenizer, rows[0]["messages"])["input_ids"]) in by_ids
 
 
@@ -438,7 +454,9 @@ def test_truncation_drop_drops_every_long_row_and_counts_it(tokenizer, tmp_path)
 
 def test_long_rows_never_fail_a_run_by_themselves(tokenizer, tmp_path):
     words = " ".join(["word"] * 60)
-    path = write_jsonl(tmp_path / "long.jsonl", [{"messages": chat("Copy:", words)}] * 9 + [{"messages": chat("a", "b")}])
+    path = write_jsonl(
+        tmp_path / "long.jsonl", [{"messages": chat("Copy:", words)}] * 9 + [{"messages": chat("a", "b")}]
+    )
     for truncation in ("truncate", "drop"):
         cfg = data_cfg(path, max_length=32, truncation=truncation, max_bad_fraction=0.0)
         prepared = prepare_sft_data(cfg, tokenizer, seed=0)
@@ -516,3 +534,22 @@ def test_two_ranks_tokenize_the_set_once(tmp_path):
     assert [rank["encode_chat_calls"] for rank in ranks] == [50, 0]
     assert ranks[0]["rows"] == ranks[1]["rows"]
     assert ranks[0]["gathered_equal"] is True
+
+
+def test_the_local_main_of_each_node_or_only_the_global_main_prepares(monkeypatch):
+    monkeypatch.setenv("RANK", "8")
+    monkeypatch.setenv("LOCAL_RANK", "0")  # first rank of the second node
+    assert data_module.is_preparer("local_main") and not data_module.is_preparer("global_main")
+    monkeypatch.setenv("RANK", "0")
+    assert data_module.is_preparer("global_main")
+
+
+def test_the_mixture_data_group_composes_with_an_8x7b_recipe():
+    from train.config import load_config
+
+    cfg = load_config("sft", ["+recipe=mixtral-8x7b/sft_qlora", "data=ultrachat_no_robots"])
+    assert cfg.data.path is None and cfg.data.packing  # the recipe's data settings still apply
+    assert [(s.path, s.split, s.weight) for s in cfg.data.mixture] == [
+        ("HuggingFaceH4/ultrachat_200k", "train_sft", 1.0),
+        ("HuggingFaceH4/no_robots", "train", 0.5),
+    ]

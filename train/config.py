@@ -120,7 +120,7 @@ class DataConfig:
     max_reported_bad_rows: int = 5
     num_proc: int | None = None  # preparation worker processes; null = the CPUs this process may use (<= 32)
     cache_dir: str | None = None  # prepared datasets; null = $HF_DATASETS_CACHE/mixtral_tune_prepared
-    prepare_on: str = "local_main"  # who prepares: local_main (each node's local rank 0) | global_main (rank 0)
+    prepare_on: str = "local_main"  # local_main: local rank 0 of each node prepares | global_main: rank 0
 
 
 @dataclass

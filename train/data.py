@@ -93,7 +93,11 @@ WAIT_TIMEOUT_S = 6 * 3600
 DONE = "prepared.json"  # written last: its presence marks a complete cache entry
 
 ROW_INDEX, LINE, PROBLEM, DETAIL = "__row_index", "__line", "__problem", "__detail"
-STATUS = {PROBLEM: datasets.Value("string"), DETAIL: datasets.Value("string"), ROW_INDEX: datasets.Value("int64")}
+STATUS = {
+    PROBLEM: datasets.Value("string"),
+    DETAIL: datasets.Value("string"),
+    ROW_INDEX: datasets.Value("int64"),
+}
 TOKENS = datasets.List(datasets.Value("int32"))
 MESSAGES = datasets.List({"role": datasets.Value("string"), "content": datasets.Value("string")})
 SFT_FEATURES = datasets.Features({"input_ids": TOKENS, "labels": TOKENS, **STATUS})
@@ -240,7 +244,9 @@ def prepare(data_cfg, tokenizer, seed: int, convert, features, finish) -> Prepar
     if meta["eval_error"]:
         raise DataError(meta["eval_error"])
     splits = datasets.load_from_disk(str(entry / "datasets"))
-    return PreparedData(train=splits["train"], eval=splits["eval"] if "eval" in splits else None, reports=reports)
+    return PreparedData(
+        train=splits["train"], eval=splits["eval"] if "eval" in splits else None, reports=reports
+    )
 
 
 def once_per_job(entry: Path, prepare_on: str, build: Callable[[Path], None]) -> None:
@@ -354,7 +360,9 @@ def code_digest() -> str:
 # Building one cache entry
 
 
-def build_entry(work: Path, *, data_cfg, seed, convert, features, finish, num_proc, train_sources, eval_sources):
+def build_entry(
+    work: Path, *, data_cfg, seed, convert, features, finish, num_proc, train_sources, eval_sources
+):
     work.mkdir(parents=True)
     scratch = work / "scratch"
     train_parts, reports = [], []
@@ -365,13 +373,13 @@ def build_entry(work: Path, *, data_cfg, seed, convert, features, finish, num_pr
     train = datasets.concatenate_datasets(train_parts).shuffle(seed=seed)
     eval_split, eval_error = None, None
     if eval_sources:
-        eval_split, report = convert_source(eval_sources[0], convert, features, scratch / "eval", num_proc, seed)
+        eval_split, report = convert_source(
+            eval_sources[0], convert, features, scratch / "eval", num_proc, seed
+        )
         reports.append(report)
     elif data_cfg.eval_fraction > 0:
         if len(train) < 2:
-            eval_error = (
-                f"data.eval_fraction: only {len(train)} usable row(s), too few to hold any out; set data.eval_path"
-            )
+            eval_error = f"data.eval_fraction: only {len(train)} usable row(s), too few to hold any out; set data.eval_path"
         else:
             split = train.train_test_split(test_size=data_cfg.eval_fraction, seed=seed)
             train, eval_split = split["train"], split["test"]
@@ -404,7 +412,9 @@ def convert_source(source: Source, convert, features, scratch: Path, num_proc: i
         desc=f"Preparing {source.name}",
     )
     report = row_report(source.name, converted)
-    kept = np.flatnonzero(pc.is_in(converted.data.column(PROBLEM), pa.array([KEPT, TRUNCATED])).to_numpy(zero_copy_only=False))
+    kept = np.flatnonzero(
+        pc.is_in(converted.data.column(PROBLEM), pa.array([KEPT, TRUNCATED])).to_numpy(zero_copy_only=False)
+    )
     return converted.select(kept).remove_columns(list(STATUS)), report
 
 
@@ -449,7 +459,9 @@ def enforce_bad_row_budget(report: RowReport, max_bad_fraction: float) -> None:
         )
 
 
-def finish_sft(dataset: datasets.Dataset, scratch: Path, *, max_length: int, packing: bool) -> datasets.Dataset:
+def finish_sft(
+    dataset: datasets.Dataset, scratch: Path, *, max_length: int, packing: bool
+) -> datasets.Dataset:
     if not packing:
         return dataset
     scratch.mkdir(parents=True)
@@ -481,7 +493,9 @@ def sources_of(data_cfg) -> tuple[list[Source], list[Source]]:
         ]
     else:
         train = [Source(path=str(data_cfg.path), split=data_cfg.split)]
-    eval_sources = [Source(path=str(data_cfg.eval_path), split=data_cfg.eval_split)] if data_cfg.eval_path else []
+    eval_sources = (
+        [Source(path=str(data_cfg.eval_path), split=data_cfg.eval_split)] if data_cfg.eval_path else []
+    )
     return train, eval_sources
 
 
@@ -495,7 +509,9 @@ def load_source(source: Source, scratch: Path) -> datasets.Dataset:
     local = Path(source.path).expanduser()
     file_type = LOCAL_FORMATS.get(local.suffix, "") if local.is_file() else None
     if local.is_file() and not file_type:
-        raise DataError(f"{source.path}: unsupported file type '{local.suffix}'; use .jsonl, .json or .parquet")
+        raise DataError(
+            f"{source.path}: unsupported file type '{local.suffix}'; use .jsonl, .json or .parquet"
+        )
     line_features = datasets.Features({LINE: datasets.Value("string"), ROW_INDEX: datasets.Value("int64")})
     if file_type == "jsonl":
         return datasets.Dataset.from_generator(
@@ -504,7 +520,8 @@ def load_source(source: Source, scratch: Path) -> datasets.Dataset:
     if file_type == "json":
         rows = read_json(local)
         return datasets.Dataset.from_dict(
-            {LINE: [json.dumps(row) for row in rows], ROW_INDEX: list(range(len(rows)))}, features=line_features
+            {LINE: [json.dumps(row) for row in rows], ROW_INDEX: list(range(len(rows)))},
+            features=line_features,
         )
     if file_type == "parquet":
         dataset = datasets.Dataset.from_parquet(str(local), cache_dir=str(scratch))
@@ -537,7 +554,9 @@ def load_hub_split(source: Source) -> datasets.Dataset:
         return datasets.load_dataset(source.path, source.config, split=source.split, revision=source.revision)
     except (FileNotFoundError, ValueError, ConnectionError) as error:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise DataError(f"could not load hub dataset '{source.path}' split '{source.split}': {first_line}") from error
+        raise DataError(
+            f"could not load hub dataset '{source.path}' split '{source.split}': {first_line}"
+        ) from error
 
 
 def rows_of(batch: dict, columns: dict[str, str]) -> Iterator[tuple[int, Any]]:
@@ -738,7 +757,9 @@ def tokenize_sft_example(
     encoded = encode_chat(tokenizer, example.messages)
     input_ids, trained = encoded["input_ids"], encoded["assistant_mask"]
     if example.num_prompt_messages is not None:
-        prompt_length = len(encode_chat(tokenizer, example.messages[: example.num_prompt_messages])["input_ids"])
+        prompt_length = len(
+            encode_chat(tokenizer, example.messages[: example.num_prompt_messages])["input_ids"]
+        )
         trained = [0] * prompt_length + trained[prompt_length:]
     else:
         prompt_length = trained.index(1)
@@ -755,15 +776,25 @@ def tokenize_sft_example(
 
 
 def dpo_length_outcome(
-    tokenizer: PreTrainedTokenizerBase, example: DpoExample, max_length: int, truncation: str, truncation_mode: str
+    tokenizer: PreTrainedTokenizerBase,
+    example: DpoExample,
+    max_length: int,
+    truncation: str,
+    truncation_mode: str,
 ) -> str:
     """KEPT, TRUNCATED (TRL's collator will cut it with `truncation_mode`) or a long-row drop."""
-    longest = max(len(encode_chat(tokenizer, example.prompt + c)["input_ids"]) for c in (example.chosen, example.rejected))
+    longest = max(
+        len(encode_chat(tokenizer, example.prompt + c)["input_ids"])
+        for c in (example.chosen, example.rejected)
+    )
     if longest <= max_length:
         return KEPT
     if truncation == "drop":
         return TOO_LONG
-    if truncation_mode == "keep_start" and len(encode_chat(tokenizer, example.prompt)["input_ids"]) >= max_length:
+    if (
+        truncation_mode == "keep_start"
+        and len(encode_chat(tokenizer, example.prompt)["input_ids"]) >= max_length
+    ):
         return PROMPT_TOO_LONG  # TRL drops it too: keep_start would leave no completion token
     return TRUNCATED
 

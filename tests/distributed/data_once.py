@@ -1,6 +1,6 @@
 """2 ranks prepare the same SFT data: count each rank's encode_chat calls, compare the rows over gloo.
 
-    torchrun --nproc_per_node=2 tests/distributed/data_once.py ROWS.jsonl CACHE_DIR OUT_DIR
+torchrun --nproc_per_node=2 tests/distributed/data_once.py ROWS.jsonl CACHE_DIR OUT_DIR
 """
 
 import json

@@ -553,3 +553,11 @@ def test_the_mixture_data_group_composes_with_an_8x7b_recipe():
         ("HuggingFaceH4/ultrachat_200k", "train_sft", 1.0),
         ("HuggingFaceH4/no_robots", "train", 0.5),
     ]
+
+
+def test_a_source_with_only_long_rows_fails_with_one_line_naming_the_fix(tokenizer, tmp_path):
+    words = " ".join(["word"] * 60)
+    path = write_jsonl(tmp_path / "long.jsonl", [{"messages": chat(words, "a")}] * 3)
+    with pytest.raises(DataError, match="all 3 dropped as long") as caught:
+        prepare_sft_data(data_cfg(path, max_length=32), tokenizer, seed=0)
+    assert "raise data.max_length" in str(caught.value) and "\n" not in str(caught.value)

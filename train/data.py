@@ -305,7 +305,8 @@ def cache_root(data_cfg) -> Path:
 
 
 def default_num_proc() -> int:
-    return max(1, min(len(os.sched_getaffinity(0)), 32))
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(usable, 32))
 
 
 def cache_key(data_cfg, tokenizer, seed: int, sources: list["Source"]) -> str:
@@ -448,9 +449,12 @@ def enforce_bad_row_budget(report: RowReport, max_bad_fraction: float) -> None:
                 f"{report.source}: no usable rows ({report.bad} of {report.total} bad: {report.counts()}"
                 f"{f'; {report.dropped} too long' if report.dropped else ''}); fix the rows reported above"
             )
+        if not report.total:
+            raise DataError(f"{report.source}: no rows; point the source at a file or split with data")
+        fix = " or use data.truncation=truncate" if TOO_LONG in report.dropped_long else ""
         raise DataError(
-            f"{report.source}: no usable rows ({'empty' if not report.total else f'all {report.total} too long'}); "
-            "raise data.max_length, or use data.truncation=truncate"
+            f"{report.source}: no usable rows (all {report.total} dropped as long: {report.long_rows()}); "
+            f"raise data.max_length{fix}"
         )
     if report.bad_fraction > max_bad_fraction:
         raise DataError(

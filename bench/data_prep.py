@@ -66,10 +66,27 @@ def make_rows(count: int, seed: int = 0):
         yield {"prompt_id": f"{rng.getrandbits(64):016x}", "messages": messages}
 
 
-def write_set(path: Path, rows: int) -> None:
+def make_preference_rows(count: int, seed: int = 0):
+    """UltraFeedback-shaped: a prompt, and chosen/rejected conversations that repeat it."""
+    rng = random.Random(seed)
+    for _ in range(count):
+        prompt = {"role": "user", "content": paragraph(rng, rng.randint(20, 120))}
+        answers = [{"role": "assistant", "content": paragraph(rng, rng.randint(60, 300))} for _ in range(2)]
+        yield {"prompt": prompt["content"], "chosen": [prompt, answers[0]], "rejected": [prompt, answers[1]]}
+
+
+def write_set(path: Path, rows: int, kind: str = "sft") -> None:
+    make = make_rows if kind == "sft" else make_preference_rows
     with path.open("w") as handle:
-        for row in make_rows(rows):
+        for row in make(rows):
             handle.write(json.dumps(row) + "\n")
+
+
+def row_texts(row: dict) -> list[str]:
+    """The text a row's preparation tokenizes: the conversation (SFT), both conversations (DPO)."""
+    if "messages" in row:
+        return [" ".join(m["content"] for m in row["messages"])]
+    return [" ".join(m["content"] for m in row[key]) for key in ("chosen", "rejected")]
 
 
 def peak_rss_mb() -> dict:
@@ -78,7 +95,7 @@ def peak_rss_mb() -> dict:
     return {"peak_rss_mb": round(own), "largest_worker_rss_mb": round(children)}
 
 
-def data_config(path: Path, procs: int, cache: Path, max_length: int):
+def data_config(path: Path, procs: int, cache: Path, max_length: int, kind: str = "sft"):
     from omegaconf import OmegaConf
 
     from train.config import DataConfig
@@ -91,7 +108,7 @@ def data_config(path: Path, procs: int, cache: Path, max_length: int):
         return None
     if "cache_dir" in fields:
         extra["cache_dir"] = str(cache)
-    return OmegaConf.structured(DataConfig(path=str(path), kind="sft", max_length=max_length, **extra))
+    return OmegaConf.structured(DataConfig(path=str(path), kind=kind, max_length=max_length, **extra))
 
 
 def measure_floor(path: Path, rows: int) -> dict:
@@ -101,25 +118,27 @@ def measure_floor(path: Path, rows: int) -> dict:
     tokenizer = load_tokenizer()
     with path.open() as handle:
         lines = [line for _, line in zip(range(rows), handle, strict=False)]
-    texts = [" ".join(m["content"] for m in json.loads(line)["messages"]) for line in lines]
+    texts = [text for line in lines for text in row_texts(json.loads(line))]
     start = time.perf_counter()
     ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
     seconds = time.perf_counter() - start
     tokens = sum(len(row) for row in ids)
-    return {"seconds": seconds, "rows": len(texts), "tokens": tokens, **peak_rss_mb()}
+    return {"seconds": seconds, "rows": len(lines), "tokens": tokens, **peak_rss_mb()}
 
 
-def measure_prepare(path: Path, procs: int, cache: Path, max_length: int) -> dict:
+def measure_prepare(path: Path, procs: int, cache: Path, max_length: int, kind: str) -> dict:
     from mixtral_model import load_tokenizer
-    from train.data import prepare_sft_data
+    from train.data import prepare_dpo_data, prepare_sft_data
 
     tokenizer = load_tokenizer()
-    cfg = data_config(path, procs, cache, max_length)
+    cfg = data_config(path, procs, cache, max_length, kind)
     if cfg is None:
         return {"skipped": f"this checkout has no data.num_proc (asked for {procs})"}
     start = time.perf_counter()
-    prepared = prepare_sft_data(cfg, tokenizer, seed=0)
+    prepared = (prepare_sft_data if kind == "sft" else prepare_dpo_data)(cfg, tokenizer, seed=0)
     seconds = time.perf_counter() - start
+    if kind == "dpo":
+        return {"seconds": seconds, "rows": len(prepared.train), "tokens": 0, **peak_rss_mb()}
     lengths = prepared.train.with_format("arrow")["input_ids"]
     import pyarrow.compute as pc
 
@@ -150,9 +169,11 @@ def measure_torchrun(path: Path, cache: Path, max_length: int, out: Path) -> Non
     (out / f"rank{rank}.json").write_text(json.dumps(result))
 
 
-def child(mode: str, path: Path, procs: int, cache: Path, max_length: int, count: int = 0) -> dict:
+def child(
+    mode: str, path: Path, procs: int, cache: Path, max_length: int, count: int = 0, kind="sft"
+) -> dict:
     command = [sys.executable, __file__, "--child", mode, "--data", str(path), "--procs", str(procs),
-               "--cache", str(cache), "--max-length", str(max_length), "--count", str(count)]  # fmt: skip
+               "--cache", str(cache), "--max-length", str(max_length), "--count", str(count), "--kind", kind]  # fmt: skip
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "true" if mode == "floor" else "false"}
     start = time.perf_counter()
     result = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
@@ -172,6 +193,26 @@ def torchrun(path: Path, cache: Path, max_length: int, out: Path) -> list[dict]:
     if result.returncode != 0:
         raise SystemExit(f"torchrun failed:\n{result.stderr[-3000:]}")
     return [json.loads((out / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+
+
+def measure_dpo(workdir: Path, rows: int, max_length: int) -> dict:
+    path = workdir / f"ultrafeedback_like_{rows}.jsonl"
+    if not path.exists():
+        write_set(path, rows, "dpo")
+    floor = child("floor", path, 1, workdir, max_length, count=rows, kind="dpo")
+    results = {"floor": floor}
+    for procs in (1, 2):
+        cache = workdir / f"cache_dpo_{procs}"
+        shutil.rmtree(cache, ignore_errors=True)
+        measured = child("prepare", path, procs, cache, max_length, kind="dpo")
+        results[f"prepare_{procs}proc"] = measured
+        if "skipped" in measured:
+            continue
+        ratio = (measured["rows"] / measured["seconds"]) / (floor["rows"] / floor["seconds"])
+        print(f"DPO prepare, {procs} proc: {measured['rows'] / measured['seconds']:,.0f} rows/s "
+              f"({ratio:.0%} of the floor of both conversations: {floor['rows'] / floor['seconds']:,.0f} rows/s, "
+              f"{floor['tokens'] / floor['rows']:.0f} tokens a row)", flush=True)  # fmt: skip
+    return results
 
 
 def rate(measured: dict) -> str:
@@ -197,6 +238,8 @@ def main() -> None:
     parser.add_argument("--data", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--procs", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--count", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--kind", default="sft", help=argparse.SUPPRESS)
+    parser.add_argument("--dpo-rows", type=int, default=0, help="also time DPO preparation on this many rows")
     parser.add_argument("--cache", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     sys.path.append(str(Path(__file__).resolve().parents[1]))  # PYTHONPATH (another checkout) wins
@@ -205,7 +248,7 @@ def main() -> None:
         print(json.dumps(measure_floor(args.data, args.count)))
         return
     if args.child == "prepare":
-        print(json.dumps(measure_prepare(args.data, args.procs, args.cache, args.max_length)))
+        print(json.dumps(measure_prepare(args.data, args.procs, args.cache, args.max_length, args.kind)))
         return
     if args.child == "torchrun":
         measure_torchrun(args.data, args.cache, args.max_length, args.out)
@@ -251,6 +294,8 @@ def main() -> None:
         results["torchrun"] = ranks
         calls = ", ".join(f"rank {r['rank']}: {r['encode_chat_calls']}" for r in ranks)
         print(f"torchrun --nproc_per_node 2: encode_chat calls {calls} (rows {args.rows})", flush=True)
+    if args.dpo_rows:
+        results["dpo"] = measure_dpo(workdir, args.dpo_rows, args.max_length)
     results["load_average_end"] = os.getloadavg()
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -101,7 +101,7 @@ def main() -> None:
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=trainer.learning_rate, weight_decay=trainer.weight_decay
     )
-    warmup = math.ceil(trainer.warmup_ratio * cfg.max_steps)
+    warmup = math.ceil(trainer.warmup_steps * cfg.max_steps)  # a ratio below 1 (the tiny recipe)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: learning_rate_factor(step, warmup, cfg.max_steps)
     )

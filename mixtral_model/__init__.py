@@ -1,5 +1,6 @@
 """Native Mixtral for fine-tuning: `from mixtral_model import MixtralConfig, MixtralForCausalLM, load_tokenizer`."""
 
+from . import quiet  # noqa: F401  (first: drops start-up messages nobody can act on; see quiet.py)
 from .checkpoint import CheckpointError
 from .config import MixtralConfig
 from .model import MixtralForCausalLM, MixtralModel

@@ -190,6 +190,19 @@ class MixtralForCausalLM(MixtralPreTrainedModel, GenerationMixin):
         z_loss = router_z_loss(router_logits, attention_mask) if self.config.router_z_loss_coef > 0 else None
         return aux_loss, z_loss
 
+    def router_objective(
+        self, router_logits, attention_mask
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(router_aux_loss_coef * aux + router_z_loss_coef * z, aux, z): the router terms of the
+        training objective, with the config's coefficients. The one place they are weighted: this
+        model's forward(labels=...) adds them to its LM loss, and the SFT/DPO trainers to theirs
+        (train/objective.py)."""
+        aux_loss, z_loss = self.router_losses(router_logits, attention_mask)
+        weighted = self.config.router_aux_loss_coef * aux_loss
+        if z_loss is not None:
+            weighted = weighted + self.config.router_z_loss_coef * z_loss
+        return weighted, aux_loss, z_loss
+
     def forward(
         self,
         input_ids=None,
@@ -224,11 +237,9 @@ class MixtralForCausalLM(MixtralPreTrainedModel, GenerationMixin):
         loss = causal_lm_loss(logits_BTV, labels, num_items_in_batch) if labels is not None else None
         aux_loss = z_loss = None
         if output_router_logits:
-            aux_loss, z_loss = self.router_losses(outputs.router_logits, attention_mask)
+            router_loss, aux_loss, z_loss = self.router_objective(outputs.router_logits, attention_mask)
             if loss is not None:
-                loss = loss + self.config.router_aux_loss_coef * aux_loss.to(loss.device)
-                if z_loss is not None:
-                    loss = loss + self.config.router_z_loss_coef * z_loss.to(loss.device)
+                loss = loss + router_loss.to(loss.device)
         output = MixtralCausalLMOutput(
             loss=loss,
             aux_loss=aux_loss,

@@ -10,11 +10,14 @@
    rows, so each expert's rows form one contiguous slice. Under expert parallelism the sorted rows
    then travel to the ranks that own their experts and come back after step 4 (`parallel.py`);
 4. experts: SwiGLU `w2(silu(w1 x) * w3 x)` on each slice. Three backends, picked per call by
-   `choose_expert_backend`: `per_expert`, the general one (one module call per expert: works with
-   bitsandbytes 4-bit layers, PEFT LoRA wrappers and ZeRO-3 parameter hooks), and two for plain,
-   unpartitioned `nn.Linear` experts that read the weights directly: `grouped_mm` (two
-   `torch._grouped_mm` calls over weights stacked to (E, ...), bf16 on CUDA sm90+) and
-   `transposed_backward` (bf16/fp16 on CPU: see `LinearTransposedBackward`). Every local expert
+   `choose_expert_backend`: `per_expert`, the reference (one module call per expert: works with any
+   layer, hook or adapter), and two grouped ones that read the weights of every local expert without
+   module calls (`grouped_experts.py`): `grouped_mm` (`torch._grouped_mm`, bf16 on CUDA sm90+) and
+   `grouped_loop` (one `F.linear` per expert slice, elsewhere). The grouped backends take plain
+   `nn.Linear`, bitsandbytes 4-bit and single-adapter PEFT LoRA experts (LoRA products grouped too,
+   4-bit experts dequantized once per layer pass), and ZeRO-3 experts while their block (a ZeRO-3 leaf)
+   holds them gathered; any other case (merged/disabled/several adapters, DoRA, hooks on the expert
+   layers, a partitioned weight outside the block's forward) runs `per_expert`. Every local expert
    runs every step, even on zero rows, so all ranks call the same modules (ZeRO-3 gathers and EP
    collectives stay in lockstep);
 5. combine: scale each row by its routing weight and index-add it back to its token.
@@ -32,10 +35,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import MixtralConfig
+from .grouped_experts import GROUPED_KERNELS, gathered, grouped_swiglu, read_projection
 from .parallel import exchange_with_expert_owners, expert_parallel_placement, get_expert_parallel_group
 
-EXPERT_BACKENDS = ("auto", "per_expert", "grouped_mm", "transposed_backward")
-WEIGHT_READING_BACKENDS = ("grouped_mm", "transposed_backward")
+EXPERT_BACKENDS = ("auto", "per_expert", *GROUPED_KERNELS)
 
 
 class Router(nn.Module):
@@ -100,47 +103,65 @@ def plan_slots(experts_NK: torch.Tensor, num_experts: int, capacity: int | None 
 
 def choose_expert_backend(
     *,
-    plain_linear: bool,
+    readable: bool,
     partitioned: bool,
     dtype: torch.dtype,
     device_type: str,
     cuda_capability: tuple[int, int] | None,
     grouped_mm_available: bool,
 ) -> str:
-    """`per_expert` unless the experts are plain, unpartitioned `nn.Linear`; then `grouped_mm` in bf16 on
-    a CUDA device of compute capability >= 9.0 when `torch._grouped_mm` exists, `transposed_backward`
-    in bf16/fp16 on CPU, and `per_expert` otherwise.
+    """`per_expert` unless the grouped path can read the experts' weights right now; then `grouped_mm`
+    in bf16 on a CUDA device of compute capability >= 9.0 when `torch._grouped_mm` exists, else
+    `grouped_loop`.
 
-    plain_linear: every w1/w2/w3 is exactly `nn.Linear` (not a bitsandbytes subclass, not a PEFT wrapper);
-    partitioned: some expert weight is a ZeRO-3 partition (gathered only by the module's own forward hooks).
+    readable: every w1/w2/w3 is a bias-free `nn.Linear` or bitsandbytes `Linear4bit`, or a PEFT LoRA
+    layer over one with a single active, unmerged, vanilla adapter, and nothing hooks them;
+    partitioned: some expert weight is a ZeRO-3 partition not gathered at this moment.
     """
-    if not plain_linear or partitioned:
+    if not readable or partitioned:
         return "per_expert"
     hopper_or_newer = cuda_capability is not None and cuda_capability >= (9, 0)
     if device_type == "cuda" and dtype == torch.bfloat16 and hopper_or_newer and grouped_mm_available:
         return "grouped_mm"
-    if device_type == "cpu" and dtype in (torch.bfloat16, torch.float16):
-        return "transposed_backward"
-    return "per_expert"
+    return "grouped_loop"
 
 
 def expert_layers(experts: Sequence[Expert]) -> list[nn.Module]:
     return [layer for expert in experts for layer in (expert.w1, expert.w2, expert.w3)]
 
 
-def are_plain_linear(experts: Sequence[Expert]) -> bool:
-    """Every w1/w2/w3 is exactly `nn.Linear` (not a bitsandbytes subclass, not a PEFT wrapper)."""
-    return all(type(layer) is nn.Linear for layer in expert_layers(experts))
+def read_experts(experts: Sequence[Expert]):
+    """Grouped views of (w1, w3, w2) over these experts, or None when some projection is not readable."""
+    if any(_module_hooked(expert) for expert in experts):
+        return None
+    views = tuple(read_projection([getattr(expert, name) for expert in experts]) for name in ("w1", "w3", "w2"))
+    return None if any(v is None for v in views) else views
 
 
-def expert_backend_for(experts: Sequence[Expert]) -> str:
-    """`choose_expert_backend` on the facts of these expert modules."""
-    layers = expert_layers(experts)
-    weight = layers[0].weight
+def _module_hooked(module: nn.Module) -> bool:
+    return bool(module._forward_hooks or module._forward_pre_hooks)
+
+
+def _global_hooks() -> bool:
+    from torch.nn.modules import module as torch_module
+
+    return bool(torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks)
+
+
+def expert_backend_for(experts: Sequence[Expert], views=None) -> str:
+    """`choose_expert_backend` on the facts of these expert modules (views: `read_experts(experts)`)."""
+    views = read_experts(experts) if views is None else views
+    weight = expert_layers(experts)[0].weight
+    readable = views is not None and not _global_hooks()
+    compute_dtype = weight.dtype
+    if readable:
+        compute_dtype = views[0].bases[0].weight.dtype
+        if views[0].quantized:
+            compute_dtype = views[0].bases[0].compute_dtype or torch.float32
     return choose_expert_backend(
-        plain_linear=are_plain_linear(experts),
-        partitioned=any(hasattr(layer.weight, "ds_id") for layer in layers),
-        dtype=weight.dtype,
+        readable=readable,
+        partitioned=any(not gathered(p) for p in (p for e in experts for p in e.parameters())),
+        dtype=compute_dtype,
         device_type=weight.device.type,
         cuda_capability=torch.cuda.get_device_capability(weight.device) if weight.is_cuda else None,
         grouped_mm_available=hasattr(torch, "_grouped_mm"),
@@ -153,71 +174,6 @@ def per_expert_forward(
     """Apply expert e to its contiguous slice of x_sorted_MD (slice sizes = counts, in expert order)."""
     slices = torch.split(x_sorted_MD, counts, dim=0)
     return torch.cat([expert(rows) for expert, rows in zip(experts, slices, strict=True)], dim=0)
-
-
-def stack_expert_weights(experts: Sequence[Expert]) -> tuple[torch.Tensor, torch.Tensor]:
-    """w13_E2FD (w1 rows then w3 rows per expert) and w2_EDF, stacked with one copy each (differentiable)."""
-    w13 = torch.stack([w for expert in experts for w in (expert.w1.weight, expert.w3.weight)])
-    num_experts, intermediate, hidden = len(experts), w13.shape[1], w13.shape[2]
-    w13_E2FD = w13.view(num_experts, 2 * intermediate, hidden)
-    w2_EDF = torch.stack([expert.w2.weight for expert in experts])
-    return w13_E2FD, w2_EDF
-
-
-def grouped_mm_forward(
-    experts: Sequence[Expert], x_sorted_MD: torch.Tensor, counts: list[int]
-) -> torch.Tensor:
-    """The per-expert SwiGLU as two grouped GEMMs over the stacked weights (same numbers as `per_expert_forward`).
-
-    The weights are re-stacked on every call (one copy of the expert weights; gradients flow back
-    to each expert's own parameters through the stack).
-    """
-    w13_E2FD, w2_EDF = stack_expert_weights(experts)
-    offsets_E = torch.cumsum(torch.tensor(counts, device=x_sorted_MD.device), 0).to(torch.int32)
-    x_sorted_MD = x_sorted_MD.to(w13_E2FD.dtype)
-    h_M2F = torch._grouped_mm(x_sorted_MD, w13_E2FD.transpose(-2, -1), offs=offsets_E)
-    gate_MF, up_MF = h_M2F.chunk(2, dim=-1)
-    return torch._grouped_mm(F.silu(gate_MF) * up_MF, w2_EDF.transpose(-2, -1), offs=offsets_E)
-
-
-class LinearTransposedBackward(torch.autograd.Function):
-    """`F.linear(x, w)` whose input gradient multiplies by a transposed copy of w (one copy per backward).
-
-    On CPUs without native bf16/fp16 arithmetic (AVX2), torch 2.13's low-precision GEMM is ~10x slower
-    when both operands are row-major, which is autograd's `grad @ w` for F.linear; `grad @ w.T.contiguous().T`
-    reads w column-major instead (AMD EPYC, 2 threads, bf16 (512, 3584) @ (3584, 1024): 6.6 s vs 0.6 s).
-    """
-
-    @staticmethod
-    def forward(ctx, x_MI, w_OI):
-        ctx.save_for_backward(x_MI, w_OI)
-        return F.linear(x_MI, w_OI)
-
-    @staticmethod
-    def backward(ctx, grad_MO):
-        x_MI, w_OI = ctx.saved_tensors
-        grad_x_MI = grad_MO @ w_OI.t().contiguous().t() if ctx.needs_input_grad[0] else None
-        grad_w_OI = grad_MO.t() @ x_MI if ctx.needs_input_grad[1] else None
-        return grad_x_MI, grad_w_OI
-
-
-def transposed_backward_forward(
-    experts: Sequence[Expert], x_sorted_MD: torch.Tensor, counts: list[int]
-) -> torch.Tensor:
-    """`per_expert_forward` on the plain weights through `LinearTransposedBackward` (same numbers)."""
-    linear = LinearTransposedBackward.apply
-    outputs = []
-    for expert, rows in zip(experts, torch.split(x_sorted_MD, counts, dim=0), strict=True):
-        hidden = F.silu(linear(rows, expert.w1.weight)) * linear(rows, expert.w3.weight)
-        outputs.append(linear(hidden, expert.w2.weight))
-    return torch.cat(outputs, dim=0)
-
-
-EXPERT_FORWARDS = {
-    "per_expert": per_expert_forward,
-    "grouped_mm": grouped_mm_forward,
-    "transposed_backward": transposed_backward_forward,
-}
 
 
 def combine(
@@ -270,16 +226,21 @@ class SparseMoeBlock(nn.Module):
         """This rank's experts on their contiguous slices (counts: rows per local expert, in order)."""
         experts = list(self.experts.values())
         backend = self.expert_backend
-        if backend == "auto":
-            backend = expert_backend_for(experts)
-        elif backend not in EXPERT_FORWARDS:
+        if backend not in EXPERT_BACKENDS:
             raise ValueError(f"expert_backend={backend!r} is not one of {EXPERT_BACKENDS}")
-        elif backend in WEIGHT_READING_BACKENDS and not are_plain_linear(experts):
+        if backend == "per_expert":
+            return per_expert_forward(experts, x_sorted_MD, counts)
+        views = read_experts(experts)
+        if backend == "auto":
+            backend = expert_backend_for(experts, views)
+            if backend == "per_expert":
+                return per_expert_forward(experts, x_sorted_MD, counts)
+        elif views is None or any(not gathered(p) for p in self.experts.parameters()):
             raise ValueError(
-                f"expert_backend={backend!r} needs plain nn.Linear experts (not LoRA-wrapped or quantized): "
-                "use 'auto' or 'per_expert'"
+                f"expert_backend={backend!r} cannot read these experts (merged, disabled or several "
+                "LoRA adapters, a LoRA variant, hooks, or ZeRO-3 partitions outside the block): use 'auto' or 'per_expert'"
             )
-        return EXPERT_FORWARDS[backend](experts, x_sorted_MD, counts)
+        return grouped_swiglu(*views, x_sorted_MD, counts, backend)
 
     def run_experts(self, x_sorted_MD: torch.Tensor, tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
         """Rows sorted by global expert -> expert outputs in the same order, locally or across the EP group."""

@@ -11,6 +11,8 @@ lets an adapter trained here load onto `transformers.MixtralForCausalLM` through
 
 import functools
 
+SUPPORTED = "peft>=0.21.2,<0.22"
+
 
 def _is_native_mixtral(model) -> bool:
     from .model import MixtralPreTrainedModel
@@ -20,12 +22,29 @@ def _is_native_mixtral(model) -> bool:
 
 
 def skip_peft_target_rewrite_for_native_mixtral() -> None:
-    """Idempotent: wrap peft's `convert_peft_config_for_transformers` to leave our model's targets alone."""
+    """Idempotent: wrap peft's `convert_peft_config_for_transformers` to leave our model's targets alone.
+
+    PEFT's BaseTuner.inject_adapter imports that function from its module at each call, so the module
+    attribute is what it runs. A PEFT without it raises here rather than training LoRA on the wrong
+    targets.
+    """
+    import peft
+
     try:
+        from peft.tuners import tuners_utils
         from peft.utils import transformers_weight_conversion as conversion
-    except ImportError:
-        return
-    original = conversion.convert_peft_config_for_transformers
+
+        original = conversion.convert_peft_config_for_transformers
+    except (ImportError, AttributeError) as error:
+        raise ImportError(
+            f"peft {peft.__version__} has no peft.utils.transformers_weight_conversion."
+            f"convert_peft_config_for_transformers to wrap; mixtral_model/peft_compat.py is written for {SUPPORTED}"
+        ) from error
+    if hasattr(tuners_utils, "convert_peft_config_for_transformers"):
+        raise ImportError(
+            f"peft {peft.__version__} binds convert_peft_config_for_transformers in peft.tuners.tuners_utils, "
+            f"where wrapping its module would not reach; mixtral_model/peft_compat.py is written for {SUPPORTED}"
+        )
     if getattr(original, "_skips_native_mixtral", False):
         return
 

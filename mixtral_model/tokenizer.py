@@ -2,7 +2,7 @@
 
 `load_tokenizer()` builds the 32000-piece byte-fallback SentencePiece BPE that Mixtral uses from the
 `tokenizer.model.v1` file shipped inside the installed `mistral-common` package, as a transformers
-`LlamaTokenizer`, in memory (no download, no files written, so any number of processes can call it at
+tokenizer, in memory (no download, no files written, so any number of processes can call it at
 once). Its BPE merges are ranked by SentencePiece piece score rather than by piece id, as transformers'
 own conversion does: the whitespace-run pieces ("▁▁", "▁▁▁▁", ...) have low ids but the lowest score, and
 ranking them by id splits runs of spaces differently from SentencePiece.
@@ -20,12 +20,24 @@ input and never after a special token), that is:
 losses; the chat template marks the same tokens with `{% generation %}` for
 `apply_chat_template(..., return_assistant_tokens_mask=True)`.
 
+Control tokens come only from the format. The vocabulary's control tokens are `<unk>`, `<s>` and `</s>`
+(ids 0-2; every other piece is text or a byte). Message text that spells one of them is text, as in
+mistral-common, on every path, including the chat template saved with the tokenizer (what TRL and
+servers use): a rendered chat is one string, and transformers turns every `<s>`, `</s>` or `<unk>` in
+it into the control token before any normalisation. So the template writes every "<" of message text
+as "<" + TEXT_MARK (U+FDD0, a Unicode noncharacter, reserved for internal use), which no control token
+contains, and the tokenizer's normalizer, which runs after the control tokens are matched, deletes
+TEXT_MARK after "<" again: the BPE sees exactly the message text. `encode_chat` escapes the same way.
+The normalizer is saved in `tokenizer.json` and the class is the generic `TokenizersBackend`, which
+loads that file as it is, so `AutoTokenizer.from_pretrained` on a saved directory keeps both.
+
 Differences from mistral-common to know about:
 - text that starts with whitespace gets no extra leading "▁" from `tokenizer(text)`; the chat format
   never hits it, since the template writes a space before each message;
-- `apply_chat_template` (transformers) turns message text that spells `<s>`, `</s>` or `<unk>` into
-  those special tokens, and its `sanitize_control_tokens=True` option splits the text around them, which
-  changes the BPE; `encode_chat` encodes such text as text, exactly as mistral-common does;
+- plain `tokenizer(text)` (not the chat format) still turns `<s>`, `</s>`, `<unk>` in `text` into
+  control tokens, as every transformers tokenizer does, and drops a TEXT_MARK that follows "<";
+- transformers' `apply_chat_template(..., sanitize_control_tokens=True)` is not needed and not used:
+  it splits the text around control-token spellings, which changes the BPE;
 - template errors surface as jinja2's `TemplateError` (what transformers' `raise_exception` raises),
   with the same messages as the `ValueError`s of `validate_conversation`.
 """
@@ -36,15 +48,20 @@ from importlib import resources
 from pathlib import Path
 
 import sentencepiece
-from transformers import AutoTokenizer, LlamaTokenizer, PreTrainedTokenizerBase
+from tokenizers import normalizers
+from transformers import AutoTokenizer, LlamaTokenizer, PreTrainedTokenizerBase, TokenizersBackend
 
 MODEL_MAX_LENGTH = 32768
 ROLES = ("system", "user", "assistant")
+CONTROL_TOKENS = ("<unk>", "<s>", "</s>")
+TEXT_MARK = "\ufdd0"  # follows every "<" of message text in the rendered chat; the normalizer deletes it
+ESCAPED_LT = "<" + TEXT_MARK
 
 CHAT_TEMPLATE = (
     "{%- if messages | length == 0 %}"
     "{{- raise_exception('conversation is empty: expected at least one user message') }}"
     "{%- endif %}"
+    "{%- set escaped_lt = '" + ESCAPED_LT + "' %}"
     "{%- set ns = namespace(system='', first_user=0) %}"
     "{{- bos_token }}"
     "{%- for message in messages %}"
@@ -59,7 +76,7 @@ CHAT_TEMPLATE = (
     "{%- if not loop.first %}"
     "{{- raise_exception(where ~ 'a system message is only allowed as the first message') }}"
     "{%- endif %}"
-    "{%- set ns.system = message['content'] %}"
+    "{%- set ns.system = message['content'] | replace('<', escaped_lt) %}"
     "{%- set ns.first_user = 1 %}"
     "{%- else %}"
     "{%- set expected = 'user' if (loop.index0 - ns.first_user) % 2 == 0 else 'assistant' %}"
@@ -69,12 +86,12 @@ CHAT_TEMPLATE = (
     "{%- endif %}"
     "{%- if message['role'] == 'user' %}"
     "{%- set system_prefix = ns.system ~ '\\n\\n' if loop.index0 == ns.first_user and ns.system else '' %}"
-    "{{- ' [INST] ' ~ system_prefix ~ message['content'] ~ ' [/INST]' }}"
+    "{{- ' [INST] ' ~ system_prefix ~ (message['content'] | replace('<', escaped_lt)) ~ ' [/INST]' }}"
     "{%- else %}"
     "{%- if message['content'] == '' %}"
     "{{- raise_exception(where ~ 'assistant content is empty') }}"
     "{%- endif %}"
-    "{%- generation %}{{- ' ' ~ message['content'] ~ eos_token }}{%- endgeneration %}"
+    "{%- generation %}{{- ' ' ~ (message['content'] | replace('<', escaped_lt)) ~ eos_token }}{%- endgeneration %}"
     "{%- endif %}"
     "{%- endif %}"
     "{%- endfor %}"
@@ -88,29 +105,75 @@ CHAT_TEMPLATE = (
 )
 
 
+# What outputs carry for serving (`save_for_serving`): the same template without the training-only
+# `{% generation %}` marks, a transformers extension that minijinja-based servers (TGI) and llama.cpp
+# reject. It renders the same text; only `return_assistant_tokens_mask` needs the marks, and
+# `load_tokenizer` puts the training template back on whatever it loads.
+SERVING_CHAT_TEMPLATE = CHAT_TEMPLATE.replace("{%- generation %}", "").replace("{%- endgeneration %}", "")
+
+
+def save_for_serving(tokenizer: PreTrainedTokenizerBase, directory: str | os.PathLike) -> None:
+    """`tokenizer.save_pretrained(directory)` with SERVING_CHAT_TEMPLATE as the saved chat template."""
+    training_template = tokenizer.chat_template
+    tokenizer.chat_template = SERVING_CHAT_TEMPLATE
+    try:
+        tokenizer.save_pretrained(directory)
+    finally:
+        tokenizer.chat_template = training_template
+
+
 def load_tokenizer(path: str | os.PathLike | None = None) -> PreTrainedTokenizerBase:
     """The Mixtral tokenizer built offline from mistral-common (no `path`), or the one saved at `path`.
 
     Either way it pads on the right with `<unk>` when it has no pad token of its own (Mixtral has none).
+    A saved tokenizer must keep message text that spells a control token as text (see the module
+    docstring); one saved before that was so is refused with a ValueError naming the fix.
     """
     tokenizer = build_mixtral_tokenizer() if path is None else _load_saved_tokenizer(Path(path))
+    if path is not None:
+        require_text_safe_tokenizer(tokenizer, f"tokenizer at {path}")
     _prepare_for_training(tokenizer)
     return tokenizer
 
 
-def build_mixtral_tokenizer() -> LlamaTokenizer:
-    """Mixtral's tokenizer from mistral-common's `tokenizer.model.v1`, with the Instruct-v0.1 chat template."""
+def build_mixtral_tokenizer() -> TokenizersBackend:
+    """Mixtral's tokenizer from mistral-common's `tokenizer.model.v1`, with the Instruct-v0.1 chat template.
+
+    transformers' `LlamaTokenizer` assembles the pipeline (BPE with byte fallback, "▁" metaspace, `<s>`
+    added in front); the result is a generic `TokenizersBackend` with the TEXT_MARK normalizer added,
+    because `LlamaTokenizer` rebuilds its pipeline without a normalizer when it is loaded again.
+    """
     processor = sentencepiece.SentencePieceProcessor(model_proto=_mistral_common_v1_model_bytes())
     pieces = [processor.id_to_piece(piece_id) for piece_id in range(processor.get_piece_size())]
-    return LlamaTokenizer(
+    pipeline = LlamaTokenizer(
         vocab={piece: piece_id for piece_id, piece in enumerate(pieces)},
         merges=_merges_in_score_order(processor),
         legacy=False,
         add_bos_token=True,
         add_eos_token=False,
+    ).backend_tokenizer
+    pipeline.normalizer = normalizers.Replace(ESCAPED_LT, "<")
+    return TokenizersBackend(
+        tokenizer_object=pipeline,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        add_bos_token=True,
+        add_eos_token=False,
         model_max_length=MODEL_MAX_LENGTH,
         chat_template=CHAT_TEMPLATE,
     )
+
+
+def require_text_safe_tokenizer(tokenizer: PreTrainedTokenizerBase, what: str = "tokenizer") -> None:
+    """Raise ValueError unless `tokenizer` encodes escaped message text as that text (TEXT_MARK deleted)."""
+    normalizer = getattr(getattr(tokenizer, "backend_tokenizer", None), "normalizer", None)
+    if normalizer is None or normalizer.normalize_str(ESCAPED_LT) != "<":
+        raise ValueError(
+            f"{what} would encode message text that spells <s>, </s> or <unk> as control tokens (saved by an "
+            "older version): use load_tokenizer() (model.tokenizer=null), or re-save it with "
+            "load_tokenizer().save_pretrained(PATH)"
+        )
 
 
 def _mistral_common_v1_model_bytes() -> bytes:
@@ -152,6 +215,8 @@ def _prepare_for_training(tokenizer: PreTrainedTokenizerBase) -> None:
     # Byte fallback means <unk> never occurs in real text, so pad positions stay unambiguous.
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.unk_token
+    # A tokenizer saved for serving has the template without `{% generation %}` marks: training masks need them.
+    tokenizer.chat_template = CHAT_TEMPLATE
     tokenizer.padding_side = "right"  # training; switch to "left" for batched generation
 
 
@@ -161,14 +226,16 @@ def encode_chat(
     """Token ids of a conversation in the Mixtral-Instruct format, and a 0/1 mask of its assistant tokens.
 
     The mask covers each assistant message's tokens and the `</s>` that closes it: the tokens an SFT loss
-    should train on. Message text is encoded as text even where it spells a special token such as `</s>`
-    (as mistral-common does). Expects a tokenizer from `load_tokenizer()`.
+    should train on. Message text is encoded as text even where it spells a control token such as `</s>`
+    (as mistral-common does), escaped as the chat template escapes it, so the ids are the template's.
+    Expects a tokenizer from `load_tokenizer()` (ValueError otherwise).
     """
     validate_conversation(messages, add_generation_prompt)
+    require_text_safe_tokenizer(tokenizer)
     input_ids = [tokenizer.bos_token_id]
     assistant_mask = [0]
     for text, is_assistant in _message_texts(messages):
-        ids = tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         if is_assistant:
             ids.append(tokenizer.eos_token_id)
         input_ids.extend(ids)
@@ -179,13 +246,18 @@ def encode_chat(
 def _message_texts(messages: Sequence[dict]) -> Iterator[tuple[str, bool]]:
     """(text, is_assistant) for each user and assistant message, as the chat template writes them."""
     has_system = messages[0]["role"] == "system"
-    system = messages[0]["content"] if has_system else ""
+    system = _escaped(messages[0]["content"]) if has_system else ""
     for index, message in enumerate(messages):
         if message["role"] == "user":
             system_prefix = f"{system}\n\n" if index == int(has_system) and system else ""
-            yield f" [INST] {system_prefix}{message['content']} [/INST]", False
+            yield f" [INST] {system_prefix}{_escaped(message['content'])} [/INST]", False
         elif message["role"] == "assistant":
-            yield f" {message['content']}", True
+            yield f" {_escaped(message['content'])}", True
+
+
+def _escaped(text: str) -> str:
+    """Message text as the chat template writes it: no control-token spelling survives ("<" + TEXT_MARK)."""
+    return text.replace("<", ESCAPED_LT)
 
 
 def validate_conversation(messages: Sequence[dict], add_generation_prompt: bool = False) -> None:

@@ -20,7 +20,7 @@ SMALL_MODEL = [
     "trainer.report_to=none",
     "trainer.eval_steps=null",
     "data.eval_path=null",
-    "trainer.gradient_checkpointing=false",
+    "trainer.activation_checkpointing=false",
 ]
 
 

@@ -140,7 +140,7 @@ def test_command_line_beats_recipe_group_choice():
     [
         ("model.hiden_size=64", "model.hiden_size"),
         ("outptu_dir=/tmp/x", "outptu_dir"),
-        ("trainer.dpo.gamma=1", "trainer.dpo.gamma"),
+        ("trainer.beta=0.1", "trainer.beta"),  # a DPOConfig field: not an SFT option
     ],
 )
 def test_unknown_key_fails_naming_it(override, key):
@@ -163,6 +163,8 @@ def test_wrong_type_fails_naming_the_key(override, key):
 def test_unknown_key_suggests_the_closest_schema_key():
     message = config_error("sft", ["+recipe=tiny/sft", "trainer.learning_rat=1e-4"])
     assert "did you mean 'trainer.learning_rate'" in message
+    message = config_error("dpo", ["+recipe=tiny/dpo", "trainer.label_smothing=0.1"])
+    assert "did you mean 'trainer.label_smoothing'" in message and "DPOConfig" in message
     assert "+deepspeed.foo=" in config_error("sft", ["deepspeed=zero2", "deepspeed.foo=1"])
 
 
@@ -199,8 +201,17 @@ def test_unknown_recipe_and_group_option_fail_with_the_choices():
         ("sft", ["resume=5"], "resume"),
         ("sft", ["data.max_bad_fraction=1.5"], "data.max_bad_fraction"),
         ("sft", ["peft=lora", "peft.targets=router"], "peft.targets"),
-        ("dpo", ["+recipe=tiny/dpo", "trainer.dpo.loss_type=kto"], "trainer.dpo.loss_type"),
+        ("dpo", ["+recipe=tiny/dpo", "trainer.loss_type=kto"], "trainer.loss_type"),
+        ("dpo", ["+recipe=tiny/dpo", "trainer.loss_type=exo_pair"], "trainer.label_smoothing"),
+        (
+            "dpo",
+            ["+recipe=tiny/dpo", "trainer.loss_type=[sigmoid,sft]", "trainer.loss_weights=[1.0]"],
+            "trainer.loss_weights",
+        ),  # fmt: skip
         ("sft", ["trainer.report_to=mlflow"], "trainer.report_to"),
+        ("sft", ["trainer.output_dir=/tmp/x"], "trainer.output_dir"),
+        ("sft", ["trainer.loss_type=exo_pair"], "trainer.loss_type"),
+        ("sft", ["data.eval_path=null", "trainer.eval_strategy=epoch"], "trainer.eval_strategy"),
         (
             "sft",
             ["deepspeed=zero2", "+deepspeed.zero_optimization.offload_param.device=cpu"],
@@ -277,3 +288,117 @@ def test_mixtral_8x7b_model_group_matches_the_published_architecture():
     assert (arch.num_local_experts, arch.num_experts_per_tok) == (8, 2)
     assert (arch.num_attention_heads, arch.num_key_value_heads, arch.vocab_size) == (32, 8, 32000)
     assert arch.rope_theta == 1.0e6
+
+
+def test_a_recipe_file_outside_the_repository_composes_like_a_shipped_one(tmp_path):
+    recipe = tmp_path / "elsewhere" / "my.recipe v2.yaml"
+    recipe.parent.mkdir()
+    recipe.write_text(
+        "defaults:\n  - override /peft: lora\n  - _self_\n"
+        "stage: sft\noutput_dir: outputs/mine\nmax_steps: 3\ntrainer:\n  learning_rate: 1.0e-4\n"
+    )
+    cfg = load_config("sft", [f"+recipe={recipe}", "peft.r=4"])  # one argument, as a shell passes it
+    assert (cfg.peft.method, cfg.peft.r, cfg.max_steps, cfg.trainer.learning_rate) == ("lora", 4, 3, 1.0e-4)
+    assert cfg.trainer.per_device_train_batch_size == 4  # the rest from the trainer group
+    assert "no such file" in config_error("sft", [f"+recipe={tmp_path / 'missing.yaml'}"])
+
+
+def test_a_deepspeed_json_file_is_used_as_given_and_checked(tmp_path):
+    ds = {
+        "train_micro_batch_size_per_gpu": "auto",
+        "gradient_accumulation_steps": "auto",
+        "bf16": {"enabled": "auto"},
+        "zero_optimization": {
+            "stage": 3,
+            "offload_param": {"device": "cpu"},
+            "stage3_param_persistence_threshold": 7,
+        },
+    }
+    path = tmp_path / "ds_config.json"
+    path.write_text(json.dumps(ds))
+    cfg = load_config("sft", [f"deepspeed={path}"])
+    assert deepspeed_dict(cfg) == ds and config_module.zero_stage(cfg) == 3
+    # the same one-line checks as the shipped groups, with the stage read from the JSON
+    assert "offload_param" in config_error("sft", [f"deepspeed={path}", "peft=qlora"])
+    path.write_text(json.dumps({**ds, "zero_optimization": {**ds["zero_optimization"], "stage": 2}}))
+    assert "offload_param needs ZeRO stage 3" in config_error("sft", [f"deepspeed={path}"])
+    # values the JSON fixes must equal the trainer settings they mirror (the HF Trainer's rule)
+    path.write_text(json.dumps({**ds, "train_micro_batch_size_per_gpu": 2}))
+    assert "trainer.per_device_train_batch_size=4" in config_error("sft", [f"deepspeed={path}"])
+    load_config("sft", [f"deepspeed={path}", "trainer.per_device_train_batch_size=2"])
+    path.write_text(json.dumps({**ds, "bf16": {"enabled": True}}))
+    assert "model.dtype=float32" in config_error("sft", [f"deepspeed={path}"])
+    path.write_text("{not json")
+    assert "not a valid json file" in config_error("sft", [f"deepspeed={path}"])
+
+
+def test_trainer_keys_are_trl_names_and_older_names_still_work():
+    cfg = load_config("dpo", ["+recipe=tiny/dpo", "trainer.warmup_ratio=0.2", "trainer.dpo.beta=0.3",
+                              "trainer.gradient_checkpointing=true"])  # fmt: skip
+    assert (cfg.trainer.warmup_steps, cfg.trainer.beta, cfg.trainer.activation_checkpointing) == (
+        0.2,
+        0.3,
+        True,
+    )
+    assert not {"warmup_ratio", "dpo", "gradient_checkpointing"} & set(cfg.trainer)
+    for form in ("trainer", "+trainer", "++trainer"):  # set or add, whatever Hydra habit is used
+        assert (
+            load_config("dpo", ["+recipe=tiny/dpo", f"{form}.beta=0.5", f"{form}.ld_alpha=0.5"]).trainer.beta
+            == 0.5
+        )
+    assert list(cfg.trainer.loss_type) == ["sigmoid"]
+
+
+def test_print_config_prints_the_resolved_config_and_exits(tmp_path, capsys):
+    from train.pipeline import config_from_argv
+
+    for flags in (["--print-config"], ["--cfg", "job"]):
+        with pytest.raises(SystemExit) as exited:
+            config_from_argv("sft", ["+recipe=tiny/sft", "trainer.learning_rate=1e-4", *flags])
+        assert exited.value.code == 0
+        out = capsys.readouterr().out
+        printed = OmegaConf.create(out[out.index("stage: sft") :])  # after any library start-up line
+        assert printed.trainer.learning_rate == 1e-4 and printed.data.path.endswith("sft_train.jsonl")
+
+
+def test_trl_only_options_reach_the_trainer_arguments(tmp_path):
+    from train.dpo import dpo_arguments
+    from train.sft import sft_arguments
+
+    sft = sft_arguments(
+        load_config(
+            "sft",
+            [
+                "+recipe=tiny/sft",
+                f"output_dir={tmp_path}",
+                "trainer.neftune_noise_alpha=5",
+                "trainer.eval_strategy=epoch",
+                "trainer.report_to=[tensorboard]",
+            ],
+        )  # fmt: skip
+    )
+    assert (sft.neftune_noise_alpha, sft.eval_strategy, sft.report_to) == (5, "epoch", ["tensorboard"])
+    assert (sft.output_dir, sft.learning_rate, sft.activation_checkpointing) == (str(tmp_path), 3e-3, False)
+    dpo = dpo_arguments(
+        load_config(
+            "dpo",
+            [
+                "+recipe=tiny/dpo",
+                "trainer.loss_type=[exo_pair,sft]",
+                "trainer.loss_weights=[1.0,0.5]",
+                "trainer.label_smoothing=1e-3",
+                "model.router_aux_loss_coef=0.05",
+            ],
+        )  # fmt: skip
+    )
+    assert (dpo.loss_type, dpo.loss_weights, dpo.label_smoothing) == (["exo_pair", "sft"], [1.0, 0.5], 1e-3)
+    # The aux coefficient reaches the loss by one road, the model config (train/objective.py): TRL's
+    # own copy stays unset, or the objective mixin refuses the run.
+    assert (dpo.beta, dpo.router_aux_loss_coef, dpo.max_length) == (0.1, None, 64)
+
+
+def test_a_saved_run_config_is_a_recipe_that_composes_the_same_config(tmp_path):
+    cfg = load_config("dpo", ["+recipe=tiny/dpo", "peft=lora", "trainer.loss_type=ipo", "trainer.beta=0.2"])
+    OmegaConf.save(cfg, tmp_path / "run_config.yaml", resolve=True)  # as save_final writes it
+    again = load_config("dpo", [f"+recipe={tmp_path / 'run_config.yaml'}"])
+    assert OmegaConf.to_container(again, resolve=True) == OmegaConf.to_container(cfg, resolve=True)

@@ -561,3 +561,15 @@ def test_a_source_with_only_long_rows_fails_with_one_line_naming_the_fix(tokeniz
     with pytest.raises(DataError, match="all 3 dropped as long") as caught:
         prepare_sft_data(data_cfg(path, max_length=32), tokenizer, seed=0)
     assert "raise data.max_length" in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_message_text_spelling_control_tokens_stays_text(tokenizer, tmp_path):
+    """Rows go through encode_chat, which encodes `</s>`, `<s>` in message text as text (mistral-common)."""
+    conversation = chat("Say </s> and <s> please", "ok </s> done")
+    path = write_jsonl(tmp_path / "rows.jsonl", [{"messages": conversation}])
+    (row,) = prepare_sft_data(data_cfg(path), tokenizer, seed=0).train.to_list()
+    assert row["input_ids"] == encode_chat(tokenizer, conversation)["input_ids"]
+    assert (
+        row["input_ids"].count(tokenizer.eos_token_id) == 1 and row["input_ids"][-1] == tokenizer.eos_token_id
+    )
+    assert row["input_ids"].count(tokenizer.bos_token_id) == 1

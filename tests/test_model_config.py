@@ -3,10 +3,12 @@
 import json
 
 import pytest
+import torch
 import transformers
 from mixtral_reference import tiny_config
 
 from mixtral_model import MixtralConfig, MixtralForCausalLM
+from mixtral_model.flash_attention import check_flash_attention_available
 
 HUB_FIELDS = [
     "vocab_size",
@@ -110,9 +112,38 @@ def test_impossible_shapes_are_errors(overrides, message):
         MixtralConfig(**tiny_config(**overrides))
 
 
+def flash_attention_usable() -> bool:
+    try:
+        check_flash_attention_available()
+    except ImportError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(flash_attention_usable(), reason="flash-attn and a CUDA GPU are present: the real path is tested")
 def test_flash_attention_without_flash_attn_is_a_clear_error():
     with pytest.raises(ImportError, match="flash_attention_2.*sdpa"):
         MixtralForCausalLM._from_config(MixtralConfig(**tiny_config()), attn_implementation="flash_attention_2")
+
+
+@pytest.mark.skipif(not flash_attention_usable(), reason="needs flash-attn >= 2.3 and a CUDA GPU")
+def test_flash_attention_matches_sdpa_on_gpu():
+    """With flash-attn installed the backend builds and, in bf16 on the GPU, gives sdpa's logits
+    (sliding window shorter than the sequence, one padded row)."""
+    torch.manual_seed(0)
+    config = MixtralConfig(**tiny_config(sliding_window=5, num_attention_heads=4, hidden_size=256))
+    sdpa = MixtralForCausalLM._from_config(config, attn_implementation="sdpa").to("cuda", torch.bfloat16)
+    flash = MixtralForCausalLM._from_config(config, attn_implementation="flash_attention_2")
+    flash.load_state_dict(sdpa.state_dict())
+    flash.to("cuda", torch.bfloat16)
+    input_ids = torch.randint(0, config.vocab_size, (2, 12), device="cuda")
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[1, :3] = 0
+    with torch.no_grad():
+        expected = sdpa(input_ids=input_ids, attention_mask=attention_mask).logits.float()
+        actual = flash(input_ids=input_ids, attention_mask=attention_mask).logits.float()
+    real = attention_mask.bool()
+    assert (actual[real] - expected[real]).abs().max() <= 2e-2 * expected[real].abs().max()
 
 
 def test_unknown_attention_backend_is_an_error():

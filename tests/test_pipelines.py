@@ -2,6 +2,7 @@
 kill -9, bad data, two ranks against one, two "nodes" over loopback."""
 
 import json
+import re
 import signal
 import subprocess
 import time
@@ -10,6 +11,7 @@ import peft
 import pytest
 import torch
 import transformers
+from omegaconf import OmegaConf
 from pipeline_runs import (
     REPO,
     SMALL_MODEL,
@@ -43,15 +45,50 @@ def logits(model, seed=0):
         return model(input_ids=ids).logits
 
 
+CONSOLE_STEP = re.compile(
+    r"^step (\d+)/12 \(\d+%\) \| loss [\d.]+ \| lr [\d.e+-]+ \| grad_norm [\d.e+-]+ \| aux_loss [\d.]+ "
+    r"\| \d+ tok/s \| eta \d+m\d\ds$"
+)
+CONSOLE_MOE = re.compile(r"^  moe: router entropy [\d.]+/1\.39 \| busiest expert [\d.]+x balanced$")
+
+
 def test_sft_learns_logs_aux_loss_and_saves_a_hub_checkpoint(tmp_path):
     out = tmp_path / "sft"
-    run_pipeline("sft", [*SFT, f"output_dir={out}", "max_steps=12", "trainer.save_steps=12"])
+    result = run_pipeline(
+        "sft",
+        [
+            *SFT,
+            f"output_dir={out}",
+            "max_steps=12",
+            "trainer.save_steps=12",
+            "trainer.report_to=[tensorboard]",
+        ],
+    )
     losses = train_losses(out / "final")
     assert len(losses) == 12
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.3, losses
     aux = train_losses(out / "final", "aux_loss")
     assert len(aux) == 12 and all(a > 0 for a in aux)
     assert any(key.startswith("router/layer_1/expert_") for key in log_history(out / "final")[0])
+    # the console: two short lines per logged step, per-layer statistics only in the log history and trackers
+    lines = result.stdout.splitlines()
+    assert [int(CONSOLE_STEP.match(line)[1]) for line in lines if line.startswith("step ")] == list(
+        range(1, 13)
+    )
+    assert sum(bool(CONSOLE_MOE.match(line)) for line in lines) == 12
+    assert "router/layer" not in result.stdout and "FutureWarning" not in result.stderr
+    assert "gemm_4bit_forward" not in result.stderr and "Setting accelerator" not in result.stdout
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(next((out / "runs").rglob("events.out.tfevents.*")))).Reload()
+    assert {"train/loss", "train/router/layer_1/expert_3_fraction"} <= set(events.Tags()["scalars"])
+    # final/: what servers and hubs read
+    generation = json.loads((out / "final" / "generation_config.json").read_text())
+    assert (generation["bos_token_id"], generation["eos_token_id"], generation["pad_token_id"]) == (1, 2, 0)
+    card = (out / "final" / "README.md").read_text()
+    assert "library_name: transformers" in card and "+recipe=tiny/sft" in card and "sft.py" in card
+    assert f"| train_loss | {log_history(out / 'final')[-1]['train_loss']:.4g} |" in card
+    assert "| 1 |" in card and "busiest expert load" in card  # a router-health row per layer
     ours = MixtralForCausalLM.from_pretrained(out / "final")
     reference = transformers.MixtralForCausalLM.from_pretrained(out / "final")
     torch.testing.assert_close(logits(ours), logits(reference), rtol=1e-5, atol=1e-5)
@@ -68,11 +105,12 @@ def test_dpo_with_lora_logs_rewards_and_aux_loss_and_exports(tmp_path):
     trained = peft.PeftModel.from_pretrained(base, adapter)
     lora_b = [p for name, p in trained.named_parameters() if "lora_B" in name]
     assert lora_b and any(p.abs().max() > 0 for p in lora_b), "adapter is empty or untrained"
-    # PEFT's wrapper for transformers' fused experts has no dropout; dropout plays no part at inference.
-    inference_config = peft.PeftConfig.from_pretrained(adapter)
-    inference_config.lora_dropout = 0.0
+    assert "library_name: peft" in (adapter / "README.md").read_text()
+    assert (adapter / "generation_config.json").is_file()
+    # Trained with the shipped lora_dropout (0.05), loaded as saved onto transformers' fused experts.
+    assert OmegaConf.load(adapter / "run_config.yaml").peft.dropout == 0.05
     reference = peft.PeftModel.from_pretrained(
-        transformers.MixtralForCausalLM.from_pretrained(out / "base"), adapter, config=inference_config
+        transformers.MixtralForCausalLM.from_pretrained(out / "base"), adapter
     )
     torch.testing.assert_close(logits(trained), logits(reference), rtol=1e-5, atol=1e-5)
 

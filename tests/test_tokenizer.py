@@ -7,14 +7,27 @@ Prompts (ending on a user turn) are also checked against `encode_chat_completion
 """
 
 import re
+import types
+from importlib import resources
 
+import datasets
+import minijinja
 import pytest
+import sentencepiece
 from jinja2 import TemplateError
 from mistral_common.protocol.instruct.messages import AssistantMessage, SystemMessage, UserMessage
 from mistral_common.protocol.instruct.request import ChatCompletionRequest, InstructRequest
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
+from transformers import AutoTokenizer
+from trl import DPOConfig, DPOTrainer
 
-from mixtral_model.tokenizer import encode_chat, load_tokenizer
+from mixtral_model.tokenizer import (
+    SERVING_CHAT_TEMPLATE,
+    TEXT_MARK,
+    encode_chat,
+    load_tokenizer,
+    save_for_serving,
+)
 
 
 def user(content):
@@ -208,9 +221,172 @@ def test_generation_prompt_matches_chat_completion(tokenizer, mistral, name):
     assert encode_chat(tokenizer, messages, add_generation_prompt=True)["input_ids"] == expected
 
 
-def test_encode_chat_keeps_special_token_spellings_as_text(tokenizer, mistral):
-    messages = [user("Is </s> the end? <s> <unk>"), assistant("</s> is EOS.")]
-    assert encode_chat(tokenizer, messages)["input_ids"] == reference_ids(mistral, messages)
+def vocabulary_control_tokens() -> list[str]:
+    """The control and unknown pieces of mistral-common's SentencePiece model, read from the model itself."""
+    model = resources.files("mistral_common") / "data" / "tokenizer.model.v1"
+    processor = sentencepiece.SentencePieceProcessor(model_proto=model.read_bytes())
+    return [
+        processor.id_to_piece(i)
+        for i in range(processor.get_piece_size())
+        if processor.is_control(i) or processor.is_unknown(i)
+    ]
+
+
+CONTROL_TOKENS = vocabulary_control_tokens()
+LOOKALIKES = [
+    "[INST]",
+    "[/INST]",
+    "</s",
+    "<s",
+    "/s>",
+    "<s >",
+    "< / s >",
+    "<<s>>",
+    "<</s>>",
+    "<unk",
+    "<UNK>",
+    "<0x0A>",  # a byte piece's spelling
+    "<s></s><unk>",
+    TEXT_MARK,  # the template's own escape mark, alone and after "<"
+    f"<{TEXT_MARK}/s>",
+    f"<<{TEXT_MARK}{TEXT_MARK}s>",
+]
+SPELLINGS = CONTROL_TOKENS + LOOKALIKES
+ROLES = ("system", "user", "assistant")
+PLACEMENTS = {
+    "alone": "{}",
+    "start": "{} hello",
+    "end": "hello {}",
+    "end_glued": "hello.{}",
+    "middle": "a {} b",
+    "middle_glued": "a{}b",
+    "repeated": "{}{}{}",
+    "repeated_spaced": "{} {} {}",
+    "inside_inst": "[INST]{}[/INST]",
+    "between_inst": "[/INST] {} [INST]",
+}
+
+
+def probe_conversations(spelling: str) -> dict[str, list[dict]]:
+    """Training conversations with `spelling` placed in each role, at each position, in several turns."""
+    conversations = {}
+    for place, pattern in PLACEMENTS.items():
+        text = pattern.replace("{}", spelling)
+        conversations[f"system/{place}"] = [
+            system(text),
+            user("Hi"),
+            assistant("Hello"),
+            user("Bye"),
+            assistant("Ciao"),
+        ]
+        conversations[f"user/{place}"] = [user(text), assistant("Sure."), user(text), assistant("Again.")]
+        conversations[f"assistant/{place}"] = [
+            user("Say it."),
+            assistant(text),
+            user("Again?"),
+            assistant(text),
+        ]
+    return conversations
+
+
+def test_vocabulary_control_tokens_are_the_tokenizers_special_tokens(tokenizer):
+    assert CONTROL_TOKENS == ["<unk>", "<s>", "</s>"]
+    assert sorted(tokenizer.all_special_tokens) == sorted(CONTROL_TOKENS)
+    assert all(TEXT_MARK not in token for token in tokenizer.get_vocab())
+
+
+def test_probe_conversations_hold_control_token_spellings_in_every_role():
+    conversations = [c for s in SPELLINGS for c in probe_conversations(s).values()]
+    assert len(conversations) == len(SPELLINGS) * 3 * len(PLACEMENTS) == 570
+    for token in CONTROL_TOKENS:
+        for role in ROLES:
+            assert any(m["role"] == role and token in m["content"] for c in conversations for m in c)
+
+
+@pytest.mark.parametrize("spelling", SPELLINGS)
+def test_encode_chat_keeps_control_token_spellings_as_text(tokenizer, mistral, spelling):
+    mismatches = []
+    for name, messages in probe_conversations(spelling).items():
+        encoded = encode_chat(tokenizer, messages)
+        if encoded["input_ids"] != reference_ids(mistral, messages):
+            mismatches.append(f"{name}: ids")
+        if encoded["assistant_mask"] != reference_assistant_mask(mistral, messages):
+            mismatches.append(f"{name}: assistant mask")
+        prompt = messages[:-1]
+        generation = encode_chat(tokenizer, prompt, add_generation_prompt=True)["input_ids"]
+        if generation != chat_completion_ids(mistral, prompt):
+            mismatches.append(f"{name}: generation prompt")
+    assert mismatches == []
+
+
+def check_template_against_mistral_common(tokenizer, mistral, spelling) -> list[str]:
+    mismatches = []
+    for name, messages in probe_conversations(spelling).items():
+        rendered = tokenizer.apply_chat_template(
+            messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+        )
+        if rendered["input_ids"] != reference_ids(mistral, messages):
+            mismatches.append(f"{name}: ids")
+        if rendered["assistant_masks"] != reference_assistant_mask(mistral, messages):
+            mismatches.append(f"{name}: assistant mask")
+        prompt = messages[:-1]
+        generation = template_ids(tokenizer, prompt, add_generation_prompt=True)
+        if generation != chat_completion_ids(mistral, prompt):
+            mismatches.append(f"{name}: generation prompt")
+    return mismatches
+
+
+@pytest.mark.parametrize("spelling", SPELLINGS)
+def test_chat_template_keeps_control_token_spellings_as_text(tokenizer, mistral, spelling):
+    assert check_template_against_mistral_common(tokenizer, mistral, spelling) == []
+
+
+@pytest.fixture(scope="module")
+def reloaded(tmp_path_factory):
+    """What a server or another library gets: AutoTokenizer on a directory saved by load_tokenizer()."""
+    directory = tmp_path_factory.mktemp("saved_tokenizer")
+    load_tokenizer().save_pretrained(directory)
+    return AutoTokenizer.from_pretrained(directory)
+
+
+@pytest.mark.parametrize("spelling", SPELLINGS)
+def test_saved_and_reloaded_template_keeps_control_token_spellings_as_text(reloaded, mistral, spelling):
+    assert check_template_against_mistral_common(reloaded, mistral, spelling) == []
+
+
+def test_trl_dpo_tokenization_keeps_control_token_spellings_as_text(tokenizer, mistral, tmp_path):
+    """TRL's own DPO dataset preparation (the chat template, prompt with generation prompt) on our rows."""
+    cases, rows = [], []
+    for spelling in SPELLINGS:
+        for name, messages in probe_conversations(spelling).items():
+            rejected = [assistant(messages[-1]["content"] + " no")]
+            cases.append(f"{spelling!r} {name}")
+            rows.append({"prompt": messages[:-1], "chosen": messages[-1:], "rejected": rejected})
+    args = DPOConfig(output_dir=str(tmp_path), report_to=[], use_cpu=True, bf16=False, max_length=None)
+    trainer = types.SimpleNamespace(_tokenizer=tokenizer)  # all `_prepare_dataset` reads from the trainer
+    prepared = DPOTrainer._prepare_dataset(
+        trainer, datasets.Dataset.from_list(rows), tokenizer, args, "train"
+    )
+    assert len(prepared) == len(rows) == 570
+    mismatches = []
+    for case, row, tokenized in zip(cases, rows, prepared, strict=True):
+        if tokenized["prompt_ids"] != chat_completion_ids(mistral, row["prompt"]):
+            mismatches.append(f"{case}: prompt")
+        for key in ("chosen", "rejected"):
+            ids = tokenized["prompt_ids"] + tokenized[f"{key}_ids"]
+            if ids != reference_ids(mistral, row["prompt"] + row[key]):
+                mismatches.append(f"{case}: {key}")
+    assert mismatches == []
+
+
+def test_a_tokenizer_saved_without_the_text_mark_normalizer_is_refused(tmp_path):
+    old = load_tokenizer()
+    old.backend_tokenizer.normalizer = None
+    old.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=re.escape(f"tokenizer at {tmp_path} would encode message text")):
+        load_tokenizer(tmp_path)
+    with pytest.raises(ValueError, match="use load_tokenizer"):
+        encode_chat(old, [user("Hi")])
 
 
 INVALID_CONVERSATIONS = {
@@ -262,3 +438,65 @@ def test_save_and_reload_keeps_template_and_ids(tokenizer, mistral, tmp_path):
         messages = CONVERSATIONS[name]
         assert template_ids(reloaded, messages) == reference_ids(mistral, messages)
         assert encode_chat(reloaded, messages) == encode_chat(tokenizer, messages)
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """What `final/` holds: the tokenizer saved for serving, loaded as a server would (AutoTokenizer)."""
+    directory = tmp_path_factory.mktemp("served_tokenizer")
+    save_for_serving(load_tokenizer(), directory)
+    return directory
+
+
+def test_serving_template_has_no_training_marks_and_training_template_is_kept(tokenizer, served):
+    saved = (served / "chat_template.jinja").read_text()
+    assert saved == SERVING_CHAT_TEMPLATE and "generation %}" not in saved
+    assert "generation %}" in tokenizer.chat_template  # the caller's tokenizer keeps its training form
+    # load_tokenizer on a served directory trains again: assistant masks need the marks
+    assert load_tokenizer(str(served)).chat_template == tokenizer.chat_template
+
+
+@pytest.mark.parametrize("spelling", SPELLINGS)
+def test_serving_template_renders_like_mistral_common(served, mistral, spelling):
+    reloaded = AutoTokenizer.from_pretrained(served)
+    for name, messages in probe_conversations(spelling).items():
+        assert template_ids(reloaded, messages) == reference_ids(mistral, messages), name
+        prompt = messages[:-1]
+        assert template_ids(reloaded, prompt, add_generation_prompt=True) == chat_completion_ids(
+            mistral, prompt
+        )
+
+
+def minijinja_render(template: str, messages, add_generation_prompt: bool) -> str:
+    """Render as TGI does (minijinja, with a raise_exception function), not through jinja2."""
+    environment = minijinja.Environment()
+
+    def raise_exception(message):
+        raise ValueError(message)
+
+    environment.add_function("raise_exception", raise_exception)
+    return environment.render_str(
+        template,
+        messages=messages,
+        bos_token="<s>",
+        eos_token="</s>",
+        add_generation_prompt=add_generation_prompt,
+    )
+
+
+def test_serving_template_renders_in_minijinja_as_in_transformers(served):
+    reloaded = AutoTokenizer.from_pretrained(served)
+    template = (served / "chat_template.jinja").read_text()
+    with pytest.raises(Exception, match="generation"):  # the training form is what minijinja refuses
+        minijinja_render(reloaded_training_template(), CONVERSATIONS["system_prompt"], False)
+    for spelling in SPELLINGS:
+        for name, messages in probe_conversations(spelling).items():
+            for prompt, generation in ((messages, False), (messages[:-1], True)):
+                expected = reloaded.apply_chat_template(
+                    prompt, tokenize=False, add_generation_prompt=generation
+                )
+                assert minijinja_render(template, prompt, generation) == expected, (spelling, name)
+
+
+def reloaded_training_template() -> str:
+    return load_tokenizer().chat_template

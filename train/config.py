@@ -6,17 +6,27 @@ The schema below is registered with Hydra's ConfigStore and composed with the gr
 time; `validate` adds the cross-field checks. Both fail before any model is built, with a one-line
 `ConfigError` naming the key and the fix.
 
-Recipes live in `recipes/<model>/<name>.yaml` and are selected with `+recipe=<model>/<name>`: every
-recipe file is registered in the ConfigStore as an option of the group `recipe` at the global
-package, so it can override group choices (`override /peft: qlora`) and any value. Command-line
-overrides still win over the recipe: `+recipe=tiny/sft max_steps=5 peft=lora`.
+Recipes live in `recipes/<model>/<name>.yaml` and are selected with `+recipe=<model>/<name>`, or
+`+recipe=PATH.yaml` for a recipe file anywhere: every recipe file is registered in the ConfigStore as
+an option of the group `recipe` at the global package, so it can override group choices
+(`override /peft: qlora`) and any value. Command-line overrides still win over the recipe:
+`+recipe=tiny/sft max_steps=5 peft=lora`. `deepspeed=` takes a group name or a DeepSpeed JSON file.
+
+The `trainer` section is TRL's own: its keys are the fields of `SFTConfig` / `DPOConfig` (TRL 1.16)
+and reach them unchanged, so every TRL option works (`trainer.loss_weights=[1,0.5]`,
+`trainer.eval_strategy=epoch`); a key neither of them has fails with the closest TRL name.
 """
 
 import dataclasses
 import difflib
+import enum
 import functools
+import hashlib
 import importlib.util
+import json
 import os
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,7 +36,7 @@ from hydra import initialize_config_dir
 from hydra.core.config_store import ConfigStore
 from hydra.core.global_hydra import GlobalHydra
 from hydra.errors import HydraException
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from train.checkpoints import latest_complete_checkpoint
@@ -40,7 +50,8 @@ DTYPES = ("float32", "bfloat16", "float16")
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
 PEFT_METHODS = ("none", "lora", "qlora")
 QUANT_TYPES = ("nf4", "fp4")
-REPORT_TO = ("wandb", "tensorboard", "none")
+REPORT_TO_PACKAGES = {"wandb": "wandb", "tensorboard": "tensorboard"}  # extras in pyproject.toml
+SFT_LOSS_TYPES = ("nll", "dft")  # TRL 1.16 SFTTrainer
 DATA_TRUNCATION = ("truncate", "drop")
 DPO_TRUNCATION_MODES = ("keep_start", "keep_end")
 DATA_PREPARE_ON = ("local_main", "global_main")
@@ -143,36 +154,6 @@ class PeftConfig:
 
 
 @dataclass
-class DpoConfig:
-    beta: float = 0.1
-    loss_type: str = "sigmoid"
-    precompute_ref_log_probs: bool = False
-
-
-@dataclass
-class TrainerConfig:
-    learning_rate: float = 2.0e-5
-    lr_scheduler_type: str = "cosine"
-    warmup_ratio: float = 0.1
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    optim: str = "adamw_torch"
-    num_train_epochs: float = 1.0  # used when max_steps is -1
-    per_device_train_batch_size: int = 1
-    per_device_eval_batch_size: int = 1
-    gradient_accumulation_steps: int = 1
-    gradient_checkpointing: bool = True
-    logging_steps: int = 10
-    eval_steps: int | None = None  # null = no periodic evaluation
-    save_steps: int = 500
-    save_total_limit: int | None = 2
-    seed: int = 42
-    report_to: str = "wandb"
-    run_name: str | None = None
-    dpo: DpoConfig = field(default_factory=DpoConfig)
-
-
-@dataclass
 class TrainConfig:
     stage: str = MISSING  # sft | dpo: which pipeline this config is for
     output_dir: str = MISSING
@@ -182,7 +163,33 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     peft: PeftConfig = field(default_factory=PeftConfig)
     deepspeed: dict[str, Any] = field(default_factory=dict)  # DeepSpeed JSON as a dict; {} = off
-    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    trainer: dict[str, Any] = field(default_factory=dict)  # SFTConfig / DPOConfig fields, by TRL's names
+
+
+# Keys of TRL's configs that the pipelines set from elsewhere in the config: the key to use instead.
+TRAINER_KEYS_SET_ELSEWHERE = {
+    "output_dir": "output_dir",
+    "max_steps": "max_steps",
+    "deepspeed": "deepspeed (a group name or a JSON file)",
+    "bf16": "model.dtype",
+    "fp16": "model.dtype",
+    "use_cpu": "nothing (chosen from the hardware)",
+    "router_aux_loss_coef": "model.router_aux_loss_coef",
+    "max_length": "data.max_length",
+    "packing": "data.packing",
+    "padding_free": "data.packing",
+    "truncation_mode": "data.dpo_truncation_mode",
+    "dataset_kwargs": "nothing (train/data.py prepares the rows)",
+    "dataset_num_proc": "data.num_proc",
+    "remove_unused_columns": "nothing (the prepared data needs every column)",
+    "resume_from_checkpoint": "resume",
+}
+# Names users bring from older transformers/TRL or from earlier versions of these configs.
+TRAINER_ALIASES = {
+    "warmup_ratio": "warmup_steps",  # transformers 5: a float in [0, 1) is a ratio of the total steps
+    "gradient_checkpointing": "activation_checkpointing",
+    "gradient_checkpointing_kwargs": "activation_checkpointing_kwargs",
+}
 
 
 @functools.cache
@@ -196,6 +203,60 @@ def register_configs() -> None:
         store.store(group=group, name=option, node=OmegaConf.load(path), package="_global_")
 
 
+def register_file_option(group: str, path: str) -> str:
+    """Register a user's file (recipe YAML, DeepSpeed JSON) as an option of `group`; return its name."""
+    file = Path(path).expanduser().resolve()
+    if not file.is_file():
+        raise ConfigError(f"{group}={path}: no such file; give a {group} name or an existing file")
+    try:
+        node = (
+            OmegaConf.create(json.loads(file.read_text())) if group == "deepspeed" else OmegaConf.load(file)
+        )
+    except (ValueError, OmegaConfBaseException) as error:
+        problem = str(error).splitlines()[0]
+        raise ConfigError(f"{group}={path} is not a valid {file.suffix[1:]} file: {problem}") from error
+    stem = "".join(c if c.isalnum() or c in "_-" else "_" for c in file.stem)
+    name = f"{stem}-{hashlib.sha1(str(file).encode()).hexdigest()[:8]}"
+    package = "_global_" if group == "recipe" else group
+    ConfigStore.instance().store(group=f"{group}/file", name=name, node=node, package=package)
+    return f"file/{name}"
+
+
+def is_file_option(value: str) -> bool:
+    return value.endswith((".yaml", ".yml", ".json")) or looks_like_local_path(value)
+
+
+def rewrite_overrides(overrides: list[str] | tuple[str, ...]) -> list[str]:
+    """Hydra overrides with user files registered as options, and every `trainer.KEY=` made `++`
+    (set or add: any TRL option can be given; the check against TRL's fields comes after)."""
+    rewritten = []
+    for override in overrides:
+        key, sep, value = override.partition("=")
+        if sep and key.lstrip("+") in ("recipe", "deepspeed") and is_file_option(value):
+            override = f"{key}={register_file_option(key.lstrip('+'), value)}"
+        elif sep and key.lstrip("+").startswith("trainer."):
+            name = key.lstrip("+").removeprefix("trainer.").removeprefix("dpo.")
+            override = f"++trainer.{TRAINER_ALIASES.get(name, name)}={value}"
+        rewritten.append(override)
+    return rewritten
+
+
+def normalize_trainer(cfg: DictConfig) -> None:
+    """TRL's names in `trainer`: the aliases above renamed, the nested `dpo:` section of older
+    configs flattened (DPOConfig's fields are at the top of its section)."""
+    trainer = cfg.trainer
+    with open_dict(cfg):
+        nested = trainer.pop("dpo", None)
+        if nested is not None:
+            for key, value in nested.items():
+                trainer[key] = value
+        for old, new in TRAINER_ALIASES.items():
+            if old in trainer:  # the shipped groups use TRL's names: an old name is the user's choice
+                trainer[new] = trainer.pop(old)
+        if cfg.get("stage") == "dpo" and isinstance(trainer.get("loss_type"), str):
+            trainer.loss_type = [trainer.loss_type]  # DPOConfig's loss_type is a list (losses combine)
+
+
 def recipe_files() -> dict[str, Path]:
     """Recipe name (`tiny/sft`) -> YAML file, for every recipe shipped in `recipes/`."""
     return {
@@ -207,11 +268,14 @@ def compose(config_name: str, overrides: list[str] | tuple[str, ...] = ()) -> Di
     """Compose `configs/<config_name>.yaml` with Hydra overrides; composition errors become ConfigError."""
     register_configs()
     GlobalHydra.instance().clear()
+    overrides = rewrite_overrides(overrides)
     try:
         with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-            return hydra_compose(config_name=config_name, overrides=list(overrides))
+            cfg = hydra_compose(config_name=config_name, overrides=overrides)
     except (HydraException, OmegaConfBaseException) as error:
         raise ConfigError(describe_composition_error(error)) from error
+    normalize_trainer(cfg)
+    return cfg
 
 
 def load_config(config_name: str, overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
@@ -523,25 +587,191 @@ def check_deepspeed(cfg: DictConfig) -> None:
         raise ConfigError(
             "deepspeed=... needs the deepspeed package: pip install deepspeed, or use deepspeed=none"
         )
+    check_deepspeed_agrees_with_trainer(cfg)
+
+
+def check_deepspeed_agrees_with_trainer(cfg: DictConfig) -> None:
+    """A value a DeepSpeed JSON sets (not "auto") must equal the setting it mirrors, as the HF Trainer
+    requires: say which, now, instead of a multi-line error once the data is prepared."""
+    compute_dtype = cfg.peft.quant.compute_dtype if cfg.peft.method == "qlora" else cfg.model.dtype
+    mirrors = {
+        "train_micro_batch_size_per_gpu": (
+            "trainer.per_device_train_batch_size",
+            "per_device_train_batch_size",
+        ),
+        "gradient_accumulation_steps": ("trainer.gradient_accumulation_steps", "gradient_accumulation_steps"),
+        "gradient_clipping": ("trainer.max_grad_norm", "max_grad_norm"),
+        "optimizer.params.lr": ("trainer.learning_rate", "learning_rate"),
+    }
+    for ds_key, (key, trainer_key) in mirrors.items():
+        value = OmegaConf.select(cfg.deepspeed, ds_key)
+        expected = trainer_value(cfg, trainer_key)
+        if value not in (None, "auto") and value != expected:
+            raise ConfigError(
+                f'deepspeed {ds_key}={value} but {key}={expected}: make them equal, or write "auto" in the JSON'
+            )
+    for precision in ("bf16", "fp16"):
+        enabled = OmegaConf.select(cfg.deepspeed, f"{precision}.enabled")
+        expected = compute_dtype == {"bf16": "bfloat16", "fp16": "float16"}[precision]
+        if enabled not in (None, "auto") and bool(enabled) != expected:
+            raise ConfigError(
+                f"deepspeed {precision}.enabled={enabled} but model.dtype={cfg.model.dtype}: set the dtype to "
+                f'match, or write "auto" in the JSON'
+            )
+
+
+@functools.cache
+def trl_config_class(stage: str) -> type:
+    """TRL's argument class of a pipeline (imported on first use: TRL is slow to import)."""
+    import trl
+
+    return {"sft": trl.SFTConfig, "dpo": trl.DPOConfig}[stage]
+
+
+def trainer_value(cfg: DictConfig, key: str) -> Any:
+    """`trainer.KEY`, or TRL's default for it when the config leaves it out."""
+    if key in cfg.trainer:
+        return cfg.trainer[key]
+    default = next(f for f in dataclasses.fields(trl_config_class(cfg.stage)) if f.name == key).default
+    return None if default is dataclasses.MISSING else default
+
+
+def report_to(cfg: DictConfig) -> list[str]:
+    """`trainer.report_to` as a list of integrations ([] for none); a single name is accepted."""
+    value = trainer_value(cfg, "report_to")
+    names = [value] if isinstance(value, str) else list(value or [])
+    return [] if names in (["none"], []) else names
 
 
 def check_trainer(cfg: DictConfig) -> None:
-    trainer = cfg.trainer
-    if trainer.learning_rate <= 0:
-        raise ConfigError(f"trainer.learning_rate={trainer.learning_rate} must be positive")
-    if not 0.0 <= trainer.warmup_ratio < 1.0:
-        raise ConfigError(f"trainer.warmup_ratio={trainer.warmup_ratio} must be within [0, 1)")
+    """Every key a field of TRL's SFTConfig/DPOConfig with a value of its type, then our ranges."""
+    config_class = trl_config_class(cfg.stage)
+    fields = {item.name: item for item in dataclasses.fields(config_class)}
+    hints = typing.get_type_hints(config_class)
+    for key, value in cfg.trainer.items():
+        if key in TRAINER_KEYS_SET_ELSEWHERE:
+            raise ConfigError(
+                f"trainer.{key} is set from {TRAINER_KEYS_SET_ELSEWHERE[key]}: use that instead"
+            )
+        if key not in fields:
+            close = difflib.get_close_matches(key, fields, n=1, cutoff=0.6)
+            hint = f" (did you mean 'trainer.{close[0]}'?)" if close else ""
+            raise ConfigError(
+                f"unknown key 'trainer.{key}'{hint}: trainer.* takes the fields of TRL's {config_class.__name__}"
+            )
+        if not value_fits(value, hints[key]):
+            raise ConfigError(
+                f"bad value for 'trainer.{key}': {value!r} is not {type_name(hints[key])} "
+                f"(the type of {config_class.__name__}.{key})"
+            )
+    value = functools.partial(trainer_value, cfg)
+    if value("learning_rate") <= 0:
+        raise ConfigError(f"trainer.learning_rate={value('learning_rate')} must be positive")
+    if value("warmup_steps") < 0:
+        raise ConfigError(
+            f"trainer.warmup_steps={value('warmup_steps')}: use a number of steps, or a ratio in [0, 1)"
+        )
     for key in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
                 "logging_steps", "save_steps"):  # fmt: skip
-        require_positive(f"trainer.{key}", trainer[key])
-    if trainer.save_total_limit is not None:
-        require_positive("trainer.save_total_limit", trainer.save_total_limit)
-    if trainer.eval_steps is not None:
-        require_positive("trainer.eval_steps", trainer.eval_steps)
-    require_choice("trainer.report_to", trainer.report_to, REPORT_TO)
-    require_choice("trainer.dpo.loss_type", trainer.dpo.loss_type, DPO_LOSS_TYPES)
-    if trainer.dpo.beta <= 0:
-        raise ConfigError(f"trainer.dpo.beta={trainer.dpo.beta} must be positive")
+        require_positive(f"trainer.{key}", value(key))
+    for key in ("save_total_limit", "eval_steps"):
+        if value(key) is not None:
+            require_positive(f"trainer.{key}", value(key))
+    check_evaluation(cfg)
+    check_report_to(cfg)
+    if cfg.stage == "dpo":
+        check_dpo_loss(cfg)
+    else:
+        require_choice("trainer.loss_type", trainer_value(cfg, "loss_type"), SFT_LOSS_TYPES)
+
+
+def check_evaluation(cfg: DictConfig) -> None:
+    strategy = trainer_value(cfg, "eval_strategy") if "eval_strategy" in cfg.trainer else None
+    if strategy not in (None, "no") and not (cfg.data.eval_path or cfg.data.eval_fraction > 0):
+        raise ConfigError(
+            f"trainer.eval_strategy={strategy} but there is no evaluation data: set data.eval_path or "
+            "data.eval_fraction, or trainer.eval_strategy=no"
+        )
+    if strategy == "steps" and trainer_value(cfg, "eval_steps") is None:
+        raise ConfigError("trainer.eval_strategy=steps needs trainer.eval_steps=N")
+
+
+def check_report_to(cfg: DictConfig) -> None:
+    from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
+
+    for name in report_to(cfg):
+        require_choice("trainer.report_to", name, (*INTEGRATION_TO_CALLBACK, "none"))
+        package = REPORT_TO_PACKAGES.get(name, name)
+        if importlib.util.find_spec(package) is None:
+            extra = (
+                f"pip install 'mixtral-tune[{name}]'"
+                if name in REPORT_TO_PACKAGES
+                else f"pip install {package}"
+            )
+            raise ConfigError(
+                f"trainer.report_to={name} needs the {package} package: {extra}, or drop {name}"
+            )
+
+
+def check_dpo_loss(cfg: DictConfig) -> None:
+    """DPO loss settings TRL would only reject once the models are built."""
+    loss_types = list(trainer_value(cfg, "loss_type"))
+    for loss_type in loss_types:
+        require_choice("trainer.loss_type", loss_type, DPO_LOSS_TYPES)
+    if trainer_value(cfg, "beta") <= 0:
+        raise ConfigError(f"trainer.beta={trainer_value(cfg, 'beta')} must be positive")
+    smoothing = trainer_value(cfg, "label_smoothing")
+    if "exo_pair" in loss_types and smoothing <= 0:
+        raise ConfigError(
+            "trainer.loss_type=exo_pair needs trainer.label_smoothing > 0: pass trainer.label_smoothing=1e-3 "
+            "(the EXO paper's value)"
+        )
+    if "robust" in loss_types and not 0.0 <= smoothing < 0.5:
+        raise ConfigError(
+            f"trainer.loss_type=robust needs trainer.label_smoothing in [0, 0.5), got {smoothing}"
+        )
+    weights = trainer_value(cfg, "loss_weights")
+    if weights is not None and len(weights) != len(loss_types):
+        raise ConfigError(
+            f"trainer.loss_weights has {len(weights)} weights for {len(loss_types)} loss types: give one per loss"
+        )
+    divergence_losses = {"sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop", "sft"}
+    divergence = trainer_value(cfg, "f_divergence_type")
+    if divergence != "reverse_kl" and not set(loss_types) <= divergence_losses:
+        raise ConfigError(
+            f"trainer.f_divergence_type={divergence} works only with loss types {', '.join(sorted(divergence_losses))}: "
+            "change trainer.loss_type or use f_divergence_type=reverse_kl"
+        )
+
+
+def value_fits(value: Any, annotation: Any) -> bool:
+    """Whether a composed value can be passed for a field annotated `annotation` (unknown types pass)."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if annotation is Any:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(value_fits(value, arg) for arg in args)
+    if origin is typing.Literal:
+        return value in args
+    if annotation is type(None):
+        return value is None
+    if annotation is bool:
+        return isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if annotation is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if annotation is str or (isinstance(annotation, type) and issubclass(annotation, enum.Enum)):
+        return isinstance(value, str)
+    if annotation is list or origin is list:
+        return isinstance(value, ListConfig | list)
+    if annotation is dict or origin is dict:
+        return isinstance(value, DictConfig | dict)
+    return True
+
+
+def type_name(annotation: Any) -> str:
+    return getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
 
 
 def zero_stage(cfg: DictConfig) -> int:

@@ -73,7 +73,7 @@ def main() -> None:
     os.environ.setdefault("WANDB_MODE", "offline")
     started = time.perf_counter()
     tokenizer = load_tokenizer()
-    beta = load_config("dpo", ["+recipe=tiny/dpo"]).trainer.dpo.beta
+    beta = load_config("dpo", ["+recipe=tiny/dpo"]).trainer.beta
 
     print("== stage 1: SFT (recipes/tiny/sft.yaml) ==", flush=True)
     # Evaluation runs after each stage (below), so the trainers' periodic evaluation is off.

@@ -4,8 +4,8 @@
     python train/dpo.py +recipe=tiny/dpo model.name_or_path=outputs/tiny-sft/final
 
 The reference model is the base with adapters disabled under PEFT, a frozen copy otherwise; the
-router aux loss is added to the policy loss with model.router_aux_loss_coef (TRL's
-router_aux_loss_coef is set to the same value) and the reference forward carries none.
+policy's router terms (aux and z-loss, with the model config's coefficients) are added to the DPO
+loss by train/objective.py and the reference forward carries none.
 """
 
 import sys
@@ -13,6 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from mixtral_model import quiet  # noqa: E402, F401, I001  (before TRL: drops start-up messages nobody can act on)
 from trl import DPOConfig, DPOTrainer  # noqa: E402
 
 from mixtral_model.zero import DeepSpeedMoETrainerMixin  # noqa: E402
@@ -20,10 +21,15 @@ from train import pipeline  # noqa: E402
 from train.callbacks import RouterStatsLoggingMixin  # noqa: E402
 from train.data import prepare_dpo_data  # noqa: E402
 from train.model_factory import build_frozen_reference  # noqa: E402
+from train.objective import RouterObjectiveMixin  # noqa: E402
 
 
 class MixtralDPOTrainer(
-    pipeline.ExpertParallelSaveMixin, RouterStatsLoggingMixin, DeepSpeedMoETrainerMixin, DPOTrainer
+    pipeline.ExpertParallelSaveMixin,
+    RouterStatsLoggingMixin,
+    RouterObjectiveMixin,
+    DeepSpeedMoETrainerMixin,
+    DPOTrainer,
 ):
     pass
 
@@ -33,9 +39,6 @@ def dpo_arguments(cfg) -> DPOConfig:
         **pipeline.training_kwargs(cfg),
         max_length=cfg.data.max_length,
         truncation_mode=cfg.data.dpo_truncation_mode,
-        beta=cfg.trainer.dpo.beta,
-        loss_type=[cfg.trainer.dpo.loss_type],
-        precompute_ref_log_probs=cfg.trainer.dpo.precompute_ref_log_probs,
     )
 
 

@@ -14,7 +14,7 @@ from omegaconf import DictConfig
 from transformers import BitsAndBytesConfig, PreTrainedTokenizerBase
 
 from mixtral_model import MixtralConfig, MixtralForCausalLM
-from train.config import lora_modules_to_save, lora_target_modules
+from train.config import lora_modules_to_save, lora_target_modules, trainer_value
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 NEVER_QUANTIZED = ["gate", "lm_head"]  # the router and the output head stay in the compute dtype
@@ -77,10 +77,32 @@ def load_model(cfg: DictConfig, name_or_path: str) -> MixtralForCausalLM:
         router_jitter_noise=cfg.model.router_jitter_noise,
         router_z_loss_coef=cfg.model.router_z_loss_coef,
         expert_parallel_size=cfg.model.expert_parallel_size,
-        output_router_logits=True,
     )
     model.config.use_cache = False
+    if cfg.peft.method == "qlora":
+        keep_4bit_training_layout(model)
     return model
+
+
+def keep_4bit_training_layout(model) -> None:
+    """Stop bitsandbytes from repacking 4-bit weights into its CPU inference layout.
+
+    On a CPU with AVX512-BF16, a `Linear4bit` run in eval mode (the trainer's evaluation) rewrites its
+    weight in place into a uint8 tiled layout and changes its quant state. Under ZeRO-3 the weight's
+    storage is DeepSpeed's partition (bf16 quant storage): the next gather hands back the original
+    layout, which the packed quant state misreads, and the checkpoint save asserts uint8 storage.
+    A model being trained keeps the layout it was quantized in.
+    """
+    import bitsandbytes as bnb
+
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    if layers and not hasattr(layers[0], "support_avx512bf16_for_cpu"):
+        raise RuntimeError(
+            f"bitsandbytes {bnb.__version__}: Linear4bit has no support_avx512bf16_for_cpu switch any more; "
+            "check how this version repacks 4-bit weights on CPU before training with it"
+        )
+    for layer in layers:
+        layer.support_avx512bf16_for_cpu = False
 
 
 def apply_peft(model: MixtralForCausalLM, cfg: DictConfig, gradient_checkpointing: bool):
@@ -101,7 +123,12 @@ def apply_peft(model: MixtralForCausalLM, cfg: DictConfig, gradient_checkpointin
         modules_to_save=lora_modules_to_save(cfg) or None,
         task_type="CAUSAL_LM",
     )
-    return peft.get_peft_model(model, lora)
+    model = peft.get_peft_model(model, lora)
+    # The dropout layers are built above; the saved adapter_config.json records the inference value 0
+    # (peft.dropout stays in run_config.yaml): PEFT loads adapters onto transformers' fused Mixtral
+    # experts through its ParamWrapper, which refuses any lora_dropout != 0, even for inference.
+    model.peft_config["default"].lora_dropout = 0.0
+    return model
 
 
 def base_model_path(cfg: DictConfig) -> str:
@@ -112,7 +139,7 @@ def base_model_path(cfg: DictConfig) -> str:
 def build_model(cfg: DictConfig):
     """The trainable model: checkpoint (or random init written to OUTPUT_DIR/base) + PEFT."""
     model = load_model(cfg, base_model_path(cfg))
-    return apply_peft(model, cfg, cfg.trainer.gradient_checkpointing)
+    return apply_peft(model, cfg, trainer_value(cfg, "activation_checkpointing"))
 
 
 def build_frozen_reference(cfg: DictConfig) -> MixtralForCausalLM | None:

@@ -5,30 +5,37 @@ Order matters and is the same in both entry points: everything a user can get wr
 files and rows, parallel combination) is checked before a model is built or an output written.
 """
 
-import os
+import os  # noqa: I001  (mixtral_model.quiet comes before deepspeed)
 import sys
 from pathlib import Path
 
+from mixtral_model import quiet  # noqa: F401  (first: drops start-up messages nobody can act on)
 import deepspeed
 import torch
+from huggingface_hub import HfApi
 from omegaconf import DictConfig, OmegaConf
 
 from mixtral_model import MixtralConfig, load_tokenizer
+from mixtral_model.tokenizer import save_for_serving
 from mixtral_model.zero import check_parallel_combination, gathered_state_dict, prepare_for_deepspeed
-from train.callbacks import RunSummaryCallback
+from train.callbacks import RunSummaryCallback, use_lean_console
 from train.checkpoints import latest_complete_checkpoint
 from train.config import (
     ConfigError,
     check_architecture_matches,
     deepspeed_dict,
     load_config,
+    report_to,
     resume_checkpoint,
+    trainer_value,
     zero_stage,
 )
 from train.data import DataError
+from train.model_card import write_generation_config, write_model_card
 from train.model_factory import build_model, write_random_init
 
-USAGE = "usage: {script} +recipe=NAME [key=value ...]   (see README: recipes and CLI overrides)"
+USAGE = """usage: {script} +recipe=NAME|FILE.yaml [deepspeed=NAME|FILE.json] [key=value ...] [--print-config]
+  --print-config (or --cfg job): print the resolved, validated config and exit (see README: CLI)"""
 
 
 def config_from_argv(stage: str, argv: list[str]) -> DictConfig:
@@ -36,14 +43,31 @@ def config_from_argv(stage: str, argv: list[str]) -> DictConfig:
     if any(arg in ("-h", "--help") for arg in argv):
         print(USAGE.format(script=f"train/{stage}.py"))
         sys.exit(0)
+    print_only, argv = split_print_config_flag(argv)
     try:
         cfg = load_config(stage, argv)
+        if print_only:
+            print(OmegaConf.to_yaml(cfg, resolve=True), end="")
+            sys.exit(0)
         check_parallel_combination(zero_stage(cfg), cfg.model.expert_parallel_size, cfg.peft.method != "none")
         check_checkpoint_architecture(cfg)
         check_output_dir(cfg)
+        check_hub_access(cfg)
     except (ConfigError, ValueError, FileNotFoundError) as error:
         fail(error)
     return cfg
+
+
+def split_print_config_flag(argv: list[str]) -> tuple[bool, list[str]]:
+    """(whether --print-config or --cfg job was given, the other arguments)."""
+    rest, flagged = [], False
+    for arg in argv:
+        if arg in ("--print-config", "--cfg=job") or (arg == "job" and rest[-1:] == ["--cfg"]):
+            flagged = True
+            rest = rest[:-1] if arg == "job" else rest
+        else:
+            rest.append(arg)
+    return flagged, rest
 
 
 def fail(error: Exception) -> None:
@@ -76,6 +100,20 @@ def check_output_dir(cfg: DictConfig) -> None:
         )
 
 
+def check_hub_access(cfg: DictConfig) -> None:
+    """trainer.push_to_hub needs the Hub and a login: find out now, not after training."""
+    if not trainer_value(cfg, "push_to_hub"):
+        return
+    try:
+        HfApi().whoami()
+    except Exception as error:  # offline mode, no network, no token: all end the same way
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise ConfigError(
+            f"trainer.push_to_hub=true but the Hugging Face Hub is not usable here ({reason}): "
+            "log in with `hf auth login` where the network allows, or drop trainer.push_to_hub"
+        ) from error
+
+
 def resume_path(cfg: DictConfig) -> str | None:
     resume = resume_checkpoint(cfg)
     if resume is True:
@@ -88,7 +126,7 @@ def resume_path(cfg: DictConfig) -> str | None:
 
 def configure_wandb(cfg: DictConfig) -> None:
     """wandb logs offline unless an API key is configured; WANDB_MODE set by the user always wins."""
-    if cfg.trainer.report_to != "wandb":
+    if "wandb" not in report_to(cfg):
         return
     if not os.environ.get("WANDB_API_KEY") and not (Path.home() / ".netrc").exists():
         os.environ.setdefault("WANDB_MODE", "offline")
@@ -98,45 +136,33 @@ def configure_wandb(cfg: DictConfig) -> None:
 
 
 def training_kwargs(cfg: DictConfig) -> dict:
-    """Arguments shared by TRL's SFTConfig and DPOConfig, from the composed config."""
-    trainer = cfg.trainer
+    """Arguments for TRL's SFTConfig/DPOConfig: the `trainer` section as it is (TRL's names) over
+    the pipelines' defaults, then what is set from the rest of the config (never from `trainer`)."""
+    trainer = OmegaConf.to_container(cfg.trainer, resolve=True)
     compute_dtype = cfg.peft.quant.compute_dtype if cfg.peft.method == "qlora" else cfg.model.dtype
-    evaluate = trainer.eval_steps is not None and (cfg.data.eval_path or cfg.data.eval_fraction > 0)
-    return dict(
+    has_eval_data = bool(cfg.data.eval_path or cfg.data.eval_fraction > 0)
+    if not has_eval_data:
+        trainer.pop("eval_steps", None)
+    defaults = dict(
+        activation_checkpointing_kwargs={"use_reentrant": False},
+        logging_first_step=True,
+        eval_strategy="steps" if trainer.get("eval_steps") is not None else "no",
+        save_strategy="steps",
+        data_seed=trainer.get("seed", 42),
+        include_num_input_tokens_seen="non_padding",
+        ddp_find_unused_parameters=False,
+    )
+    set_elsewhere = dict(
         output_dir=cfg.output_dir,
         max_steps=cfg.max_steps,
-        num_train_epochs=trainer.num_train_epochs,
-        learning_rate=trainer.learning_rate,
-        lr_scheduler_type=trainer.lr_scheduler_type,
-        warmup_steps=trainer.warmup_ratio,
-        weight_decay=trainer.weight_decay,
-        max_grad_norm=trainer.max_grad_norm,
-        optim=trainer.optim,
-        per_device_train_batch_size=trainer.per_device_train_batch_size,
-        per_device_eval_batch_size=trainer.per_device_eval_batch_size,
-        gradient_accumulation_steps=trainer.gradient_accumulation_steps,
-        gradient_checkpointing=trainer.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False},
-        logging_steps=trainer.logging_steps,
-        logging_first_step=True,
-        eval_strategy="steps" if evaluate else "no",
-        eval_steps=trainer.eval_steps if evaluate else None,
-        save_strategy="steps",
-        save_steps=trainer.save_steps,
-        save_total_limit=trainer.save_total_limit,
-        seed=trainer.seed,
-        data_seed=trainer.seed,
-        report_to=[] if trainer.report_to == "none" else [trainer.report_to],
-        run_name=trainer.run_name,
+        report_to=report_to(cfg),
         bf16=compute_dtype == "bfloat16",
         fp16=compute_dtype == "float16",
         use_cpu=not torch.cuda.is_available(),
         deepspeed=deepspeed_dict(cfg),
-        include_num_input_tokens_seen="non_padding",
-        router_aux_loss_coef=cfg.model.router_aux_loss_coef,
         remove_unused_columns=False,
-        ddp_find_unused_parameters=False,
     )
+    return defaults | trainer | set_elsewhere
 
 
 def prepare_base_checkpoint(cfg: DictConfig, tokenizer) -> None:
@@ -209,14 +235,18 @@ class ExpertParallelSaveMixin:
 def save_final(trainer, cfg: DictConfig, tokenizer) -> str:
     """The final adapter or model with its tokenizer in OUTPUT_DIR/final (gathered under ZeRO-3)."""
     final = str(Path(cfg.output_dir) / "final")
-    # Training asked for router logits in every forward; the saved config keeps the hub default, so
-    # generation with the saved model (ours or transformers') does not compute router losses.
-    trainer.accelerator.unwrap_model(trainer.model).config.output_router_logits = False
     trainer.save_model(final)
     if trainer.args.should_save:
-        tokenizer.save_pretrained(final)
+        save_for_serving(tokenizer, final)
         OmegaConf.save(cfg, Path(final) / "run_config.yaml", resolve=True)
         trainer.state.save_to_json(str(Path(final) / "trainer_state.json"))
+        write_generation_config(Path(final), tokenizer)
+        is_adapter = (Path(final) / "adapter_config.json").exists()
+        write_model_card(Path(final), cfg, trainer.state.log_history, is_adapter)
+        if trainer.args.push_to_hub:
+            HfApi().upload_folder(
+                repo_id=trainer.hub_model_id, folder_path=final, commit_message="final model"
+            )
     return final
 
 
@@ -233,6 +263,15 @@ def run(stage: str, argv: list[str], prepare_data, make_args, trainer_class, ref
     config (validated) -> tokenizer and data (validated) -> trainer arguments and model (ordered for
     the parallel layout) -> train (resumable) -> OUTPUT_DIR/final.
     """
+    trainer, cfg, tokenizer = build_trainer(
+        stage, argv, prepare_data, make_args, trainer_class, reference_model
+    )
+    trainer.train(resume_from_checkpoint=resume_path(cfg))
+    return save_final(trainer, cfg, tokenizer)
+
+
+def build_trainer(stage: str, argv: list[str], prepare_data, make_args, trainer_class, reference_model=None):
+    """The trainer `run` trains, with its composed config and tokenizer (steps before training)."""
     cfg = config_from_argv(stage, argv)
     tokenizer = load_tokenizer(cfg.model.tokenizer)
     data = load_data_or_exit(prepare_data, cfg.data, tokenizer, cfg.trainer.seed)
@@ -250,5 +289,5 @@ def run(stage: str, argv: list[str], prepare_data, make_args, trainer_class, ref
         **extra,
     )
     trainer.enable_router_stats(model)
-    trainer.train(resume_from_checkpoint=resume_path(cfg))
-    return save_final(trainer, cfg, tokenizer)
+    use_lean_console(trainer)
+    return trainer, cfg, tokenizer

@@ -13,16 +13,22 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from mixtral_model import quiet  # noqa: E402, F401, I001  (before TRL: drops start-up messages nobody can act on)
 from trl import SFTConfig, SFTTrainer  # noqa: E402
 
 from mixtral_model.zero import DeepSpeedMoETrainerMixin  # noqa: E402
 from train import pipeline  # noqa: E402
 from train.callbacks import RouterStatsLoggingMixin  # noqa: E402
 from train.data import prepare_sft_data  # noqa: E402
+from train.objective import RouterObjectiveMixin  # noqa: E402
 
 
 class MixtralSFTTrainer(
-    pipeline.ExpertParallelSaveMixin, RouterStatsLoggingMixin, DeepSpeedMoETrainerMixin, SFTTrainer
+    pipeline.ExpertParallelSaveMixin,
+    RouterStatsLoggingMixin,
+    RouterObjectiveMixin,
+    DeepSpeedMoETrainerMixin,
+    SFTTrainer,
 ):
     pass
 

@@ -245,7 +245,7 @@ def compare(trained: dict, reference_model) -> dict:
 def main():
     args = parse_args()
     if args.skip_idle_experts:
-        moe.EXPERT_FORWARDS["per_expert"] = run_busy_experts
+        moe.per_expert_forward = run_busy_experts
     deepspeed.init_distributed(dist_backend="gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     model, reference = build_models(args.expert_parallel_size, args.peft)

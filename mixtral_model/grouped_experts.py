@@ -1,0 +1,501 @@
+"""Grouped expert compute: the SwiGLU of all local experts read straight from their weights, with no
+module call per expert, for plain `nn.Linear`, bitsandbytes 4-bit `Linear4bit` and PEFT LoRA experts,
+and for ZeRO-3 experts once their block has gathered them (the block is a ZeRO-3 leaf module).
+
+The experts keep their own modules (`experts.E.w1` ...), so state dicts keep the hub keys, PEFT targets
+and saves per-expert adapters under the hub names, bitsandbytes quantizes each projection and ZeRO-3 or
+ZeRO-1/2 own each parameter's storage. This file only reads them:
+
+    projection(x) = base(x) + lora_B(lora_A(dropout(x))) * scaling      (PEFT's LoRA Linear.forward)
+
+* base: `GroupedBaseLinear`, one autograd node per projection over all experts. The base weights are
+  materialized (NF4: dequantized in one pass into one (E, O, I) buffer; plain: read in place, or
+  stacked for `torch._grouped_mm`) in forward and again in backward, never saved: a QLoRA model holds
+  at most one layer's dequantized experts at a time.
+* LoRA: A (E, r, I) and B (E, O, r) products over the same sorted token slices, with PEFT's dropout
+  drawn in PEFT's per-expert order (so a seeded run draws the same masks as `per_expert`), PEFT's
+  scaling and its dtype casts.
+
+Kernels: `grouped_mm` (`torch._grouped_mm` over weights stacked to (E, ...); bf16 on CUDA sm90+) and
+`grouped_loop` (one `F.linear` per expert slice on the weights themselves, no stacking copy; in
+bf16/fp16 on CPU the input gradient multiplies by a transposed copy of the weight, see `_input_grad`).
+
+`read_projection` returns None for anything else (merged or disabled adapters, several active adapters,
+DoRA and other LoRA variants, biases, modules with hooks, CPU-packed 4-bit weights, unequal ranks or
+scalings across experts); the block then runs `per_expert`, the reference every path is tested against.
+"""
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+GROUPED_KERNELS = ("grouped_mm", "grouped_loop")
+
+
+@dataclass
+class LoraView:
+    """One active vanilla LoRA adapter on a projection of every expert (equal rank and scaling)."""
+
+    A: list[nn.Parameter]  # (r, I) per expert
+    B: list[nn.Parameter]  # (O, r) per expert
+    dropout: nn.Module  # expert 0's (each expert's module draws its own mask; all share p)
+    dropouts: list[nn.Module]
+    scaling: float
+    cast_input: bool  # LoraLayer.cast_input_dtype_enabled
+    bnb: bool  # PEFT's 4-bit LoRA layer: casts the LoRA output to the base dtype before adding
+
+
+@dataclass
+class ProjectionView:
+    """w1, w3 or w2 of every local expert: base weights (plain or 4-bit) and an optional LoRA."""
+
+    bases: list[nn.Module]  # nn.Linear or bitsandbytes Linear4bit, one per expert
+    quantized: bool
+    lora: LoraView | None
+
+
+def _has_hooks(module: nn.Module) -> bool:
+    return bool(
+        module._forward_hooks
+        or module._forward_pre_hooks
+        or module._backward_hooks
+        or getattr(module, "_backward_pre_hooks", None)
+    )
+
+
+def _linear4bit_class():
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        return None
+    return bnb.nn.Linear4bit
+
+
+def _readable_base(layer: nn.Module) -> str | None:
+    """'plain' or '4bit' for a bias-free base layer whose weight can be read, else None."""
+    if _has_hooks(layer) or getattr(layer, "bias", None) is not None:
+        return None
+    if type(layer) is nn.Linear:
+        return "plain"
+    linear4bit = _linear4bit_class()
+    if linear4bit is not None and type(layer) is linear4bit:
+        state = getattr(layer.weight, "quant_state", None) or getattr(layer, "quant_state", None)
+        if state is None or getattr(state, "packing_format_for_cpu", False):
+            return None
+        return "4bit"
+    return None
+
+
+def _lora_layer_classes():
+    try:
+        from peft.tuners.lora import layer as lora_layer
+    except ImportError:
+        return (), ()
+    plain = (lora_layer.Linear,)
+    try:
+        from peft.tuners.lora import bnb as lora_bnb
+
+        quantized = (lora_bnb.Linear4bit,) if hasattr(lora_bnb, "Linear4bit") else ()
+    except ImportError:
+        quantized = ()
+    return plain, quantized
+
+
+def _single_vanilla_adapter(layer: nn.Module) -> str | None:
+    """The one active adapter of a PEFT LoRA layer in the plain case PEFT's forward computes as
+    base(x) + lora_B(lora_A(dropout(x))) * scaling; None otherwise."""
+    if layer.merged or layer.disable_adapters or _has_hooks(layer):
+        return None
+    active = [name for name in layer.active_adapters if name in layer.lora_A]
+    if len(active) != 1:
+        return None
+    name = active[0]
+    if name in getattr(layer, "lora_variant", {}) or getattr(layer, "use_dora", {}).get(name, False):
+        return None
+    lora_A, lora_B = layer.lora_A[name], layer.lora_B[name]
+    if type(lora_A) is not nn.Linear or type(lora_B) is not nn.Linear or lora_B.bias is not None:
+        return None
+    if any(_has_hooks(m) for m in (lora_A, lora_B, layer.lora_dropout[name])):
+        return None
+    return name
+
+
+def read_projection(layers: Sequence[nn.Module]) -> ProjectionView | None:
+    """A grouped view of one projection (w1, w3 or w2) over the local experts, or None (use per_expert)."""
+    plain_lora, bnb_lora = _lora_layer_classes()
+    if all(type(layer) in plain_lora + bnb_lora for layer in layers):
+        names = [_single_vanilla_adapter(layer) for layer in layers]
+        if any(name is None for name in names):
+            return None
+        bases = [layer.base_layer for layer in layers]
+        As = [layer.lora_A[name].weight for layer, name in zip(layers, names, strict=True)]
+        Bs = [layer.lora_B[name].weight for layer, name in zip(layers, names, strict=True)]
+        scalings = {layer.scaling[name] for layer, name in zip(layers, names, strict=True)}
+        dropouts = [layer.lora_dropout[name] for layer, name in zip(layers, names, strict=True)]
+        ps = {getattr(d, "p", 0.0) if isinstance(d, nn.Dropout) else 0.0 for d in dropouts}
+        kinds = {type(d) for d in dropouts}
+        if len(scalings) != 1 or len(ps) != 1 or len(kinds) != 1 or kinds - {nn.Dropout, nn.Identity}:
+            return None
+        if len({a.shape for a in As}) != 1 or len({b.shape for b in Bs}) != 1:
+            return None
+        lora = LoraView(
+            A=As,
+            B=Bs,
+            dropout=dropouts[0],
+            dropouts=dropouts,
+            scaling=scalings.pop(),
+            cast_input=all(getattr(layer, "cast_input_dtype_enabled", True) for layer in layers),
+            bnb=type(layers[0]) in bnb_lora,
+        )
+        if len({type(layer) for layer in layers}) != 1:
+            return None
+    elif any(type(layer) in plain_lora + bnb_lora for layer in layers):
+        return None
+    else:
+        bases, lora = list(layers), None
+    kinds = {_readable_base(base) for base in bases}
+    if len(kinds) != 1 or None in kinds:
+        return None
+    return ProjectionView(bases=bases, quantized=kinds.pop() == "4bit", lora=lora)
+
+
+def gathered(weight: torch.Tensor) -> bool:
+    """False for a ZeRO-3 partition whose full data is not present right now (outside its leaf module)."""
+    status = getattr(weight, "ds_status", None)
+    return status is None or status.name in ("AVAILABLE", "INFLIGHT") and weight.numel() > 0
+
+
+def projection_weights(view: ProjectionView) -> list[torch.Tensor]:
+    return [base.weight for base in view.bases]
+
+
+# ---------------------------------------------------------------- base projection
+
+
+def _compute_dtype(base: nn.Module, x: torch.Tensor) -> torch.dtype:
+    """bitsandbytes Linear4bit's compute dtype (it sets it from the first input when unset)."""
+    if not base.compute_type_is_set:
+        base.set_compute_type(x)
+        base.compute_type_is_set = True
+    return base.compute_dtype or x.dtype
+
+
+def _dequantize_all(bases: Sequence[nn.Module], dtype: torch.dtype) -> torch.Tensor:
+    """Every expert's 4-bit weight dequantized into one (E, O, I) tensor of `dtype`: bitsandbytes'
+    kernel on CUDA, else `_dequantize_4bit_cpu` over all experts at once."""
+    import bitsandbytes.functional as bnbF
+    from bitsandbytes.nn.modules import fix_4bit_weight_quant_state_from_module
+
+    for base in bases:
+        fix_4bit_weight_quant_state_from_module(base)
+    states = [base.weight.quant_state for base in bases]
+    first = bases[0].weight
+    out_features, in_features = states[0].shape
+    if not first.is_cuda and _same_layout(states):
+        return _dequantize_4bit_cpu([base.weight.data for base in bases], states, dtype)
+    stacked = torch.empty(len(bases), out_features, in_features, dtype=states[0].dtype, device=first.device)
+    for e, (base, state) in enumerate(zip(bases, states, strict=True)):
+        if stacked.is_cuda:  # bitsandbytes 0.50 has no CPU kernel for the out= form
+            bnbF.dequantize_4bit(base.weight.data, state, out=stacked[e])
+        else:
+            stacked[e] = bnbF.dequantize_4bit(base.weight.data, state)
+    return stacked if stacked.dtype == dtype else stacked.to(dtype)
+
+
+def _same_layout(states) -> bool:
+    first = states[0]
+    return all(
+        s.shape == first.shape and s.blocksize == first.blocksize and torch.equal(s.code, first.code) for s in states
+    )
+
+
+def _absmax(state) -> torch.Tensor:
+    """A quant state's per-block scales in fp32 (double quantization undone the way bitsandbytes does)."""
+    if not state.nested:
+        return state.absmax.float()
+    import bitsandbytes.functional as bnbF
+
+    return (bnbF.dequantize_blockwise(state.absmax, state.state2) + state.offset).float()
+
+
+def _dequantize_4bit_cpu(packed: Sequence[torch.Tensor], states, dtype: torch.dtype) -> torch.Tensor:
+    """bitsandbytes' 4-bit dequantization (NF4 or FP4) of equally shaped weights in one pass of torch
+    ops: every byte holds two 4-bit codes (high nibble first), value = code_table[c] * block absmax.
+    Same numbers as `bitsandbytes.functional.dequantize_4bit`, several times faster on CPU
+    (bitsandbytes 0.50), which is what QLoRA spends most of its CPU step on."""
+    first = states[0]
+    code = first.code.float().to(packed[0].device)
+    nibbles = torch.arange(256, device=code.device)
+    pair_table = torch.stack([code[nibbles >> 4], code[nibbles & 15]], dim=-1)  # (256, 2)
+    bytes_ = torch.cat([p.reshape(-1).view(torch.uint8) for p in packed])
+    absmax = torch.cat([_absmax(s) for s in states])
+    values = pair_table[bytes_.long()].view(-1, first.blocksize) * absmax[:, None]
+    return values.to(dtype).view(len(states), *first.shape)
+
+
+def _weights(bases: Sequence[nn.Module], quantized: bool, dtype: torch.dtype, stacked: bool):
+    """The base weights as one (E, O, I) tensor (stacked=True) or a list of (O, I) tensors (no copy
+    for plain weights)."""
+    if quantized:
+        return _dequantize_all(bases, dtype)
+    weights = [base.weight.detach() for base in bases]
+    if stacked:
+        return torch.stack(weights)
+    return weights
+
+
+def _offsets(counts: Sequence[int], device) -> torch.Tensor:
+    return torch.cumsum(torch.tensor(counts, device=device), 0).to(torch.int32)
+
+
+def _grouped_mm_aligned(width: int, dtype: torch.dtype) -> bool:
+    """torch._grouped_mm needs every row stride to be a multiple of 16 bytes (LoRA r=4 in bf16 is not)."""
+    return width * torch.empty(0, dtype=dtype).element_size() % 16 == 0
+
+
+def _low_precision_cpu(t: torch.Tensor) -> bool:
+    return t.device.type == "cpu" and t.dtype in (torch.bfloat16, torch.float16)
+
+
+def _input_grad(grad_MO: torch.Tensor, w_OI: torch.Tensor) -> torch.Tensor:
+    """grad @ w. In bf16/fp16 on CPU through a transposed copy of w: torch's low-precision CPU GEMM is
+    many times slower for some shapes when both operands are row-major (see bench/results)."""
+    if _low_precision_cpu(w_OI):
+        return grad_MO @ w_OI.t().contiguous().t()
+    return grad_MO @ w_OI
+
+
+def _row_ranges(counts: Sequence[int]) -> list[tuple[int, int]]:
+    ranges, start = [], 0
+    for count in counts:
+        ranges.append((start, start + count))
+        start += count
+    return ranges
+
+
+class GroupedLinear(torch.autograd.Function):
+    """One projection of every local expert on its rows, with its LoRA adapter fused in when given:
+
+        y[rows of e] = x_e W_e^T  (+ scaling * ((x_e * noise_e) A_e^T) B_e^T)
+
+    W is read (4-bit: dequantized) in forward and again in backward, never saved; outputs and input
+    gradients are written into one preallocated tensor (no per-expert results concatenated).
+    params: A_0..A_{E-1}, B_0..B_{E-1} (with_lora), then the base weights when they take gradients."""
+
+    @staticmethod
+    def forward(ctx, x_MI, noise_MI, view, counts, kernel, with_lora, *params):
+        num = len(counts)
+        lora_A, lora_B = (params[:num], params[num : 2 * num]) if with_lora else ((), ())
+        ctx.view, ctx.counts, ctx.kernel, ctx.with_lora = view, counts, kernel, with_lora
+        ranges = _row_ranges(counts)
+        if kernel == "grouped_mm":
+            w_EOI = _weights(view.bases, view.quantized, x_MI.dtype, stacked=True)
+            out_MO = torch._grouped_mm(x_MI, w_EOI.transpose(-2, -1), offs=_offsets(counts, x_MI.device))
+        else:
+            weights = _weights(view.bases, view.quantized, x_MI.dtype, stacked=view.quantized)
+            out_MO = x_MI.new_empty(x_MI.shape[0], weights[0].shape[0])
+            for (start, end), w in zip(ranges, weights, strict=True):
+                torch.mm(x_MI[start:end], w.t(), out=out_MO[start:end])
+        z_MR = None
+        if with_lora:
+            dropped_MI = x_MI * noise_MI if noise_MI is not None else x_MI
+            z_MR = x_MI.new_empty(x_MI.shape[0], lora_A[0].shape[0])
+            for (start, end), a, b in zip(ranges, lora_A, lora_B, strict=True):
+                torch.mm(dropped_MI[start:end], a.t(), out=z_MR[start:end])
+                out_MO[start:end].addmm_(z_MR[start:end], b.t(), alpha=view.lora.scaling)
+        ctx.save_for_backward(x_MI, noise_MI, z_MR, *lora_A, *lora_B)
+        return out_MO
+
+    @staticmethod
+    def backward(ctx, grad_MO):
+        x_MI, noise_MI, z_MR, *lora = ctx.saved_tensors
+        view, counts, num = ctx.view, ctx.counts, len(ctx.counts)
+        lora_A, lora_B = lora[:num], lora[num:]
+        ranges = _row_ranges(counts)
+        grad_MO = grad_MO.contiguous()
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            if ctx.kernel == "grouped_mm":
+                w_EOI = _weights(view.bases, view.quantized, grad_MO.dtype, stacked=True)
+                grad_x = torch._grouped_mm(grad_MO, w_EOI, offs=_offsets(counts, grad_MO.device))
+            else:
+                weights = _weights(view.bases, view.quantized, grad_MO.dtype, stacked=view.quantized)
+                grad_x = x_MI.new_empty(x_MI.shape)
+                for (start, end), w in zip(ranges, weights, strict=True):
+                    grad_x[start:end] = _input_grad(grad_MO[start:end], w)
+        lora_grads = []
+        if ctx.with_lora:
+            scaling = view.lora.scaling
+            dropped_MI = x_MI * noise_MI if noise_MI is not None else x_MI
+            grad_A, grad_B = [], []
+            for (start, end), a, b in zip(ranges, lora_A, lora_B, strict=True):
+                g = grad_MO[start:end]
+                g_z = g @ b  # (m, r), before scaling
+                grad_B.append(torch.mm(g.t(), z_MR[start:end]).mul_(scaling))
+                grad_A.append(torch.mm(g_z.t(), dropped_MI[start:end]).mul_(scaling))
+                if grad_x is not None:
+                    if noise_MI is None:
+                        grad_x[start:end].addmm_(g_z, a, alpha=scaling)
+                    else:
+                        grad_x[start:end].add_((g_z @ a).mul_(scaling) * noise_MI[start:end])
+            lora_grads = grad_A + grad_B
+        weight_grads = []
+        if any(ctx.needs_input_grad[6 + len(lora_grads) :]):
+            weight_grads = [grad_MO[start:end].t() @ x_MI[start:end] for start, end in ranges]
+        return (grad_x, None, None, None, None, None, *lora_grads, *weight_grads)
+
+
+def _trainable_base_weights(view: ProjectionView) -> list[torch.Tensor]:
+    if view.quantized:
+        return []
+    weights = projection_weights(view)
+    return weights if any(w.requires_grad for w in weights) else []
+
+
+def _kernel_for(view: ProjectionView, dtype: torch.dtype, kernel: str) -> str:
+    base = view.bases[0]
+    if kernel == "grouped_mm" and not all(_grouped_mm_aligned(n, dtype) for n in (base.in_features, base.out_features)):
+        return "grouped_loop"
+    return kernel
+
+
+def base_projection(view: ProjectionView, x_MI: torch.Tensor, counts: list[int], kernel: str) -> torch.Tensor:
+    """The base layers' output on the sorted rows, in the dtype each base layer returns."""
+    kernel = _kernel_for(view, x_MI.dtype, kernel)
+    if view.quantized:
+        input_dtype = x_MI.dtype
+        compute = _compute_dtype(view.bases[0], x_MI)
+        for base in view.bases[1:]:
+            _compute_dtype(base, x_MI)
+        return GroupedLinear.apply(x_MI.to(compute), None, view, counts, kernel, False).to(input_dtype)
+    return GroupedLinear.apply(x_MI, None, view, counts, kernel, False, *_trainable_base_weights(view))
+
+
+def fusable(view: ProjectionView, x_MI: torch.Tensor) -> bool:
+    """LoRA can be fused into the base product when PEFT's casts are all no-ops: adapter, input and
+    base compute in one dtype, no autocast."""
+    if view.lora is None or torch.is_autocast_enabled():
+        return False
+    dtypes = {x_MI.dtype, view.lora.A[0].dtype, view.lora.B[0].dtype}
+    if view.quantized:
+        dtypes.add(_compute_dtype(view.bases[0], x_MI))
+        dtypes.update(_compute_dtype(base, x_MI) for base in view.bases[1:])
+    else:
+        dtypes.add(view.bases[0].weight.dtype)
+    return len(dtypes) == 1
+
+
+def fused_projection(view, x_MI, noise_MI, counts, kernel) -> torch.Tensor:
+    lora = view.lora
+    kernel = _kernel_for(view, x_MI.dtype, kernel)
+    return GroupedLinear.apply(
+        x_MI, noise_MI, view, counts, kernel, True, *lora.A, *lora.B, *_trainable_base_weights(view)
+    )
+
+
+# ---------------------------------------------------------------- LoRA
+
+
+def dropout_noise(shape: tuple[int, ...], p: float, like: torch.Tensor) -> torch.Tensor | None:
+    """The multiplier `F.dropout(x, p, training=True)` applies on CPU (torch's `_dropout_impl`: a
+    Bernoulli(1 - p) draw over x's shape and dtype, divided by 1 - p); None where it returns x as is.
+    Drawn in the same order as per_expert's dropout calls, it consumes the same random numbers."""
+    if p == 0 or math_prod(shape) == 0:
+        return None
+    if p == 1:
+        return torch.zeros(shape, dtype=like.dtype, device=like.device)
+    return torch.empty(shape, dtype=like.dtype, device=like.device).bernoulli_(1 - p).div_(1 - p)
+
+
+def math_prod(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def lora_input(view: ProjectionView, x_MI: torch.Tensor) -> torch.Tensor:
+    lora = view.lora
+    if lora.cast_input and x_MI.dtype != lora.A[0].dtype:
+        return x_MI.to(lora.A[0].dtype)
+    return x_MI
+
+
+def draw_dropout(views: Sequence[ProjectionView], inputs: Sequence[torch.Tensor], counts: list[int]):
+    """Dropout noise for each projection's LoRA input, drawn expert by expert and, within an expert,
+    projection by projection in the order given -- the order per_expert's PEFT layers draw them.
+    Returns one (M, I) noise tensor or None per projection (None: no dropout)."""
+    active = [
+        v.lora is not None and isinstance(v.lora.dropout, nn.Dropout) and v.lora.dropout.training and v.lora.dropout.p > 0
+        for v in views
+    ]
+    if not any(active):
+        return [None] * len(views)
+    pieces = [[] for _ in views]
+    for count in counts:
+        for i, (view, x) in enumerate(zip(views, inputs, strict=True)):
+            if not active[i]:
+                continue
+            shape = (count, x.shape[1])
+            noise = dropout_noise(shape, view.lora.dropout.p, x)
+            pieces[i].append(noise if noise is not None else torch.ones(shape, dtype=x.dtype, device=x.device))
+    return [torch.cat(p, dim=0) if active[i] else None for i, p in enumerate(pieces)]
+
+
+def lora_delta(
+    view: ProjectionView, x_MI: torch.Tensor, noise_MI, counts: list[int], kernel: str
+) -> torch.Tensor:
+    """lora_B(lora_A(dropout(x))) * scaling on every expert's rows (x already cast as PEFT casts it)."""
+    lora = view.lora
+    if noise_MI is not None:
+        x_MI = x_MI * noise_MI
+    if kernel == "grouped_mm" and _grouped_mm_aligned(lora.A[0].shape[0], x_MI.dtype):
+        offsets = _offsets(counts, x_MI.device)
+        a_ERI = torch.stack(lora.A)
+        b_EOR = torch.stack(lora.B)
+        z_MR = torch._grouped_mm(x_MI, a_ERI.transpose(-2, -1), offs=offsets)
+        return torch._grouped_mm(z_MR, b_EOR.transpose(-2, -1), offs=offsets) * lora.scaling
+    slices = torch.split(x_MI, counts, dim=0)
+    outputs = [F.linear(F.linear(rows, a), b) * lora.scaling for rows, a, b in zip(slices, lora.A, lora.B, strict=True)]
+    return torch.cat(outputs, dim=0)
+
+
+def projection(view: ProjectionView, x_MI, lora_x_MI, noise_MI, counts, kernel) -> torch.Tensor:
+    """PEFT's forward for one projection of all experts (LoRA Linear, or its 4-bit variant)."""
+    if fusable(view, x_MI):
+        return fused_projection(view, x_MI, noise_MI, counts, kernel)
+    result = base_projection(view, x_MI, counts, kernel)
+    if view.lora is None:
+        return result
+    delta = lora_delta(view, lora_x_MI, noise_MI, counts, kernel)
+    if view.lora.bnb:
+        result = result.clone()
+        if not torch.is_autocast_enabled():
+            delta = delta.to(result.dtype)
+        return result + delta
+    return (result + delta).to(result.dtype)
+
+
+def grouped_swiglu(
+    w1: ProjectionView, w3: ProjectionView, w2: ProjectionView, x_MD: torch.Tensor, counts: list[int], kernel: str
+) -> torch.Tensor:
+    """w2(silu(w1 x) * w3 x) for every expert's slice of x_MD (rows sorted by expert, slice sizes = counts).
+
+    Dropout noise for w2's LoRA input depends only on its shape, so it is drawn with w1's and w3's
+    before the hidden state exists, in per_expert's order (w1, w3, w2 per expert)."""
+    lora_x = [lora_input(v, x_MD) if v.lora is not None else None for v in (w1, w3)]
+    hidden_dtype = w2.lora.A[0].dtype if w2.lora is not None and w2.lora.cast_input else x_MD.dtype
+    hidden_like = torch.empty(0, w2.bases[0].in_features, dtype=hidden_dtype, device=x_MD.device)
+    noise1, noise3, noise2 = draw_dropout(
+        (w1, w3, w2),
+        (lora_x[0] if lora_x[0] is not None else x_MD, lora_x[1] if lora_x[1] is not None else x_MD, hidden_like),
+        counts,
+    )
+    h_MF = F.silu(projection(w1, x_MD, lora_x[0], noise1, counts, kernel)) * projection(
+        w3, x_MD, lora_x[1], noise3, counts, kernel
+    )
+    lora_h = lora_input(w2, h_MF) if w2.lora is not None else None
+    return projection(w2, h_MF, lora_h, noise2, counts, kernel)

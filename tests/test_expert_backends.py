@@ -1,0 +1,276 @@
+"""The grouped expert backends (`grouped_loop`, `grouped_mm`) held to `per_expert` on the paths users
+train: PEFT LoRA on the experts (dropout off and on), bitsandbytes NF4 experts with and without LoRA
+(QLoRA), plain experts, fp32 and bf16 on CPU; outputs and every gradient (input, LoRA A/B, plain
+weights). Plus the cases that must fall back to `per_expert`, and what the grouped 4-bit path keeps
+for backward (never a dequantized weight).
+
+Dropout: PEFT draws one mask per LoRA layer call, expert by expert (w1, w3, w2). The grouped path draws
+the same Bernoulli masks in the same order before its grouped products (`grouped_experts.draw_dropout`),
+so under one seed both paths apply identical masks and must agree to rounding, which is what is tested.
+"""
+
+import bitsandbytes as bnb
+import pytest
+import torch
+from mixtral_reference import max_relative_diff, tiny_config
+from peft import LoraConfig, get_peft_model
+from torch import nn
+
+from mixtral_model import MixtralConfig, MixtralForCausalLM
+from mixtral_model.grouped_experts import _dequantize_4bit_cpu
+from mixtral_model.moe import SparseMoeBlock, expert_backend_for
+
+GROUPED = ["grouped_loop", "grouped_mm"]
+HIDDEN, INTERMEDIATE = 64, 128  # bitsandbytes 0.50 dequantizes wrongly on CPU below 64 inputs
+
+
+class Holder(nn.Module):
+    """A bare module holding one block, so PEFT can wrap its experts."""
+
+    def __init__(self, block: SparseMoeBlock):
+        super().__init__()
+        self.block = block
+
+    def forward(self, x):
+        return self.block(x)[0]
+
+
+def random_block(seed: int = 0) -> SparseMoeBlock:
+    torch.manual_seed(seed)
+    block = SparseMoeBlock(MixtralConfig(**tiny_config(hidden_size=HIDDEN, intermediate_size=INTERMEDIATE)))
+    for p in block.parameters():
+        nn.init.normal_(p, std=0.2)
+    with torch.no_grad():  # expert 3 gets no token (inputs are made positive below): an empty slice
+        block.gate.weight[3] = -10.0 * block.gate.weight[:3].abs().sum(0)
+    return block
+
+
+def quantize_experts(block: SparseMoeBlock, compute_dtype: torch.dtype) -> None:
+    for expert in block.experts.values():
+        for name in ("w1", "w2", "w3"):
+            linear = getattr(expert, name)
+            layer = bnb.nn.Linear4bit(
+                linear.in_features, linear.out_features, bias=False, compute_dtype=compute_dtype, quant_type="nf4"
+            )
+            layer.weight = bnb.nn.Params4bit(linear.weight.data.clone(), requires_grad=False, quant_type="nf4")
+            setattr(expert, name, layer.to("cpu"))
+
+
+def with_lora(block: SparseMoeBlock, dropout: float, dtype: torch.dtype):
+    model = get_peft_model(
+        Holder(block), LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules=["w1", "w2", "w3"])
+    )
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.normal_(std=0.3, generator=torch.Generator().manual_seed(hash(name) % 1000))
+    return model.to(dtype) if dtype != torch.float32 else model
+
+
+def build(kind: str, dtype: torch.dtype, dropout: float = 0.0):
+    """(model, block): kind = plain | lora | nf4 | qlora | qlora_fp32_adapters, from the same seeded weights."""
+    block = random_block()
+    if kind in ("nf4", "qlora", "qlora_fp32_adapters"):
+        quantize_experts(block, compute_dtype=dtype)
+        block.gate.to(dtype)
+    elif dtype != torch.float32:
+        block.to(dtype)
+    if kind == "qlora_fp32_adapters":  # PEFT's casts around the adapter are not no-ops: unfused path
+        return with_lora(block, dropout, torch.float32), block
+    if kind in ("lora", "qlora"):
+        model = with_lora(block, dropout, torch.float32 if kind == "qlora" else dtype)
+        if kind == "qlora":
+            for name, p in model.named_parameters():
+                if "lora_" in name:
+                    p.data = p.data.to(dtype)
+        return model, block
+    return Holder(block), block
+
+
+def run(kind: str, backend: str, dtype: torch.dtype, dropout: float = 0.0, seed: int = 7):
+    model, block = build(kind, dtype, dropout)
+    block.expert_backend = backend
+    model.train()
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 9, HIDDEN, generator=g).abs().to(dtype).requires_grad_()
+    upstream = torch.randn(2, 9, HIDDEN, generator=g).to(dtype)
+    torch.manual_seed(seed)
+    out = model(x)
+    (out.float() * upstream.float()).sum().backward()
+    grads = {n: p.grad.float() for n, p in model.named_parameters() if p.requires_grad}
+    return out.detach().float(), x.grad.float(), grads, block
+
+
+def assert_same(actual, expected, tol):
+    out, x_grad, grads, _ = actual
+    ref_out, ref_x_grad, ref_grads, _ = expected
+    assert max_relative_diff(out, ref_out) <= tol
+    assert max_relative_diff(x_grad, ref_x_grad) <= tol
+    assert grads.keys() == ref_grads.keys() and grads
+    for name in grads:
+        assert max_relative_diff(grads[name], ref_grads[name]) <= tol, name
+
+
+CASES = [
+    ("plain", 0.0),
+    ("lora", 0.0),
+    ("lora", 0.25),
+    ("nf4", 0.0),
+    ("qlora", 0.0),
+    ("qlora", 0.25),
+]
+
+
+@pytest.mark.parametrize("backend", GROUPED)
+@pytest.mark.parametrize("kind, dropout", CASES)
+def test_grouped_equals_per_expert_fp32(kind, dropout, backend):
+    reference = run(kind, "per_expert", torch.float32, dropout)
+    assert_same(run(kind, backend, torch.float32, dropout), reference, tol=1e-5)
+    if kind in ("lora", "qlora"):
+        lora_grads = [g for n, g in reference[2].items() if "lora_A" in n or "lora_B" in n]
+        assert len(lora_grads) == 2 * 3 * 4 and sum(g.abs().sum() > 0 for g in lora_grads) >= 18
+        assert reference[2]["base_model.model.block.experts.3.w1.lora_A.default.weight"].abs().max() == 0
+
+
+@pytest.mark.parametrize("backend", GROUPED)
+@pytest.mark.parametrize(
+    "kind, dropout", [("plain", 0.0), ("lora", 0.25), ("qlora", 0.0), ("qlora_fp32_adapters", 0.25)]
+)
+def test_grouped_equals_per_expert_bf16(kind, dropout, backend):
+    reference = run(kind, "per_expert", torch.bfloat16, dropout)
+    assert_same(run(kind, backend, torch.bfloat16, dropout), reference, tol=2e-2)
+
+
+def test_dropout_masks_differ_between_seeds():
+    """The dropout test above is not vacuous: another seed gives other LoRA gradients."""
+    a, b = run("lora", "grouped_loop", torch.float32, 0.25, seed=7), run("lora", "grouped_loop", torch.float32, 0.25, seed=8)
+    assert max_relative_diff(a[0], b[0]) > 1e-3
+
+
+@pytest.mark.parametrize("kind", ["plain", "lora", "nf4", "qlora"])
+def test_auto_picks_a_grouped_backend_on_cpu(kind):
+    _, block = build(kind, torch.float32)
+    assert expert_backend_for(list(block.experts.values())) == "grouped_loop"
+
+
+def saved_tensor_shapes(kind: str, backend: str) -> list[tuple[int, ...]]:
+    model, block = build(kind, torch.float32)
+    block.expert_backend = backend
+    shapes = []
+
+    def pack(t):
+        shapes.append(tuple(t.shape))
+        return t
+
+    x = torch.randn(2, 9, HIDDEN).abs().requires_grad_()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(x)
+    return shapes
+
+
+@pytest.mark.parametrize("backend", GROUPED)
+def test_quantized_path_keeps_no_dequantized_weight_for_backward(backend):
+    weight_shapes = {(INTERMEDIATE, HIDDEN), (HIDDEN, INTERMEDIATE), (4, INTERMEDIATE, HIDDEN), (4, HIDDEN, INTERMEDIATE)}
+    assert weight_shapes & set(saved_tensor_shapes("plain", "per_expert"))  # the probe sees weights
+    assert not weight_shapes & set(saved_tensor_shapes("qlora", backend))
+    assert not weight_shapes & set(saved_tensor_shapes("lora", backend))  # frozen base: read again
+
+
+def lora_model(**lora_kwargs):
+    torch.manual_seed(0)
+    model = MixtralForCausalLM(MixtralConfig(**tiny_config()))
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "w1", "w2", "w3"], **lora_kwargs)
+    return get_peft_model(model, config)
+
+
+def blocks(model):
+    return [layer.block_sparse_moe for layer in model.base_model.model.model.layers]
+
+
+def backend_of(model) -> str:
+    return expert_backend_for(list(blocks(model)[0].experts.values()))
+
+
+def test_unusual_adapters_fall_back_to_per_expert():
+    model = lora_model()
+    assert backend_of(model) == "grouped_loop"
+    with model.disable_adapter():
+        assert backend_of(model) == "per_expert"
+    model.add_adapter("second", LoraConfig(r=2, target_modules=["w1", "w2", "w3"]))
+    model.base_model.set_adapter(["default", "second"])
+    assert backend_of(model) == "per_expert"
+    model.base_model.set_adapter("default")
+    assert backend_of(model) == "grouped_loop"
+    model.merge_adapter()
+    assert backend_of(model) == "per_expert"
+    assert backend_of(lora_model(use_dora=True)) == "per_expert"
+    hooked = lora_model()
+    blocks(hooked)[0].experts["0"].w1.register_forward_pre_hook(lambda *args: None)
+    assert backend_of(hooked) == "per_expert"
+
+
+def test_forcing_a_grouped_backend_on_unreadable_experts_is_an_error():
+    model = lora_model()
+    blocks(model)[0].expert_backend = "grouped_loop"
+    with model.disable_adapter(), pytest.raises(ValueError, match="'grouped_loop' cannot read these experts"):
+        model(input_ids=torch.zeros(1, 4, dtype=torch.long))
+
+
+def test_lora_model_step_and_saved_adapter(tmp_path):
+    """The whole model with LoRA on attention and experts: same loss and LoRA gradients under both
+    backends, and the adapter PEFT saves keeps the per-expert hub names."""
+    input_ids = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(1))
+    results = {}
+    for backend in ("per_expert", "grouped_loop"):
+        model = lora_model(lora_dropout=0.1)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(std=0.1, generator=torch.Generator().manual_seed(len(name)))
+        for block in blocks(model):
+            block.expert_backend = backend
+        model.train()
+        torch.manual_seed(3)
+        out = model(input_ids=input_ids, labels=input_ids, output_router_logits=True)
+        out.loss.backward()
+        results[backend] = out.loss.item(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    (loss_a, grads_a), (loss_b, grads_b) = results["per_expert"], results["grouped_loop"]
+    assert abs(loss_a - loss_b) <= 1e-6 * abs(loss_a)
+    for name in grads_a:
+        assert max_relative_diff(grads_b[name], grads_a[name]) <= 1e-5, name
+    model.save_pretrained(tmp_path)
+    from safetensors.torch import load_file
+
+    keys = set(load_file(tmp_path / "adapter_model.safetensors"))
+    assert "base_model.model.model.layers.0.block_sparse_moe.experts.3.w2.lora_B.weight" in keys
+    assert len([k for k in keys if ".experts." in k]) == 2 * 4 * 3 * 2
+
+
+def quantized_weights(shape, quant_type: str, nested: bool, count: int = 3):
+    g = torch.Generator().manual_seed(4)
+    weights = [torch.randn(shape, generator=g) * 0.2 for _ in range(count)]
+    params = [
+        bnb.nn.Params4bit(w.clone(), requires_grad=False, quant_type=quant_type, compress_statistics=nested).to("cpu")
+        for w in weights
+    ]
+    return weights, params
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("shape, nested", [((128, 64), True), ((96, 192), False)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dequantize_4bit_cpu_equals_bitsandbytes(shape, nested, quant_type, dtype):
+    _, params = quantized_weights(shape, quant_type, nested)
+    ours = _dequantize_4bit_cpu([p.data for p in params], [p.quant_state for p in params], dtype)
+    for e, p in enumerate(params):
+        expected = bnb.functional.dequantize_4bit(p.data, p.quant_state).to(dtype)
+        torch.testing.assert_close(ours[e], expected, rtol=0, atol=0)
+
+
+def test_dequantize_4bit_cpu_with_fewer_than_64_inputs():
+    """Ours stays within NF4's error of the original weight where bitsandbytes 0.50's CPU
+    dequantize_4bit does not (in_features 32: 0.46 of the largest weight, measured)."""
+    weights, params = quantized_weights((48, 32), "nf4", nested=True)
+    ours = _dequantize_4bit_cpu([p.data for p in params], [p.quant_state for p in params], torch.float32)
+    for e, w in enumerate(weights):
+        assert max_relative_diff(ours[e], w) <= 0.15

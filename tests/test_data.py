@@ -573,3 +573,9 @@ def test_message_text_spelling_control_tokens_stays_text(tokenizer, tmp_path):
         row["input_ids"].count(tokenizer.eos_token_id) == 1 and row["input_ids"][-1] == tokenizer.eos_token_id
     )
     assert row["input_ids"].count(tokenizer.bos_token_id) == 1
+
+
+def test_a_single_source_keeps_its_order(tokenizer, tmp_path):
+    rows = numbered_rows("row", 20)
+    prepared = prepare_sft_data(data_cfg(write_jsonl(tmp_path / "rows.jsonl", rows)), tokenizer, seed=3)
+    assert decoded_prompts(tokenizer, prepared) == prompts_of(rows)

@@ -1,11 +1,12 @@
 """Datasets of the SFT and DPO pipelines: load, validate every row, tokenize, pack; once per job, cached.
 
-Sources: `data.path` (one source) or `data.mixture` (several, alignment-handbook `dataset_mixture`
-semantics: each source's `weight` is the fraction of its rows used, drawn with the run's seed; the
-sources are concatenated and shuffled with the seed; `data.eval_fraction` holds out a test fraction
-of the mixture). A source is a local `.jsonl` / `.json` / `.parquet` file (chosen by extension) or a
-hub dataset (`config`, `revision`, `split`); `columns` renames its columns to ours. A path that looks
-local but does not exist is a FileNotFoundError naming it, never a hub lookup.
+Sources: `data.path` (one source, kept in its order) or `data.mixture` (several, alignment-handbook
+`dataset_mixture` semantics: each source's `weight` is the fraction of its rows used, drawn with the
+run's seed; the sources are concatenated and shuffled with the seed). `data.eval_fraction` holds out
+a test fraction of the training rows, drawn with the seed. A source is a local `.jsonl` / `.json` /
+`.parquet` file (chosen by extension; a `.json` list is read whole, a `.jsonl` line by line) or a hub
+dataset (`config`, `revision`, `split`); `columns` renames its columns to ours. A path that looks local
+but does not exist is a FileNotFoundError naming it, never a hub lookup.
 
 Rows (TRL conventions):
   SFT  `messages`: [{role, content}, ...] (optional system first, then user/assistant alternating,
@@ -371,7 +372,9 @@ def build_entry(
         good, report = convert_source(source, convert, features, scratch / f"train{number}", num_proc, seed)
         train_parts.append(good)
         reports.append(report)
-    train = datasets.concatenate_datasets(train_parts).shuffle(seed=seed)
+    train = datasets.concatenate_datasets(train_parts)
+    if data_cfg.mixture:  # as alignment-handbook: a mixture is shuffled, a single dataset keeps its order
+        train = train.shuffle(seed=seed)
     eval_split, eval_error = None, None
     if eval_sources:
         eval_split, report = convert_source(

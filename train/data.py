@@ -36,10 +36,12 @@ Outputs:
   DPO  conversational rows {prompt, chosen, rejected} as TRL's DPOTrainer takes them; it renders
        them with the tokenizer's chat template, checked here to match `encode_chat`.
 
-Why our own tokenization and not TRL's SFT tokenization: TRL renders conversations with
-`apply_chat_template`, which turns message text spelling `</s>` into the control token; mistral-common
-(and `encode_chat`) encode it as text. Every SFT row is therefore encoded with `encode_chat`, and its
-assistant mask gives the labels. Packing and boundary masking are TRL's.
+Why our own pass and not TRL's SFT tokenization: TRL renders each row with `apply_chat_template`
+and its assistant mask, which gives the same ids as `encode_chat` (control-token spellings included,
+since the tokenizer escapes them). Ours calls `encode_chat` itself (the reference held token-for-token
+to mistral-common, and faster than the template route: README, Data) and does in the same pass what
+TRL does not: validate every row and report bad ones by source and row index under
+a budget, and count truncated and dropped long rows. Packing and boundary masking are TRL's.
 
 Once per job: preparation runs as batched `datasets.map` passes (data.num_proc worker processes)
 whose results are saved under data.cache_dir, keyed by a fingerprint of everything that decides

@@ -52,6 +52,10 @@ PEFT_METHODS = ("none", "lora", "qlora")
 QUANT_TYPES = ("nf4", "fp4")
 REPORT_TO_PACKAGES = {"wandb": "wandb", "tensorboard": "tensorboard"}  # extras in pyproject.toml
 SFT_LOSS_TYPES = ("nll", "dft")  # TRL 1.16 SFTTrainer
+DATA_TRUNCATION = ("truncate", "drop")
+DPO_TRUNCATION_MODES = ("keep_start", "keep_end")
+DATA_PREPARE_ON = ("local_main", "global_main")
+DATA_FIELDS = ("messages", "prompt", "completion", "chosen", "rejected")
 DPO_LOSS_TYPES = (
     "sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard",
     "aot", "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm",
@@ -98,18 +102,36 @@ class ModelConfig:
 
 
 @dataclass
-class DataConfig:
+class DataSourceConfig:
+    """One source of data.mixture (alignment-handbook `dataset_mixture` semantics)."""
+
     path: str = MISSING  # local .jsonl/.json/.parquet file, or a hub dataset name
+    config: str | None = None  # hub dataset config (subset) name
+    revision: str | None = None  # hub dataset revision (branch, tag or commit)
+    split: str = "train"  # hub datasets only
+    columns: dict[str, str] = field(default_factory=dict)  # rename: source column -> messages/prompt/...
+    weight: float = 1.0  # fraction of this source's rows used, drawn with trainer.seed
+
+
+@dataclass
+class DataConfig:
+    path: str | None = MISSING  # local .jsonl/.json/.parquet file, or a hub dataset name; null with mixture
     kind: str = MISSING  # sft: messages or prompt/completion rows; dpo: prompt/chosen/rejected rows
     split: str = "train"  # hub datasets only
+    mixture: list[DataSourceConfig] = field(default_factory=list)  # several sources instead of `path`
     eval_path: str | None = None
     eval_split: str = "test"  # hub datasets only
-    eval_fraction: float = 0.0  # held out from `path` when no eval_path is given
+    eval_fraction: float = 0.0  # held out from the training rows (path or mixture) when no eval_path
     max_length: int = 2048
+    truncation: str = "truncate"  # longer rows: truncate (keep the prompt, cut the completion) | drop
+    dpo_truncation_mode: str = "keep_start"  # DPO: TRL DPOConfig.truncation_mode (keep_start | keep_end)
     packing: bool = False  # SFT only
     completion_only: bool = True  # SFT: loss on assistant tokens only
     max_bad_fraction: float = 0.1
     max_reported_bad_rows: int = 5
+    num_proc: int | None = None  # preparation worker processes; null = the CPUs this process may use (<= 32)
+    cache_dir: str | None = None  # prepared datasets; null = $HF_DATASETS_CACHE/mixtral_tune_prepared
+    prepare_on: str = "local_main"  # local_main: local rank 0 of each node prepares | global_main: rank 0
 
 
 @dataclass
@@ -156,6 +178,9 @@ TRAINER_KEYS_SET_ELSEWHERE = {
     "max_length": "data.max_length",
     "packing": "data.packing",
     "padding_free": "data.packing",
+    "truncation_mode": "data.dpo_truncation_mode",
+    "dataset_kwargs": "nothing (train/data.py prepares the rows)",
+    "dataset_num_proc": "data.num_proc",
     "remove_unused_columns": "nothing (the prepared data needs every column)",
     "resume_from_checkpoint": "resume",
 }
@@ -478,6 +503,11 @@ def check_data(cfg: DictConfig) -> None:
     data = cfg.data
     require_choice("data.kind", data.kind, STAGES)
     require_positive("data.max_length", data.max_length)
+    require_choice("data.truncation", data.truncation, DATA_TRUNCATION)
+    require_choice("data.dpo_truncation_mode", data.dpo_truncation_mode, DPO_TRUNCATION_MODES)
+    require_choice("data.prepare_on", data.prepare_on, DATA_PREPARE_ON)
+    if data.num_proc is not None:
+        require_positive("data.num_proc", data.num_proc)
     if data.packing and data.kind != "sft":
         raise ConfigError("data.packing=true is for SFT data only: set data.packing=false for DPO")
     if not 0.0 <= data.max_bad_fraction <= 1.0:
@@ -488,11 +518,26 @@ def check_data(cfg: DictConfig) -> None:
         raise ConfigError(
             "data.eval_path and data.eval_fraction are both set: keep one of them (set the other to null/0)"
         )
+    if bool(data.path) == bool(data.mixture):
+        raise ConfigError(
+            "data.path and data.mixture: set exactly one of them (data.path=null when data.mixture lists the sources)"
+        )
     for key in ("path", "eval_path"):
-        if data[key] and looks_like_local_path(data[key]) and not Path(data[key]).is_file():
+        require_data_file(f"data.{key}", data[key])
+    for number, source in enumerate(data.mixture):
+        require_data_file(f"data.mixture[{number}].path", source.path)
+        if not 0.0 < source.weight <= 1.0:
             raise ConfigError(
-                f"data.{key}={data[key]} is not a file: fix the path, or give a hub dataset name"
+                f"data.mixture[{number}].weight={source.weight} must be within (0, 1]: it is the fraction of "
+                "that source's rows used"
             )
+        for column, target in source.columns.items():
+            require_choice(f"data.mixture[{number}].columns.{column}", target, DATA_FIELDS)
+
+
+def require_data_file(key: str, value: str | None) -> None:
+    if value and looks_like_local_path(value) and not Path(value).is_file():
+        raise ConfigError(f"{key}={value} is not a file: fix the path, or give a hub dataset name")
 
 
 def check_peft(cfg: DictConfig) -> None:

@@ -1,8 +1,12 @@
-"""Datasets of the SFT and DPO pipelines: load, validate every row, tokenize, pack.
+"""Datasets of the SFT and DPO pipelines: load, validate every row, tokenize, pack; once per job, cached.
 
-Sources: a local `.jsonl` / `.json` / `.parquet` file (chosen by extension), or a hub dataset name
-when the path is not a local file. A path that looks local but does not exist is a
-FileNotFoundError naming it, never a hub lookup.
+Sources: `data.path` (one source, kept in its order) or `data.mixture` (several, alignment-handbook
+`dataset_mixture` semantics: each source's `weight` is the fraction of its rows used, drawn with the
+run's seed; the sources are concatenated and shuffled with the seed). `data.eval_fraction` holds out
+a test fraction of the training rows, drawn with the seed. A source is a local `.jsonl` / `.json` /
+`.parquet` file (chosen by extension; a `.json` list is read whole, a `.jsonl` line by line) or a hub
+dataset (`config`, `revision`, `split`); `columns` renames its columns to ours. A path that looks local
+but does not exist is a FileNotFoundError naming it, never a hub lookup.
 
 Rows (TRL conventions):
   SFT  `messages`: [{role, content}, ...] (optional system first, then user/assistant alternating,
@@ -11,35 +15,68 @@ Rows (TRL conventions):
        or assistant-message lists; a chosen/rejected list that repeats the prompt has it stripped).
        Without `prompt`, the messages shared by chosen and rejected are the prompt.
 
-Every row is checked: invalid JSON, missing field, wrong type, empty text, broken role
-alternation, too long after tokenization (> data.max_length). Bad rows are dropped and reported
-(file and row index, a few examples); loading fails with one line when no rows remain or when
-more than data.max_bad_fraction of them are bad. Row indices are 0-based (for .jsonl: the line).
+Every row is checked: invalid JSON, missing field, wrong type, empty text, broken role alternation.
+Bad rows are dropped and reported per source (file and row index, a few examples); loading fails
+with one line when a source has no usable rows or more than data.max_bad_fraction bad ones. Row
+indices are 0-based positions in the source (for .jsonl: the line).
+
+Long rows (more than data.max_length tokens) are not bad rows and never fail a run by themselves.
+data.truncation=truncate (default): SFT keeps the prompt (the tokens before the first trained
+token) and cuts the completion; a row whose prompt alone fills max_length is dropped. DPO rows are
+kept whole and TRL's DPOTrainer truncates them with data.dpo_truncation_mode; a row whose prompt
+alone fills max_length under keep_start is dropped here, as TRL would drop it. data.truncation=drop
+drops every long row. The report counts truncated and dropped rows apart from bad ones.
 
 Outputs:
   SFT  `input_ids`, `labels` (-100 outside the assistant turns, or outside the completion for
-       prompt/completion rows, when data.completion_only). With data.packing, rows are packed up
-       to data.max_length and also carry `position_ids` restarting at 0 for every sequence and
-       `seq_lengths` (TRL's packed-row column); the first label of every sequence is -100 so no
-       token is trained to predict across a boundary.
+       prompt/completion rows, when data.completion_only). With data.packing, rows are packed up to
+       data.max_length by TRL's `pack_dataset` (best-fit decreasing) and carry `seq_lengths`; TRL's
+       padding-free collator turns them into position ids restarting at 0 for every sequence and
+       masks the first label of every sequence, so no token is trained across a boundary.
   DPO  conversational rows {prompt, chosen, rejected} as TRL's DPOTrainer takes them; it renders
        them with the tokenizer's chat template, checked here to match `encode_chat`.
+
+Why our own pass and not TRL's SFT tokenization: TRL renders each row with `apply_chat_template`
+and its assistant mask, which gives the same ids as `encode_chat` (control-token spellings included,
+since the tokenizer escapes them). Ours calls `encode_chat` itself (the reference held token-for-token
+to mistral-common, and faster than the template route: README, Data) and does in the same pass what
+TRL does not: validate every row and report bad ones by source and row index under
+a budget, and count truncated and dropped long rows. Packing and boundary masking are TRL's.
+
+Once per job: preparation runs as batched `datasets.map` passes (data.num_proc worker processes)
+whose results are saved under data.cache_dir, keyed by a fingerprint of everything that decides
+them (sources and their files' size and mtime, the data settings, the seed, the tokenizer, the
+code of this file and of the tokenizer module). The preparing process (data.prepare_on: the local
+main of each node, or only the global main) writes the result and publishes it with one rename;
+the other ranks wait for it and read it. A later launch with the same fingerprint reads the cache
+and tokenizes nothing. Bad-row budgets are checked after reading, so changing them needs no
+re-preparation.
 """
 
-import bisect
+import hashlib
+import inspect
 import json
 import logging
-import random
-from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+import os
+import shutil
+import socket
+import sys
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import datasets
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from omegaconf import OmegaConf
 from transformers import PreTrainedTokenizerBase
+from trl.data_utils import pack_dataset
 
+import mixtral_model.tokenizer
 from mixtral_model import encode_chat
 from train.config import looks_like_local_path
 
@@ -48,6 +85,26 @@ logger = logging.getLogger(__name__)
 IGNORE_INDEX = -100
 LOCAL_FORMATS = {".jsonl": "jsonl", ".json": "json", ".parquet": "parquet"}
 ROLES = ("system", "user", "assistant")
+
+# Outcome of one row (the `__problem` column): kept as is, kept truncated, dropped as long, or bad.
+KEPT, TRUNCATED = "", "truncated"
+TOO_LONG, PROMPT_TOO_LONG = "too long", "prompt too long"
+LONG_DROPS = (TOO_LONG, PROMPT_TOO_LONG)
+MAX_KEPT_EXAMPLES = 1000  # bad-row examples kept per source (all of them are counted)
+MIN_ROWS_PER_PROC = 1000  # fewer rows than this per worker: not worth a process
+WAIT_TIMEOUT_S = 6 * 3600
+DONE = "prepared.json"  # written last: its presence marks a complete cache entry
+
+ROW_INDEX, LINE, PROBLEM, DETAIL = "__row_index", "__line", "__problem", "__detail"
+STATUS = {
+    PROBLEM: datasets.Value("string"),
+    DETAIL: datasets.Value("string"),
+    ROW_INDEX: datasets.Value("int64"),
+}
+TOKENS = datasets.List(datasets.Value("int32"))
+MESSAGES = datasets.List({"role": datasets.Value("string"), "content": datasets.Value("string")})
+SFT_FEATURES = datasets.Features({"input_ids": TOKENS, "labels": TOKENS, **STATUS})
+DPO_FEATURES = datasets.Features({"prompt": MESSAGES, "chosen": MESSAGES, "rejected": MESSAGES, **STATUS})
 
 
 class DataError(ValueError):
@@ -64,25 +121,40 @@ class BadRow(ValueError):
 
 @dataclass
 class RowReport:
-    """Bad rows found in one source, and how many rows it had."""
+    """What happened to the rows of one source: bad ones (with examples), truncated, dropped as long."""
 
     source: str
     total: int = 0
-    bad: list[tuple[int, BadRow]] = field(default_factory=list)
+    bad_counts: dict[str, int] = field(default_factory=dict)
+    examples: list[tuple[int, str, str]] = field(default_factory=list)  # (row index, kind, detail)
+    truncated: int = 0
+    dropped_long: dict[str, int] = field(default_factory=dict)  # too long | prompt too long
+
+    @property
+    def bad(self) -> int:
+        return sum(self.bad_counts.values())
+
+    @property
+    def dropped(self) -> int:
+        return sum(self.dropped_long.values())
 
     @property
     def bad_fraction(self) -> float:
-        return len(self.bad) / self.total if self.total else 0.0
+        return self.bad / self.total if self.total else 0.0
 
     def counts(self) -> str:
-        by_kind = Counter(reason.kind for _, reason in self.bad)
-        return ", ".join(f"{kind}: {count}" for kind, count in sorted(by_kind.items()))
+        return ", ".join(f"{kind}: {count}" for kind, count in sorted(self.bad_counts.items()))
+
+    def long_rows(self) -> str:
+        drops = ", ".join(f"{count} {kind}" for kind, count in sorted(self.dropped_long.items()))
+        return f"{self.truncated} truncated, {self.dropped} dropped" + (f" ({drops})" if drops else "")
 
     def summary(self, max_examples: int) -> str:
-        lines = [f"{self.source}: {len(self.bad)} of {self.total} rows bad ({self.counts()})"]
-        lines += [f"  row {index}: {reason}" for index, reason in self.bad[:max_examples]]
-        if len(self.bad) > max_examples:
-            lines.append(f"  ... and {len(self.bad) - max_examples} more")
+        lines = [f"{self.source}: {self.total} rows, {self.bad} bad ({self.counts() or 'none'}); "
+                 f"long rows: {self.long_rows()}"]  # fmt: skip
+        lines += [f"  row {index}: {kind}: {detail}" for index, kind, detail in self.examples[:max_examples]]
+        if self.bad > min(max_examples, len(self.examples)):
+            lines.append(f"  ... and {self.bad - min(max_examples, len(self.examples))} more")
         return "\n".join(lines)
 
 
@@ -106,127 +178,411 @@ class DpoExample:
     rejected: list[dict]
 
 
+@dataclass(frozen=True)
+class Source:
+    """One data source: a local file or a hub dataset split, with a column renaming and a weight."""
+
+    path: str
+    split: str = "train"
+    config: str | None = None
+    revision: str | None = None
+    columns: tuple[tuple[str, str], ...] = ()  # (source column, our field)
+    weight: float = 1.0
+
+    @property
+    def name(self) -> str:
+        if is_local(self.path):
+            return self.path
+        return f"{self.path}{f'/{self.config}' if self.config else ''}[{self.split}]"
+
+
 def prepare_sft_data(data_cfg: Any, tokenizer: PreTrainedTokenizerBase, seed: int) -> PreparedData:
     """Tokenized (and optionally packed) SFT train/eval datasets from `cfg.data`."""
-
-    def tokenize(row: Any) -> dict:
-        return tokenize_sft_example(
-            tokenizer, parse_sft_row(row), data_cfg.max_length, data_cfg.completion_only
-        )
-
-    train_rows, eval_rows, reports = load_validated_splits(data_cfg, tokenize, seed)
-    to_dataset = partial(pack_rows, max_length=data_cfg.max_length) if data_cfg.packing else unpacked_rows
-    return PreparedData(
-        train=to_dataset(train_rows),
-        eval=to_dataset(eval_rows) if eval_rows is not None else None,
-        reports=reports,
+    convert = partial(
+        sft_convert_batch,
+        tokenizer=tokenizer,
+        max_length=data_cfg.max_length,
+        completion_only=data_cfg.completion_only,
+        truncation=data_cfg.truncation,
     )
+    finish = partial(finish_sft, max_length=data_cfg.max_length, packing=data_cfg.packing)
+    return prepare(data_cfg, tokenizer, seed, convert, SFT_FEATURES, finish)
 
 
 def prepare_dpo_data(data_cfg: Any, tokenizer: PreTrainedTokenizerBase, seed: int) -> PreparedData:
     """Conversational prompt/chosen/rejected train/eval datasets for TRL's DPOTrainer from `cfg.data`."""
+    convert = partial(
+        dpo_convert_batch,
+        tokenizer=tokenizer,
+        max_length=data_cfg.max_length,
+        truncation=data_cfg.truncation,
+        truncation_mode=data_cfg.dpo_truncation_mode,
+    )
+    prepared = prepare(data_cfg, tokenizer, seed, convert, DPO_FEATURES, lambda dataset, _: dataset)
+    check_chat_template_matches_encode_chat(tokenizer, prepared.train[0])
+    return prepared
 
-    def check(row: Any) -> dict:
-        example = parse_dpo_row(row)
-        check_dpo_length(tokenizer, example, data_cfg.max_length)
-        return {"prompt": example.prompt, "chosen": example.chosen, "rejected": example.rejected}
 
-    train_rows, eval_rows, reports = load_validated_splits(data_cfg, check, seed)
-    check_chat_template_matches_encode_chat(tokenizer, train_rows[0])
+# ---------------------------------------------------------------------------------------------
+# Once per job, cached
+
+
+def prepare(data_cfg, tokenizer, seed: int, convert, features, finish) -> PreparedData:
+    """Prepare (or wait for, or read) the cache entry of this data config, then check the budgets."""
+    train_sources, eval_sources = sources_of(data_cfg)
+    key = cache_key(data_cfg, tokenizer, seed, train_sources + eval_sources)
+    entry = cache_root(data_cfg) / key
+    num_proc = data_cfg.num_proc or default_num_proc()
+    build = partial(build_entry, data_cfg=data_cfg, seed=seed, convert=convert, features=features,
+                    finish=finish, num_proc=num_proc, train_sources=train_sources, eval_sources=eval_sources)  # fmt: skip
+    once_per_job(entry, data_cfg.prepare_on, build)
+    meta = json.loads((entry / DONE).read_text())
+    reports = [report_from_dict(report) for report in meta["reports"]]
+    if is_global_main():
+        for report in reports:
+            if report.bad or report.truncated or report.dropped:
+                logger.warning(report.summary(data_cfg.max_reported_bad_rows))
+    for report in reports:
+        enforce_bad_row_budget(report, data_cfg.max_bad_fraction)
+    if meta["eval_error"]:
+        raise DataError(meta["eval_error"])
+    splits = datasets.load_from_disk(str(entry / "datasets"))
     return PreparedData(
-        train=datasets.Dataset.from_list(train_rows),
-        eval=datasets.Dataset.from_list(eval_rows) if eval_rows is not None else None,
-        reports=reports,
+        train=splits["train"], eval=splits["eval"] if "eval" in splits else None, reports=reports
     )
 
 
-RowConverter = Callable[[Any], dict]
+def once_per_job(entry: Path, prepare_on: str, build: Callable[[Path], None]) -> None:
+    """Build `entry` in the preparing process unless it exists; other processes wait until it does.
 
-
-def load_validated_splits(
-    data_cfg: Any, convert: RowConverter, seed: int
-) -> tuple[list[dict], list[dict] | None, list[RowReport]]:
-    """Converted good rows of the train source and of the eval source (or a held-out fraction)."""
-    train_rows, train_report = convert_source(data_cfg.path, data_cfg.split, convert, data_cfg)
-    reports = [train_report]
-    eval_rows = None
-    if data_cfg.eval_path:
-        eval_rows, eval_report = convert_source(data_cfg.eval_path, data_cfg.eval_split, convert, data_cfg)
-        reports.append(eval_report)
-    elif data_cfg.eval_fraction > 0:
-        train_rows, eval_rows = hold_out(train_rows, data_cfg.eval_fraction, seed)
-    return train_rows, eval_rows, reports
-
-
-def convert_source(
-    path: str, split: str, convert: RowConverter, data_cfg: Any
-) -> tuple[list[dict], RowReport]:
-    """Convert every row of one source, report the bad ones, enforce data.max_bad_fraction."""
-    source, rows = read_rows(path, split)
-    report = RowReport(source)
-    good = []
-    for index, row in rows:
-        report.total += 1
+    The entry is built in a private directory and published with one rename, so a reader never
+    sees a half-written entry and two nodes preparing into a shared directory do not collide.
+    """
+    if (entry / DONE).exists():
+        return
+    if not is_preparer(prepare_on):
+        wait_for(entry, prepare_on)
+        return
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    work = entry.with_name(f"{entry.name}.work-{socket.gethostname()}-{os.getpid()}")
+    shutil.rmtree(work, ignore_errors=True)
+    try:
+        build(work)
         try:
-            good.append(convert(row))
-        except BadRow as reason:
-            report.bad.append((index, reason))
-    if report.bad:
-        logger.warning(report.summary(data_cfg.max_reported_bad_rows))
-    enforce_bad_row_budget(report, data_cfg.max_bad_fraction)
-    return good, report
+            os.rename(work, entry)
+        except OSError:
+            if not (entry / DONE).exists():  # not a concurrent publisher: a real error
+                raise
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def is_preparer(prepare_on: str) -> bool:
+    rank_variable = "LOCAL_RANK" if prepare_on == "local_main" else "RANK"
+    return int(os.environ.get(rank_variable, "0")) == 0
+
+
+def is_global_main() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def wait_for(entry: Path, prepare_on: str) -> None:
+    preparer = "local rank 0 of this node" if prepare_on == "local_main" else "rank 0"
+    start = last_note = time.monotonic()
+    while not (entry / DONE).exists():
+        if time.monotonic() - start > WAIT_TIMEOUT_S:
+            raise DataError(
+                f"waited {WAIT_TIMEOUT_S / 3600:.0f} h for {preparer} to prepare {entry}: with "
+                "data.prepare_on=global_main, data.cache_dir must be on a filesystem every node sees"
+            )
+        if time.monotonic() - last_note > 60:
+            logger.info("waiting for %s to prepare the data (%s)", preparer, entry)
+            last_note = time.monotonic()
+        time.sleep(0.5)
+
+
+def cache_root(data_cfg) -> Path:
+    if data_cfg.cache_dir:
+        return Path(data_cfg.cache_dir).expanduser()
+    return Path(datasets.config.HF_DATASETS_CACHE) / "mixtral_tune_prepared"
+
+
+def default_num_proc() -> int:
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(usable, 32))
+
+
+def cache_key(data_cfg, tokenizer, seed: int, sources: list["Source"]) -> str:
+    """Fingerprint of everything that decides the prepared datasets (not the budgets, not num_proc)."""
+    settings = OmegaConf.to_container(data_cfg, resolve=True)
+    for key in ("max_bad_fraction", "max_reported_bad_rows", "num_proc", "cache_dir", "prepare_on"):
+        settings.pop(key, None)
+    payload = {
+        "settings": settings,
+        "seed": seed,
+        "files": [file_identity(source) for source in sources],
+        "tokenizer": tokenizer_digest(tokenizer),
+        "code": code_digest(),
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
+def file_identity(source: Source) -> list:
+    local = Path(source.path).expanduser()
+    if local.is_file():
+        stat = local.stat()
+        return [str(local.resolve()), stat.st_size, stat.st_mtime_ns]
+    if local.is_dir():
+        raise DataError(
+            f"{source.path} is a directory: point data.path / data.eval_path at a .jsonl, .json or .parquet file"
+        )
+    if is_local(source.path):
+        raise FileNotFoundError(
+            f"data file not found: {source.path} (fix data.path / data.eval_path, or give a hub dataset name)"
+        )
+    return [source.path, source.config, source.revision, source.split]
+
+
+def tokenizer_digest(tokenizer: PreTrainedTokenizerBase) -> str:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    parts = [
+        type(tokenizer).__name__,
+        backend.to_str() if backend is not None else datasets.fingerprint.Hasher.hash(tokenizer),
+        str(tokenizer.chat_template),
+        json.dumps(tokenizer.special_tokens_map, sort_keys=True, default=str),
+    ]
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()
+
+
+def code_digest() -> str:
+    """This module and the tokenizer module: a change to either (e.g. to encode_chat) re-prepares."""
+    modules = [sys.modules[__name__], mixtral_model.tokenizer]
+    return hashlib.sha256("".join(inspect.getsource(module) for module in modules).encode()).hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+# Building one cache entry
+
+
+def build_entry(
+    work: Path, *, data_cfg, seed, convert, features, finish, num_proc, train_sources, eval_sources
+):
+    work.mkdir(parents=True)
+    scratch = work / "scratch"
+    train_parts, reports = [], []
+    for number, source in enumerate(train_sources):
+        good, report = convert_source(source, convert, features, scratch / f"train{number}", num_proc, seed)
+        train_parts.append(good)
+        reports.append(report)
+    train = datasets.concatenate_datasets(train_parts)
+    if data_cfg.mixture:  # as alignment-handbook: a mixture is shuffled, a single dataset keeps its order
+        train = train.shuffle(seed=seed)
+    eval_split, eval_error = None, None
+    if eval_sources:
+        eval_split, report = convert_source(
+            eval_sources[0], convert, features, scratch / "eval", num_proc, seed
+        )
+        reports.append(report)
+    elif data_cfg.eval_fraction > 0:
+        if len(train) < 2:
+            eval_error = f"data.eval_fraction: only {len(train)} usable row(s), too few to hold any out; set data.eval_path"
+        else:
+            split = train.train_test_split(test_size=data_cfg.eval_fraction, seed=seed)
+            train, eval_split = split["train"], split["test"]
+    splits = {"train": finish(train, scratch / "finish_train")}
+    if eval_split is not None:
+        splits["eval"] = finish(eval_split, scratch / "finish_eval")
+    datasets.DatasetDict(splits).save_to_disk(str(work / "datasets"))
+    shutil.rmtree(scratch)
+    meta = {"reports": [report_to_dict(report) for report in reports], "eval_error": eval_error}
+    (work / DONE).write_text(json.dumps(meta))
+
+
+def convert_source(source: Source, convert, features, scratch: Path, num_proc: int, seed: int):
+    """Validated, converted rows of one source (its `weight` fraction of them), and its report."""
+    scratch.mkdir(parents=True)
+    raw = load_source(source, scratch)
+    if source.weight < 1:
+        keep = int(len(raw) * source.weight)
+        raw = raw.select(np.random.default_rng(seed).permutation(len(raw))[:keep])
+    procs = max(1, min(num_proc, len(raw) // MIN_ROWS_PER_PROC))
+    converted = raw.map(
+        convert,
+        batched=True,
+        fn_kwargs={"columns": dict(source.columns)},
+        remove_columns=raw.column_names,
+        features=features,
+        num_proc=procs if procs > 1 else None,
+        cache_file_name=str(scratch / "converted.arrow"),
+        new_fingerprint=hashlib.sha256(f"{scratch}{source}".encode()).hexdigest()[:16],
+        desc=f"Preparing {source.name}",
+    )
+    report = row_report(source.name, converted)
+    kept = np.flatnonzero(
+        pc.is_in(converted.data.column(PROBLEM), pa.array([KEPT, TRUNCATED])).to_numpy(zero_copy_only=False)
+    )
+    return converted.select(kept).remove_columns(list(STATUS)), report
+
+
+def row_report(name: str, converted: datasets.Dataset) -> RowReport:
+    problems = converted.data.column(PROBLEM)
+    counts = {item["values"].as_py(): item["counts"].as_py() for item in pc.value_counts(problems)}
+    report = RowReport(name, total=len(converted), truncated=counts.pop(TRUNCATED, 0))
+    counts.pop(KEPT, None)
+    report.dropped_long = {kind: counts.pop(kind) for kind in LONG_DROPS if kind in counts}
+    report.bad_counts = counts
+    if counts:
+        bad_mask = pc.invert(pc.is_in(problems, pa.array([KEPT, TRUNCATED, *LONG_DROPS])))
+        first = np.flatnonzero(bad_mask.to_numpy(zero_copy_only=False))[:MAX_KEPT_EXAMPLES]
+        rows = converted.select_columns([ROW_INDEX, PROBLEM, DETAIL]).select(first).to_dict()
+        report.examples = list(zip(rows[ROW_INDEX], rows[PROBLEM], rows[DETAIL], strict=True))
+    return report
+
+
+def report_to_dict(report: RowReport) -> dict:
+    return {**report.__dict__, "examples": [list(example) for example in report.examples]}
+
+
+def report_from_dict(values: dict) -> RowReport:
+    return RowReport(**{**values, "examples": [tuple(example) for example in values["examples"]]})
 
 
 def enforce_bad_row_budget(report: RowReport, max_bad_fraction: float) -> None:
-    if report.total == len(report.bad):
+    if report.total == report.bad + report.dropped:
+        if report.bad:
+            raise DataError(
+                f"{report.source}: no usable rows ({report.bad} of {report.total} bad: {report.counts()}"
+                f"{f'; {report.dropped} too long' if report.dropped else ''}); fix the rows reported above"
+            )
+        if not report.total:
+            raise DataError(f"{report.source}: no rows; point the source at a file or split with data")
+        fix = " or use data.truncation=truncate" if TOO_LONG in report.dropped_long else ""
         raise DataError(
-            f"{report.source}: no usable rows ({len(report.bad)} of {report.total} bad: {report.counts() or 'empty'}); "
-            "fix the rows reported above"
+            f"{report.source}: no usable rows (all {report.total} dropped as long: {report.long_rows()}); "
+            f"raise data.max_length{fix}"
         )
     if report.bad_fraction > max_bad_fraction:
         raise DataError(
-            f"{report.source}: {len(report.bad)} of {report.total} rows ({report.bad_fraction:.0%}) are bad "
+            f"{report.source}: {report.bad} of {report.total} rows ({report.bad_fraction:.0%}) are bad "
             f"({report.counts()}), above data.max_bad_fraction={max_bad_fraction}: fix them or raise data.max_bad_fraction"
         )
 
 
-def hold_out(rows: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
-    """Split rows into (train, eval) with `fraction` of them, at least one, held out at random."""
-    count = min(max(1, round(len(rows) * fraction)), len(rows) - 1)
-    if count < 1:
+def finish_sft(
+    dataset: datasets.Dataset, scratch: Path, *, max_length: int, packing: bool
+) -> datasets.Dataset:
+    if not packing:
+        return dataset
+    scratch.mkdir(parents=True)
+    return pack_dataset(
+        dataset.select_columns(["input_ids", "labels"]),
+        max_length,
+        strategy="bfd",
+        map_kwargs={"batch_size": 10000, "cache_file_name": str(scratch / "packed.arrow")},
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Sources
+
+
+def sources_of(data_cfg) -> tuple[list[Source], list[Source]]:
+    """Train sources (data.mixture, or data.path) and the eval source (data.eval_path), if any."""
+    if data_cfg.mixture:
+        train = [
+            Source(
+                path=str(item.path),
+                split=item.split,
+                config=item.config,
+                revision=item.revision,
+                columns=tuple(sorted(dict(item.columns or {}).items())),
+                weight=float(item.weight),
+            )
+            for item in data_cfg.mixture
+        ]
+    else:
+        train = [Source(path=str(data_cfg.path), split=data_cfg.split)]
+    eval_sources = (
+        [Source(path=str(data_cfg.eval_path), split=data_cfg.eval_split)] if data_cfg.eval_path else []
+    )
+    return train, eval_sources
+
+
+def is_local(path: str) -> bool:
+    return Path(path).expanduser().exists() or looks_like_local_path(path)
+
+
+def load_source(source: Source, scratch: Path) -> datasets.Dataset:
+    """A source as a Dataset: `__line` (the JSON text of a row) for .jsonl/.json, the columns otherwise,
+    and `__row_index` (the row's position in the source)."""
+    local = Path(source.path).expanduser()
+    file_type = LOCAL_FORMATS.get(local.suffix, "") if local.is_file() else None
+    if local.is_file() and not file_type:
         raise DataError(
-            f"data.eval_fraction: only {len(rows)} usable row(s), too few to hold any out; set data.eval_path"
+            f"{source.path}: unsupported file type '{local.suffix}'; use .jsonl, .json or .parquet"
         )
-    held = set(random.Random(seed).sample(range(len(rows)), count))
-    return [r for i, r in enumerate(rows) if i not in held], [r for i, r in enumerate(rows) if i in held]
+    line_features = datasets.Features({LINE: datasets.Value("string"), ROW_INDEX: datasets.Value("int64")})
+    if file_type == "jsonl":
+        return datasets.Dataset.from_generator(
+            jsonl_lines, gen_kwargs={"path": str(local)}, features=line_features, cache_dir=str(scratch)
+        )
+    if file_type == "json":
+        rows = read_json(local)
+        return datasets.Dataset.from_dict(
+            {LINE: [json.dumps(row) for row in rows], ROW_INDEX: list(range(len(rows)))},
+            features=line_features,
+        )
+    if file_type == "parquet":
+        dataset = datasets.Dataset.from_parquet(str(local), cache_dir=str(scratch))
+    else:
+        dataset = load_hub_split(source)
+    return dataset.add_column(ROW_INDEX, np.arange(len(dataset)))
 
 
-def read_rows(path: str, split: str) -> tuple[str, Iterator[tuple[int, Any]]]:
-    """(source name, (row index, row) pairs) of a local file or a hub dataset split."""
-    local = Path(path).expanduser()
-    if local.is_file():
-        reader = {"jsonl": read_jsonl, "json": read_json, "parquet": read_parquet}.get(
-            LOCAL_FORMATS.get(local.suffix, "")
-        )
-        if reader is None:
-            raise DataError(f"{path}: unsupported file type '{local.suffix}'; use .jsonl, .json or .parquet")
-        return str(path), reader(local)
-    if local.is_dir():
-        raise DataError(
-            f"{path} is a directory: point data.path / data.eval_path at a .jsonl, .json or .parquet file"
-        )
-    if looks_like_local_path(path):
-        raise FileNotFoundError(
-            f"data file not found: {path} (fix data.path / data.eval_path, or give a hub dataset name)"
-        )
-    return f"{path}[{split}]", enumerate(load_hub_split(path, split))
-
-
-def read_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
-    with path.open(encoding="utf-8") as handle:
+def jsonl_lines(path: str) -> Iterator[dict]:
+    with open(path, encoding="utf-8") as handle:
         for index, line in enumerate(handle):
             if line.strip():
-                yield index, parse_json_line(line)
+                yield {LINE: line, ROW_INDEX: index}
+
+
+def read_json(path: Path) -> list:
+    try:
+        rows = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise DataError(
+            f"{path}: invalid JSON ({error}); for one object per line, name the file .jsonl"
+        ) from error
+    if not isinstance(rows, list):
+        raise DataError(f"{path}: expected a JSON list of row objects, got {type(rows).__name__}")
+    return rows
+
+
+def load_hub_split(source: Source) -> datasets.Dataset:
+    try:
+        return datasets.load_dataset(source.path, source.config, split=source.split, revision=source.revision)
+    except (FileNotFoundError, ValueError, ConnectionError) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise DataError(
+            f"could not load hub dataset '{source.path}' split '{source.split}': {first_line}"
+        ) from error
+
+
+def rows_of(batch: dict, columns: dict[str, str]) -> Iterator[tuple[int, Any]]:
+    """(row index, row) pairs of a batch: parsed JSON lines, or column values renamed by `columns`."""
+    indices = batch[ROW_INDEX]
+    if LINE in batch:
+        for index, line in zip(indices, batch[LINE], strict=True):
+            row = parse_json_line(line)
+            yield index, rename(row, columns) if isinstance(row, dict) else row
+        return
+    names = [name for name in batch if name != ROW_INDEX]
+    for position, index in enumerate(indices):
+        yield index, rename({name: batch[name][position] for name in names}, columns)
+
+
+def rename(row: dict, columns: dict[str, str]) -> dict:
+    return {columns.get(key, key): value for key, value in row.items()} if columns else row
 
 
 def parse_json_line(line: str) -> Any:
@@ -236,28 +592,44 @@ def parse_json_line(line: str) -> Any:
         return BadRow("invalid JSON", str(error))
 
 
-def read_json(path: Path) -> Iterator[tuple[int, Any]]:
-    try:
-        rows = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
-        raise DataError(
-            f"{path}: invalid JSON ({error}); for one object per line, name the file .jsonl"
-        ) from error
-    if not isinstance(rows, list):
-        raise DataError(f"{path}: expected a JSON list of row objects, got {type(rows).__name__}")
-    return enumerate(rows)
+# ---------------------------------------------------------------------------------------------
+# Row conversion (batched map functions)
 
 
-def read_parquet(path: Path) -> Iterator[tuple[int, Any]]:
-    return enumerate(datasets.Dataset.from_parquet(str(path)))
+def sft_convert_batch(batch: dict, *, columns, tokenizer, max_length, completion_only, truncation) -> dict:
+    out = {"input_ids": [], "labels": [], PROBLEM: [], DETAIL: [], ROW_INDEX: []}
+    for index, row in rows_of(batch, columns):
+        try:
+            input_ids, labels, problem = tokenize_sft_example(
+                tokenizer, parse_sft_row(row), max_length, completion_only, truncation
+            )
+            detail = ""
+        except BadRow as reason:
+            input_ids, labels, problem, detail = [], [], reason.kind, str(reason).split(": ", 1)[1]
+        out["input_ids"].append(input_ids)
+        out["labels"].append(labels)
+        out[PROBLEM].append(problem)
+        out[DETAIL].append(detail)
+        out[ROW_INDEX].append(index)
+    return out
 
 
-def load_hub_split(name: str, split: str) -> Iterable[dict]:
-    try:
-        return datasets.load_dataset(name, split=split)
-    except (FileNotFoundError, ValueError, ConnectionError) as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise DataError(f"could not load hub dataset '{name}' split '{split}': {first_line}") from error
+def dpo_convert_batch(batch: dict, *, columns, tokenizer, max_length, truncation, truncation_mode) -> dict:
+    out = {"prompt": [], "chosen": [], "rejected": [], PROBLEM: [], DETAIL: [], ROW_INDEX: []}
+    for index, row in rows_of(batch, columns):
+        detail = ""
+        try:
+            example = parse_dpo_row(row)
+            problem = dpo_length_outcome(tokenizer, example, max_length, truncation, truncation_mode)
+        except BadRow as reason:
+            example, problem, detail = DpoExample([], [], []), reason.kind, str(reason).split(": ", 1)[1]
+        out["prompt"].append(example.prompt)
+        out["chosen"].append(example.chosen)
+        out["rejected"].append(example.rejected)
+        out[PROBLEM].append(problem)
+        out[DETAIL].append(detail)
+        out[ROW_INDEX].append(index)
+    return out
 
 
 def parse_sft_row(row: Any) -> SftExample:
@@ -378,34 +750,62 @@ def require_conversation(messages: list[dict], what: str) -> None:
 
 
 def tokenize_sft_example(
-    tokenizer: PreTrainedTokenizerBase, example: SftExample, max_length: int, completion_only: bool
-) -> dict:
-    """input_ids and labels of one conversation; BadRow when longer than max_length."""
+    tokenizer: PreTrainedTokenizerBase,
+    example: SftExample,
+    max_length: int,
+    completion_only: bool,
+    truncation: str = "truncate",
+) -> tuple[list[int], list[int], str]:
+    """(input_ids, labels, outcome) of one conversation, encoded by `encode_chat`.
+
+    The prompt is everything before the first assistant token (before the completion for
+    prompt/completion rows). A longer row than max_length is cut after max_length tokens
+    (truncate: the prompt stays whole, or the row is dropped when the prompt alone fills
+    max_length) or dropped (drop); a dropped row comes back with no tokens.
+    """
     encoded = encode_chat(tokenizer, example.messages)
-    input_ids = encoded["input_ids"]
-    require_fits(len(input_ids), max_length)
-    if not completion_only:
-        return {"input_ids": input_ids, "labels": list(input_ids)}
-    trained = encoded["assistant_mask"]
+    input_ids, trained = encoded["input_ids"], encoded["assistant_mask"]
     if example.num_prompt_messages is not None:
         prompt_length = len(
             encode_chat(tokenizer, example.messages[: example.num_prompt_messages])["input_ids"]
         )
         trained = [0] * prompt_length + trained[prompt_length:]
-    return {
-        "input_ids": input_ids,
-        "labels": [t if m else IGNORE_INDEX for t, m in zip(input_ids, trained, strict=True)],
-    }
+    else:
+        prompt_length = trained.index(1)
+    outcome = KEPT
+    if len(input_ids) > max_length:
+        if truncation == "drop":
+            return [], [], TOO_LONG
+        if prompt_length >= max_length:
+            return [], [], PROMPT_TOO_LONG
+        input_ids, trained, outcome = input_ids[:max_length], trained[:max_length], TRUNCATED
+    if not completion_only:
+        return input_ids, list(input_ids), outcome
+    return input_ids, [t if m else IGNORE_INDEX for t, m in zip(input_ids, trained, strict=True)], outcome
 
 
-def check_dpo_length(tokenizer: PreTrainedTokenizerBase, example: DpoExample, max_length: int) -> None:
-    for completion in (example.chosen, example.rejected):
-        require_fits(len(encode_chat(tokenizer, example.prompt + completion)["input_ids"]), max_length)
-
-
-def require_fits(length: int, max_length: int) -> None:
-    if length > max_length:
-        raise BadRow("too long", f"{length} tokens > data.max_length={max_length}")
+def dpo_length_outcome(
+    tokenizer: PreTrainedTokenizerBase,
+    example: DpoExample,
+    max_length: int,
+    truncation: str,
+    truncation_mode: str,
+) -> str:
+    """KEPT, TRUNCATED (TRL's collator will cut it with `truncation_mode`) or a long-row drop."""
+    longest = max(
+        len(encode_chat(tokenizer, example.prompt + c)["input_ids"])
+        for c in (example.chosen, example.rejected)
+    )
+    if longest <= max_length:
+        return KEPT
+    if truncation == "drop":
+        return TOO_LONG
+    if (
+        truncation_mode == "keep_start"
+        and len(encode_chat(tokenizer, example.prompt)["input_ids"]) >= max_length
+    ):
+        return PROMPT_TOO_LONG  # TRL drops it too: keep_start would leave no completion token
+    return TRUNCATED
 
 
 def check_chat_template_matches_encode_chat(tokenizer: PreTrainedTokenizerBase, row: dict) -> None:
@@ -423,39 +823,3 @@ def check_chat_template_matches_encode_chat(tokenizer: PreTrainedTokenizerBase, 
             "the tokenizer's chat template renders conversations differently from encode_chat (the SFT format): "
             "use the tokenizer from load_tokenizer() or one saved by an SFT run"
         )
-
-
-def unpacked_rows(rows: list[dict]) -> datasets.Dataset:
-    return datasets.Dataset.from_dict({key: [row[key] for row in rows] for key in ("input_ids", "labels")})
-
-
-def pack_rows(rows: list[dict], max_length: int) -> datasets.Dataset:
-    """Pack sequences into rows of at most max_length tokens (best-fit decreasing).
-
-    Each packed row carries position_ids restarting at 0 per sequence, the sequence lengths, and
-    labels whose first position in every sequence is -100 (nothing predicts across a boundary).
-    """
-    packed = {"input_ids": [], "labels": [], "position_ids": [], "seq_lengths": []}
-    for members in best_fit_bins([len(row["input_ids"]) for row in rows], max_length):
-        sequences = [rows[index] for index in members]
-        packed["input_ids"].append([t for row in sequences for t in row["input_ids"]])
-        packed["labels"].append([t for row in sequences for t in [IGNORE_INDEX, *row["labels"][1:]]])
-        packed["position_ids"].append([p for row in sequences for p in range(len(row["input_ids"]))])
-        packed["seq_lengths"].append([len(row["input_ids"]) for row in sequences])
-    return datasets.Dataset.from_dict(packed)
-
-
-def best_fit_bins(lengths: list[int], capacity: int) -> list[list[int]]:
-    """Indices grouped into bins of total length <= capacity: longest first, each into the fullest bin it fits."""
-    free: list[tuple[int, int]] = []  # (space left, bin number), sorted
-    bins: list[list[int]] = []
-    for index in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
-        slot = bisect.bisect_left(free, (lengths[index], -1))
-        if slot == len(free):
-            bins.append([index])
-            bisect.insort(free, (capacity - lengths[index], len(bins) - 1))
-            continue
-        space, number = free.pop(slot)
-        bins[number].append(index)
-        bisect.insort(free, (space - lengths[index], number))
-    return bins

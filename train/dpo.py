@@ -35,7 +35,11 @@ class MixtralDPOTrainer(
 
 
 def dpo_arguments(cfg) -> DPOConfig:
-    return DPOConfig(**pipeline.training_kwargs(cfg), max_length=cfg.data.max_length)
+    return DPOConfig(
+        **pipeline.training_kwargs(cfg),
+        max_length=cfg.data.max_length,
+        truncation_mode=cfg.data.dpo_truncation_mode,
+    )
 
 
 def main(argv: list[str]) -> str:

@@ -213,7 +213,7 @@ def build_model_and_args(cfg: DictConfig, tokenizer, make_args, build):
 
 def report_data(prepared, max_examples: int) -> None:
     for report in prepared.reports:
-        if report.bad:
+        if report.bad or report.truncated or report.dropped:
             print(report.summary(max_examples), flush=True)
 
 

@@ -36,8 +36,9 @@ class MixtralSFTTrainer(
 def sft_arguments(cfg) -> SFTConfig:
     return SFTConfig(
         **pipeline.training_kwargs(cfg),
-        max_length=None if cfg.data.packing else cfg.data.max_length,  # packed rows already fit
+        max_length=None,  # train/data.py already truncated (or dropped) long rows and packed
         padding_free=cfg.data.packing,  # packed rows: no attention mask, position ids mark the sequences
+        dataset_kwargs={"skip_prepare_dataset": True},  # rows come tokenized, labelled, packed, cached
     )
 
 

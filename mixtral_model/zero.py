@@ -289,8 +289,9 @@ class DeepSpeedMoETrainerMixin:
         return self.optimizer
 
 
-def gathered_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """This rank's state dict on the CPU with every ZeRO-3 partition gathered, one tensor at a time.
+def gathered_state_dict(model: nn.Module, trainable_only: bool = False) -> dict[str, torch.Tensor]:
+    """This rank's state dict on the CPU with every ZeRO-3 partition gathered, one tensor at a time
+    (trainable_only: only the parameters that train, e.g. a PEFT model's adapters).
 
     Collective: call on every rank. Under expert parallelism each rank's dict holds its own experts;
     pass it to `model.save_pretrained(dir, state_dict=...)` on every rank, which merges the experts on
@@ -298,7 +299,10 @@ def gathered_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     rank 0's experts.
     """
     state = {}
-    for name, value in model.state_dict(keep_vars=True).items():
+    entries = model.state_dict(keep_vars=True).items()
+    if trainable_only:
+        entries = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    for name, value in entries:
         with GatheredParameters([value] if hasattr(value, "ds_id") else []):
             state[name] = value.detach().to("cpu", copy=True)
     return state

@@ -383,11 +383,6 @@ def check_expert_parallel(cfg: DictConfig) -> None:
             f"model.expert_parallel_size={size} needs DeepSpeed (deepspeed=zero2 or zero3): plain data "
             "parallelism would average the gradients of different experts"
         )
-    if cfg.peft.method != "none":
-        raise ConfigError(
-            f"model.expert_parallel_size={size} with peft={cfg.peft.method}: saving adapters split across "
-            "expert-parallel ranks is not supported yet; use peft=none, or expert_parallel_size=1 with LoRA"
-        )
     if resume_checkpoint(cfg) is not False:
         raise ConfigError(
             f"model.expert_parallel_size={size} with resume: DeepSpeed checkpoints of expert-parallel runs "

@@ -12,8 +12,10 @@ from pathlib import Path
 import deepspeed
 import torch
 from omegaconf import DictConfig, OmegaConf
+from peft import PeftModel
 
 from mixtral_model import MixtralConfig, load_tokenizer
+from mixtral_model.checkpoint import save_expert_parallel_adapter
 from mixtral_model.zero import check_parallel_combination, gathered_state_dict, prepare_for_deepspeed
 from train.callbacks import RunSummaryCallback
 from train.checkpoints import latest_complete_checkpoint
@@ -193,14 +195,18 @@ def report_data(prepared, max_examples: int) -> None:
 class ExpertParallelSaveMixin:
     """Put first in a trainer's bases. Under expert parallelism every rank holds different experts:
     each save (checkpoints and the final model) gathers them into one complete hub checkpoint
-    through the model's collective save_pretrained, instead of rank 0 writing only its own."""
+    through the model's collective save_pretrained -- or, for a PEFT model, into one complete
+    adapter holding every expert's lora_A/lora_B -- instead of rank 0 writing only its own."""
 
     def save_model(self, output_dir=None, _internal_call=False):
         model = self.accelerator.unwrap_model(self.model)
         if getattr(model.config, "expert_parallel_size", 1) == 1:
             return super().save_model(output_dir, _internal_call)
         output_dir = output_dir or self.args.output_dir
-        model.save_pretrained(output_dir, state_dict=gathered_state_dict(model))
+        if isinstance(model, PeftModel):
+            save_expert_parallel_adapter(model, output_dir, gathered_state_dict(model, trainable_only=True))
+        else:
+            model.save_pretrained(output_dir, state_dict=gathered_state_dict(model))
         if self.args.should_save and self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
 

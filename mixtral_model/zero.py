@@ -99,8 +99,22 @@ COMBINATIONS = (
     Combination(
         1, True, True, True, "ZeRO-2's DeepSpeed code (stage_1_and_2.py); ZeRO-1 + EP tested without PEFT"
     ),
-    Combination(2, True, True, True, f"{TESTS}: EP=2, LoRA on experts, 3 SGD steps == reference (slow)"),
-    Combination(3, True, True, True, f"{TESTS}: EP=2, LoRA on experts, 3 SGD steps == reference (slow)"),
+    Combination(
+        2,
+        True,
+        True,
+        True,
+        f"{TESTS}: EP=2, LoRA on attention + experts, 3 SGD steps == EP=1 reference, one complete adapter "
+        "saved (slow); tests/test_pipelines.py: SFT LoRA (slow)",
+    ),
+    Combination(
+        3,
+        True,
+        True,
+        True,
+        f"{TESTS}: EP=2, LoRA on attention + experts, skewed routing, 3 SGD steps == EP=1 reference, one "
+        "complete adapter saved; tests/test_pipelines.py: SFT LoRA, SFT/DPO QLoRA and DPO LoRA (slow)",
+    ),
 )
 
 

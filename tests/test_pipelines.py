@@ -5,11 +5,13 @@ import json
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import peft
 import pytest
 import torch
 import transformers
+from safetensors.torch import load_file
 from pipeline_runs import (
     REPO,
     SMALL_MODEL,
@@ -193,6 +195,50 @@ def test_two_rank_deepspeed_runs_learn_and_save_complete_outputs(tmp_path, stage
         final = MixtralForCausalLM.from_pretrained(out / "final")
         base = MixtralForCausalLM.from_pretrained(out / "base")
         assert not torch.equal(logits(final), logits(base)), "full model did not change"
+
+
+EP_LORA = ["deepspeed=zero3", "model.expert_parallel_size=2"]
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize(
+    "stage, extra",
+    [
+        pytest.param("sft", [*EP_LORA, "peft=lora", "peft.dropout=0.0"], id="sft-zero3-lora"),
+        pytest.param(
+            "sft",
+            ["deepspeed=zero2", "model.expert_parallel_size=2", "peft=lora", "peft.dropout=0.0"],
+            id="sft-zero2-lora",
+            marks=pytest.mark.slow,
+        ),
+        pytest.param("sft", [*EP_LORA, "peft=qlora"], id="sft-zero3-qlora", marks=pytest.mark.slow),
+        pytest.param("dpo", [*EP_LORA, "peft=lora", "peft.dropout=0.0"], id="dpo-zero3-lora", marks=pytest.mark.slow),
+        pytest.param("dpo", [*EP_LORA, "peft=qlora"], id="dpo-zero3-qlora", marks=pytest.mark.slow),
+    ],
+)
+def test_expert_parallel_adapter_runs_save_one_complete_trained_adapter(tmp_path, stage, extra):
+    """EP=2 with LoRA/QLoRA (QLoRA with the shipped bf16 storage): the run trains, and every save
+    (checkpoint and final) is one adapter holding every expert's lora_A/lora_B, trained, that loads
+    onto our model at EP=1 (and, without LoRA dropout, onto transformers' with the same logits)."""
+    recipe = SFT if stage == "sft" else DPO
+    out = tmp_path / "run"
+    run_pipeline(stage, [*recipe, *extra, f"output_dir={out}", "max_steps=3", "trainer.save_steps=3"], nproc=2)
+    history = [entry for entry in log_history(out / "final") if "loss" in entry and "train_loss" not in entry]
+    assert len(history) == 3 and all(entry["aux_loss"] > 0 for entry in history)
+    if stage == "dpo":  # step 1: the adapter starts at zero, so policy == reference (adapter disabled)
+        assert history[0]["rewards/chosen"] == 0.0 and history[0]["rewards/rejected"] == 0.0
+    expert_keys = {f"layers.{layer}.block_sparse_moe.experts.{e}.{w}.lora_{ab}.weight"
+                   for layer in range(2) for e in range(4) for w in ("w1", "w2", "w3") for ab in "AB"}  # fmt: skip
+    for saved in (Path(latest_complete_checkpoint(out)), out / "final"):
+        adapter = load_file(saved / "adapter_model.safetensors")
+        assert {k.removeprefix("base_model.model.model.") for k in adapter} >= expert_keys, saved
+        assert all(v.abs().max() > 0 for k, v in adapter.items() if "lora_B" in k), f"{saved}: untrained"
+    ours = peft.PeftModel.from_pretrained(MixtralForCausalLM.from_pretrained(out / "base"), out / "final")
+    if "peft.dropout=0.0" in extra:
+        theirs = peft.PeftModel.from_pretrained(
+            transformers.MixtralForCausalLM.from_pretrained(out / "base"), out / "final"
+        )
+        torch.testing.assert_close(logits(theirs.eval()), logits(ours.eval()), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.distributed

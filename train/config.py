@@ -383,7 +383,7 @@ def check_expert_parallel(cfg: DictConfig) -> None:
             f"model.expert_parallel_size={size} needs DeepSpeed (deepspeed=zero2 or zero3): plain data "
             "parallelism would average the gradients of different experts"
         )
-    if resume_checkpoint(cfg) is not False:
+    if resume_checkpoint(cfg) is not False and cfg.peft.method == "none":
         raise ConfigError(
             f"model.expert_parallel_size={size} with resume: DeepSpeed checkpoints of expert-parallel runs "
             "are not resumable yet; start a new run, or train with expert_parallel_size=1"

@@ -385,8 +385,8 @@ def check_expert_parallel(cfg: DictConfig) -> None:
         )
     if resume_checkpoint(cfg) is not False and cfg.peft.method == "none":
         raise ConfigError(
-            f"model.expert_parallel_size={size} with resume: DeepSpeed checkpoints of expert-parallel runs "
-            "are not resumable yet; start a new run, or train with expert_parallel_size=1"
+            f"model.expert_parallel_size={size} with resume and peft=none: DeepSpeed checkpoints of "
+            "expert-parallel full fine-tunes are not resumable yet; start a new run, or use peft=lora|qlora"
         )
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import deepspeed
 import torch
+import transformers
 from omegaconf import DictConfig, OmegaConf
 from peft import PeftModel
 
@@ -180,10 +181,19 @@ def build_model_and_args(cfg: DictConfig, tokenizer, make_args, build):
         args = make_args()
         _ = args.device  # torch.distributed up (torchrun without DeepSpeed) before rank 0 writes the base
         prepare_base_checkpoint(cfg, tokenizer)
-        return wire_deepspeed(build(cfg), cfg), args
+        return wire_deepspeed(build_seeded(build, cfg), cfg), args
     prepare_base_checkpoint(cfg, tokenizer)
-    model = wire_deepspeed(build(cfg), cfg)
+    model = wire_deepspeed(build_seeded(build, cfg), cfg)
     return model, make_args()
+
+
+def build_seeded(build, cfg: DictConfig):
+    """The model built from trainer.seed on every rank: new LoRA adapters start the same in every run.
+    (DeepSpeed's start-up broadcast copies rank 0's dense parameters to the other ranks, but under
+    expert parallelism each rank keeps its own experts' adapters, so their init must not depend on
+    the RNG state a rank happens to be in.)"""
+    transformers.set_seed(cfg.trainer.seed)
+    return build(cfg)
 
 
 def report_data(prepared, max_examples: int) -> None:

@@ -132,6 +132,23 @@ def test_cli_contract_overrides_work_on_every_recipe(
         validate(cfg)  # EP=2 with LoRA under ZeRO-3, resuming
 
 
+@pytest.mark.parametrize(
+    "overrides",
+    [["peft=none", "deepspeed=zero3"], ["peft=lora", "deepspeed=zero2"], ["peft=qlora", "deepspeed=zero2"]],
+)
+def test_expert_parallel_resume_outside_zero3_adapters_is_one_line(overrides, tmp_path, monkeypatch):
+    """Resume under EP is proven only for LoRA/QLoRA under ZeRO-3 (tests/test_pipelines.py): a ZeRO-2
+    EP=2 LoRA run resumed at rel 1.2e-4 from the uninterrupted losses, so the rest is refused."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    (tmp_path / "checkpoint-2").mkdir()
+    (tmp_path / "checkpoint-2" / "trainer_state.json").write_text(json.dumps({"global_step": 2}))
+    cfg = compose_recipe("tiny/sft", *overrides, "model.expert_parallel_size=2", "resume=true",
+                         f"output_dir={tmp_path}")  # fmt: skip
+    with pytest.raises(ConfigError, match="model.expert_parallel_size=2 with resume needs") as caught:
+        validate(cfg)
+    assert "\n" not in str(caught.value)
+
+
 def test_command_line_beats_recipe_group_choice():
     cfg = compose_recipe("mixtral-8x7b/sft_qlora", "peft=lora", "deepspeed=zero3")
     assert cfg.peft.method == "lora"

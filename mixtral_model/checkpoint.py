@@ -230,7 +230,9 @@ def save_expert_parallel_adapter(peft_model, save_directory, state_dict: dict) -
 def local_expert_state_dict(model, state_dict: dict) -> dict:
     """state_dict without the expert tensors other EP ranks hold (all of it without expert parallelism)."""
     pattern = held_elsewhere_pattern(model)
-    return state_dict if pattern is None else {k: v for k, v in state_dict.items() if not re.search(pattern, k)}
+    return (
+        state_dict if pattern is None else {k: v for k, v in state_dict.items() if not re.search(pattern, k)}
+    )
 
 
 def load_expert_parallel_adapter(peft_model, adapter_directory, adapter_name: str = "default") -> None:

@@ -167,7 +167,9 @@ def test_expert_parallel_lora_matches_reference_and_saves_one_complete_adapter(t
     assert sorted(adapter) == sorted(expected)
     assert {k for k in adapter if ".experts.3.w2.lora_B" in k}, "an expert of rank 1 is missing"
     for key, value in expected.items():
-        torch.testing.assert_close(adapter[key], value, rtol=0, atol=ADAPTER_TOL, msg=lambda m, k=key: f"{k}: {m}")
+        torch.testing.assert_close(
+            adapter[key], value, rtol=0, atol=ADAPTER_TOL, msg=lambda m, k=key: f"{k}: {m}"
+        )
     assert all(v.abs().max() > 0 for k, v in adapter.items() if "lora_B" in k), "an adapter did not train"
 
     reference_logits = adapter_logits(MixtralForCausalLM, saved / "base", saved / "reference_adapter")

@@ -11,7 +11,6 @@ import peft
 import pytest
 import torch
 import transformers
-from safetensors.torch import load_file
 from pipeline_runs import (
     REPO,
     SMALL_MODEL,
@@ -21,6 +20,7 @@ from pipeline_runs import (
     run_pipeline,
     train_losses,
 )
+from safetensors.torch import load_file
 
 from mixtral_model import MixtralForCausalLM
 from train.checkpoints import latest_complete_checkpoint
@@ -235,7 +235,9 @@ EP_LORA = ["deepspeed=zero3", "model.expert_parallel_size=2"]
             marks=pytest.mark.slow,
         ),
         pytest.param("sft", [*EP_LORA, "peft=qlora"], id="sft-zero3-qlora", marks=pytest.mark.slow),
-        pytest.param("dpo", [*EP_LORA, "peft=lora", "peft.dropout=0.0"], id="dpo-zero3-lora", marks=pytest.mark.slow),
+        pytest.param(
+            "dpo", [*EP_LORA, "peft=lora", "peft.dropout=0.0"], id="dpo-zero3-lora", marks=pytest.mark.slow
+        ),
         pytest.param("dpo", [*EP_LORA, "peft=qlora"], id="dpo-zero3-qlora", marks=pytest.mark.slow),
     ],
 )
@@ -245,7 +247,9 @@ def test_expert_parallel_adapter_runs_save_one_complete_trained_adapter(tmp_path
     onto our model at EP=1 (and, without LoRA dropout, onto transformers' with the same logits)."""
     recipe = SFT if stage == "sft" else DPO
     out = tmp_path / "run"
-    run_pipeline(stage, [*recipe, *extra, f"output_dir={out}", "max_steps=3", "trainer.save_steps=3"], nproc=2)
+    run_pipeline(
+        stage, [*recipe, *extra, f"output_dir={out}", "max_steps=3", "trainer.save_steps=3"], nproc=2
+    )
     history = [entry for entry in log_history(out / "final") if "loss" in entry and "train_loss" not in entry]
     assert len(history) == 3 and all(entry["aux_loss"] > 0 for entry in history)
     if stage == "dpo":  # step 1: the adapter starts at zero, so policy == reference (adapter disabled)

@@ -9,6 +9,11 @@ Expert parallelism (`expert_parallel_size=n` under torch.distributed): a rank bu
 experts, so it loads only their tensors from the hub checkpoint; the keys of the experts other
 ranks hold (and only those) are expected to be left over. `save_pretrained` gathers every expert
 to rank 0, which writes one complete hub-layout checkpoint.
+
+PEFT adapters under expert parallelism follow the same rule: `save_expert_parallel_adapter` gathers
+every expert's lora_A/lora_B to rank 0, which writes one complete adapter with PEFT's key names (it
+loads onto transformers' Mixtral and onto ours at any EP size), and `load_expert_parallel_adapter`
+reads an adapter into an EP model, each rank taking only its own experts' tensors.
 """
 
 import re
@@ -18,6 +23,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from safetensors import SafetensorError
+from safetensors.torch import load_file
 
 from .moe import SparseMoeBlock
 from .parallel import get_expert_parallel_group
@@ -196,3 +202,54 @@ def gather_to_rank0(stacked_L: torch.Tensor, n: int, group) -> torch.Tensor | No
     return (
         torch.cat(received).cpu().view(stacked_L.dtype).reshape(n * stacked_L.shape[0], *stacked_L.shape[1:])
     )
+
+
+def save_expert_parallel_adapter(peft_model, save_directory, state_dict: dict) -> None:
+    """Collective over the EP group of rank 0 (call on every rank): one complete PEFT adapter in
+    save_directory, written by rank 0; every rank waits until it is written.
+
+    state_dict: this rank's adapter tensors with the PeftModel's own names (`...experts.E.w1.lora_A.
+    default.weight`; ZeRO-3 partitions already gathered, e.g. `zero.gathered_state_dict`). PEFT picks
+    a state dict's adapter entries by the model's own LoRA layers, which on one rank are that rank's
+    experts only: so each rank selects its entries with PEFT, the experts are gathered here, and rank
+    0 lets PEFT write the adapter config (and its own entries), then writes the complete tensors.
+    """
+    from peft import get_peft_model_state_dict
+    from peft.utils import SAFETENSORS_WEIGHTS_NAME
+    from safetensors.torch import save_file
+
+    adapter = get_peft_model_state_dict(peft_model, state_dict=state_dict)
+    full = gather_expert_parallel_state_dict(peft_model, adapter)
+    if full is not None:
+        peft_model.save_pretrained(save_directory, state_dict=state_dict)
+        weights = {key: value.contiguous() for key, value in full.items()}
+        save_file(weights, str(Path(save_directory) / SAFETENSORS_WEIGHTS_NAME), metadata={"format": "pt"})
+    dist.barrier()
+
+
+def local_expert_state_dict(model, state_dict: dict) -> dict:
+    """state_dict without the expert tensors other EP ranks hold (all of it without expert parallelism)."""
+    pattern = held_elsewhere_pattern(model)
+    return (
+        state_dict if pattern is None else {k: v for k, v in state_dict.items() if not re.search(pattern, k)}
+    )
+
+
+def load_expert_parallel_adapter(peft_model, adapter_directory, adapter_name: str = "default") -> None:
+    """Load a complete adapter (adapter_model.safetensors) into a PeftModel, this rank's experts only.
+
+    Every adapter tensor of the model must be in the file (CheckpointError naming the missing ones,
+    raised on every rank); the other ranks' expert tensors in it are not copied.
+    """
+    from peft import set_peft_model_state_dict
+
+    adapter = local_expert_state_dict(
+        peft_model, load_file(str(Path(adapter_directory) / "adapter_model.safetensors"))
+    )
+    result = set_peft_model_state_dict(peft_model, adapter, adapter_name=adapter_name)
+    missing = [k for k in result.missing_keys if "lora_" in k or "modules_to_save" in k]
+    problem = f"adapter {adapter_directory} lacks {_describe(missing)}" if missing else None
+    if peft_model.config.expert_parallel_size > 1:
+        problem = problem_on_any_rank(problem)
+    if problem:
+        raise CheckpointError(problem)

@@ -99,8 +99,22 @@ COMBINATIONS = (
     Combination(
         1, True, True, True, "ZeRO-2's DeepSpeed code (stage_1_and_2.py); ZeRO-1 + EP tested without PEFT"
     ),
-    Combination(2, True, True, True, f"{TESTS}: EP=2, LoRA on experts, 3 SGD steps == reference (slow)"),
-    Combination(3, True, True, True, f"{TESTS}: EP=2, LoRA on experts, 3 SGD steps == reference (slow)"),
+    Combination(
+        2,
+        True,
+        True,
+        True,
+        f"{TESTS}: EP=2, LoRA on attention + experts, 3 SGD steps == EP=1 reference, one complete adapter "
+        "saved (slow); tests/test_pipelines.py: SFT LoRA (slow)",
+    ),
+    Combination(
+        3,
+        True,
+        True,
+        True,
+        f"{TESTS}: EP=2, LoRA on attention + experts, skewed routing, 3 SGD steps == EP=1 reference, one "
+        "complete adapter saved; tests/test_pipelines.py: SFT LoRA, SFT/DPO QLoRA and DPO LoRA (slow)",
+    ),
 )
 
 
@@ -289,8 +303,9 @@ class DeepSpeedMoETrainerMixin:
         return self.optimizer
 
 
-def gathered_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """This rank's state dict on the CPU with every ZeRO-3 partition gathered, one tensor at a time.
+def gathered_state_dict(model: nn.Module, trainable_only: bool = False) -> dict[str, torch.Tensor]:
+    """This rank's state dict on the CPU with every ZeRO-3 partition gathered, one tensor at a time
+    (trainable_only: only the parameters that train, e.g. a PEFT model's adapters).
 
     Collective: call on every rank. Under expert parallelism each rank's dict holds its own experts;
     pass it to `model.save_pretrained(dir, state_dict=...)` on every rank, which merges the experts on
@@ -298,7 +313,10 @@ def gathered_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     rank 0's experts.
     """
     state = {}
-    for name, value in model.state_dict(keep_vars=True).items():
+    entries = model.state_dict(keep_vars=True).items()
+    if trainable_only:
+        entries = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    for name, value in entries:
         with GatheredParameters([value] if hasattr(value, "ds_id") else []):
             state[name] = value.detach().to("cpu", copy=True)
     return state

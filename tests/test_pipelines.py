@@ -6,6 +6,7 @@ import re
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import peft
 import pytest
@@ -21,6 +22,7 @@ from pipeline_runs import (
     run_pipeline,
     train_losses,
 )
+from safetensors.torch import load_file
 
 from mixtral_model import MixtralForCausalLM
 from train.checkpoints import latest_complete_checkpoint
@@ -122,24 +124,47 @@ def test_dpo_with_lora_logs_rewards_and_aux_loss_and_exports(tmp_path):
     torch.testing.assert_close(logits(merged), logits(trained), rtol=1e-4, atol=1e-5)
 
 
-def test_resume_after_kill_continues_with_the_same_losses(tmp_path):
+RESUME_LAYOUTS = [
+    pytest.param([], 1, id="one-process"),
+    pytest.param(
+        ["deepspeed=zero3", "model.expert_parallel_size=2", "peft=lora", "peft.dropout=0.0"],
+        2,
+        id="zero3-ep2-lora",
+        marks=[pytest.mark.distributed, pytest.mark.slow],
+    ),
+]
+
+
+def kill_process_tree(process: subprocess.Popen) -> None:
+    """SIGKILL the launched process and everything it started (torchrun's workers too)."""
+    import psutil  # a DeepSpeed dependency
+
+    root = psutil.Process(process.pid)
+    for proc in [root, *root.children(recursive=True)]:
+        proc.send_signal(signal.SIGKILL)
+    process.wait()
+
+
+@pytest.mark.parametrize("layout, nproc", RESUME_LAYOUTS)
+def test_resume_after_kill_continues_with_the_same_losses(tmp_path, layout, nproc):
+    recipe = [*SFT, *layout]
     steps = ["max_steps=8", "trainer.save_steps=3", "trainer.save_total_limit=2", "trainer.warmup_ratio=0.0"]
     uninterrupted = tmp_path / "full"
-    run_pipeline("sft", [*SFT, f"output_dir={uninterrupted}", *steps])
+    run_pipeline("sft", [*recipe, f"output_dir={uninterrupted}", *steps], nproc=nproc)
 
     killed = tmp_path / "killed"
-    process = subprocess.Popen(pipeline_command("sft", [*SFT, f"output_dir={killed}", *steps]), env=run_env(),
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    process = subprocess.Popen(pipeline_command("sft", [*recipe, f"output_dir={killed}", *steps], nproc),
+                               env=run_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     deadline = time.time() + 240
     while latest_complete_checkpoint(killed) is None or not latest_complete_checkpoint(killed).endswith("-6"):
         assert process.poll() is None, "run ended before it could be killed"
         assert time.time() < deadline, "no checkpoint-6 in time"
         time.sleep(0.2)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
+    kill_process_tree(process)
+    time.sleep(1)
     assert not (killed / "final").exists()
 
-    run_pipeline("sft", [*SFT, f"output_dir={killed}", *steps, "resume=true"])
+    run_pipeline("sft", [*recipe, f"output_dir={killed}", *steps, "resume=true"], nproc=nproc)
     resumed = {e["step"]: e["loss"] for e in log_history(killed / "final") if "loss" in e}
     reference = {e["step"]: e["loss"] for e in log_history(uninterrupted / "final") if "loss" in e}
     for step in (7, 8):
@@ -231,6 +256,74 @@ def test_two_rank_deepspeed_runs_learn_and_save_complete_outputs(tmp_path, stage
         final = MixtralForCausalLM.from_pretrained(out / "final")
         base = MixtralForCausalLM.from_pretrained(out / "base")
         assert not torch.equal(logits(final), logits(base)), "full model did not change"
+
+
+EP_LORA = ["deepspeed=zero3", "model.expert_parallel_size=2"]
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize(
+    "stage, extra",
+    [
+        pytest.param("sft", [*EP_LORA, "peft=lora", "peft.dropout=0.0"], id="sft-zero3-lora"),
+        pytest.param(
+            "sft",
+            ["deepspeed=zero2", "model.expert_parallel_size=2", "peft=lora", "peft.dropout=0.0"],
+            id="sft-zero2-lora",
+            marks=pytest.mark.slow,
+        ),
+        pytest.param("sft", [*EP_LORA, "peft=qlora"], id="sft-zero3-qlora", marks=pytest.mark.slow),
+        pytest.param(
+            "dpo", [*EP_LORA, "peft=lora", "peft.dropout=0.0"], id="dpo-zero3-lora", marks=pytest.mark.slow
+        ),
+        pytest.param("dpo", [*EP_LORA, "peft=qlora"], id="dpo-zero3-qlora", marks=pytest.mark.slow),
+    ],
+)
+def test_expert_parallel_adapter_runs_save_one_complete_trained_adapter(tmp_path, stage, extra):
+    """EP=2 with LoRA/QLoRA (QLoRA with the shipped bf16 storage): the run trains, and every save
+    (checkpoint and final) is one adapter holding every expert's lora_A/lora_B, trained, that loads
+    onto our model at EP=1 (and, without LoRA dropout, onto transformers' with the same logits)."""
+    recipe = SFT if stage == "sft" else DPO
+    out = tmp_path / "run"
+    run_pipeline(
+        stage, [*recipe, *extra, f"output_dir={out}", "max_steps=3", "trainer.save_steps=3"], nproc=2
+    )
+    history = [entry for entry in log_history(out / "final") if "loss" in entry and "train_loss" not in entry]
+    assert len(history) == 3 and all(entry["aux_loss"] > 0 for entry in history)
+    if stage == "dpo":  # step 1: the adapter starts at zero, so policy == reference (adapter disabled)
+        assert history[0]["rewards/chosen"] == 0.0 and history[0]["rewards/rejected"] == 0.0
+    expert_keys = {f"layers.{layer}.block_sparse_moe.experts.{e}.{w}.lora_{ab}.weight"
+                   for layer in range(2) for e in range(4) for w in ("w1", "w2", "w3") for ab in "AB"}  # fmt: skip
+    for saved in (Path(latest_complete_checkpoint(out)), out / "final"):
+        adapter = load_file(saved / "adapter_model.safetensors")
+        assert {k.removeprefix("base_model.model.model.") for k in adapter} >= expert_keys, saved
+        assert all(v.abs().max() > 0 for k, v in adapter.items() if "lora_B" in k), f"{saved}: untrained"
+    ours = peft.PeftModel.from_pretrained(MixtralForCausalLM.from_pretrained(out / "base"), out / "final")
+    if "peft.dropout=0.0" in extra:
+        theirs = peft.PeftModel.from_pretrained(
+            transformers.MixtralForCausalLM.from_pretrained(out / "base"), out / "final"
+        )
+        torch.testing.assert_close(logits(theirs.eval()), logits(ours.eval()), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+@pytest.mark.parametrize("zero", ["zero3"])
+def test_expert_parallel_lora_resume_restores_every_ranks_experts(tmp_path, zero):
+    """EP=2 + LoRA: resuming from checkpoint-3 of a 3-step run trains no step and saves final/ from the
+    restored engine, so final/ equals checkpoint-3 tensor for tensor -- every expert's adapter
+    restored on its own rank (an unrestored rank would save its initial adapter: lora_B zero)."""
+    out = tmp_path / "run"
+    overrides = [*SFT, f"deepspeed={zero}", "model.expert_parallel_size=2", "peft=lora", "peft.dropout=0.0",
+                 f"output_dir={out}", "max_steps=3", "trainer.save_steps=3"]  # fmt: skip
+    run_pipeline("sft", overrides, nproc=2)
+    checkpoint = load_file(out / "checkpoint-3" / "adapter_model.safetensors")
+    run_pipeline("sft", [*overrides, "resume=true"], nproc=2)
+    final = load_file(out / "final" / "adapter_model.safetensors")
+    assert sorted(final) == sorted(checkpoint)
+    for key, value in checkpoint.items():
+        assert torch.equal(final[key], value), key
+    assert all(v.abs().max() > 0 for k, v in final.items() if "lora_B" in k)
 
 
 @pytest.mark.distributed

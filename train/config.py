@@ -469,15 +469,10 @@ def check_expert_parallel(cfg: DictConfig) -> None:
             f"model.expert_parallel_size={size} needs DeepSpeed (deepspeed=zero2 or zero3): plain data "
             "parallelism would average the gradients of different experts"
         )
-    if cfg.peft.method != "none":
+    if resume_checkpoint(cfg) is not False and (cfg.peft.method == "none" or zero_stage(cfg) != 3):
         raise ConfigError(
-            f"model.expert_parallel_size={size} with peft={cfg.peft.method}: saving adapters split across "
-            "expert-parallel ranks is not supported yet; use peft=none, or expert_parallel_size=1 with LoRA"
-        )
-    if resume_checkpoint(cfg) is not False:
-        raise ConfigError(
-            f"model.expert_parallel_size={size} with resume: DeepSpeed checkpoints of expert-parallel runs "
-            "are not resumable yet; start a new run, or train with expert_parallel_size=1"
+            f"model.expert_parallel_size={size} with resume needs peft=lora|qlora and deepspeed=zero3 (other "
+            "expert-parallel DeepSpeed checkpoints do not restore every rank's experts yet); start a new run"
         )
 
 

@@ -12,10 +12,13 @@ from pathlib import Path
 from mixtral_model import quiet  # noqa: F401  (first: drops start-up messages nobody can act on)
 import deepspeed
 import torch
+import transformers
 from huggingface_hub import HfApi
 from omegaconf import DictConfig, OmegaConf
+from peft import PeftModel
 
 from mixtral_model import MixtralConfig, load_tokenizer
+from mixtral_model.checkpoint import save_expert_parallel_adapter
 from mixtral_model.tokenizer import save_for_serving
 from mixtral_model.zero import check_parallel_combination, gathered_state_dict, prepare_for_deepspeed
 from train.callbacks import RunSummaryCallback, use_lean_console
@@ -205,10 +208,19 @@ def build_model_and_args(cfg: DictConfig, tokenizer, make_args, build):
         args = make_args()
         _ = args.device  # torch.distributed up (torchrun without DeepSpeed) before rank 0 writes the base
         prepare_base_checkpoint(cfg, tokenizer)
-        return wire_deepspeed(build(cfg), cfg), args
+        return wire_deepspeed(build_seeded(build, cfg), cfg), args
     prepare_base_checkpoint(cfg, tokenizer)
-    model = wire_deepspeed(build(cfg), cfg)
+    model = wire_deepspeed(build_seeded(build, cfg), cfg)
     return model, make_args()
+
+
+def build_seeded(build, cfg: DictConfig):
+    """The model built from trainer.seed on every rank: new LoRA adapters start the same in every run.
+    (DeepSpeed's start-up broadcast copies rank 0's dense parameters to the other ranks, but under
+    expert parallelism each rank keeps its own experts' adapters, so their init must not depend on
+    the RNG state a rank happens to be in.)"""
+    transformers.set_seed(cfg.trainer.seed)
+    return build(cfg)
 
 
 def report_data(prepared, max_examples: int) -> None:
@@ -220,14 +232,18 @@ def report_data(prepared, max_examples: int) -> None:
 class ExpertParallelSaveMixin:
     """Put first in a trainer's bases. Under expert parallelism every rank holds different experts:
     each save (checkpoints and the final model) gathers them into one complete hub checkpoint
-    through the model's collective save_pretrained, instead of rank 0 writing only its own."""
+    through the model's collective save_pretrained -- or, for a PEFT model, into one complete
+    adapter holding every expert's lora_A/lora_B -- instead of rank 0 writing only its own."""
 
     def save_model(self, output_dir=None, _internal_call=False):
         model = self.accelerator.unwrap_model(self.model)
         if getattr(model.config, "expert_parallel_size", 1) == 1:
             return super().save_model(output_dir, _internal_call)
         output_dir = output_dir or self.args.output_dir
-        model.save_pretrained(output_dir, state_dict=gathered_state_dict(model))
+        if isinstance(model, PeftModel):
+            save_expert_parallel_adapter(model, output_dir, gathered_state_dict(model, trainable_only=True))
+        else:
+            model.save_pretrained(output_dir, state_dict=gathered_state_dict(model))
         if self.args.should_save and self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
 

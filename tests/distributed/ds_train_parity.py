@@ -27,8 +27,9 @@ sys.path[:0] = [str(Path(__file__).resolve().parents[2]), str(Path(__file__).res
 from mixtral_reference import tiny_config  # noqa: E402
 
 from mixtral_model import MixtralConfig, MixtralForCausalLM, moe  # noqa: E402
+from mixtral_model.checkpoint import load_expert_parallel_adapter, save_expert_parallel_adapter  # noqa: E402
 from mixtral_model.moe import Router  # noqa: E402
-from mixtral_model.zero import prepare_for_deepspeed  # noqa: E402
+from mixtral_model.zero import gathered_state_dict, prepare_for_deepspeed  # noqa: E402
 
 MICRO_BATCH, SEQ = 2, 16
 SKEW_BIAS = 30.0
@@ -63,6 +64,11 @@ def parse_args():
     )
     parser.add_argument(
         "--expert-backend", default="auto", help="SparseMoeBlock.expert_backend of the model DeepSpeed trains"
+    )
+    parser.add_argument(
+        "--save-adapter",
+        help="with --peft: save the trained adapter (one complete adapter under EP) and the reference's "
+        "adapter and base model under this directory, and load the adapter back into a fresh model",
     )
     parser.add_argument("--out", required=True)
     return parser.parse_args()
@@ -261,6 +267,34 @@ def record_expert_paths(paths: set) -> None:
     moe.per_expert_forward, moe.grouped_swiglu = per_expert_recording, grouped_recording
 
 
+def save_adapter(engine, args) -> None:
+    """Collective: the trained adapter to DIR/adapter (one complete adapter, every expert)."""
+    directory = Path(args.save_adapter) / "adapter"
+    state = gathered_state_dict(engine.module, trainable_only=True)
+    if args.expert_parallel_size > 1:
+        save_expert_parallel_adapter(engine.module, directory, state)
+    elif dist.get_rank() == 0:
+        engine.module.save_pretrained(directory, state_dict=state)
+
+
+def reload_adapter_difference(args, trained: dict[str, torch.Tensor]) -> float:
+    """Max |loaded - trained| over this rank's adapter tensors, loading DIR/adapter into a fresh model
+    of the same layout (this rank's experts only under EP)."""
+    fresh, _ = build_models(args.expert_parallel_size, peft=True)
+    load_expert_parallel_adapter(fresh, Path(args.save_adapter) / "adapter")
+    lora = {name: p for name, p in fresh.named_parameters() if "lora_" in name}
+    assert lora and set(lora) <= set(trained), sorted(set(lora) - set(trained))[:3]
+    return max((p.detach() - trained[name]).abs().max().item() for name, p in lora.items())
+
+
+def save_reference(args, reference) -> None:
+    """The reference's trained adapter (DIR/reference_adapter) and its base weights (DIR/base)."""
+    directory = Path(args.save_adapter)
+    reference.save_pretrained(directory / "reference_adapter")
+    torch.manual_seed(0)
+    MixtralForCausalLM(MixtralConfig(**tiny_config(intermediate_size=48))).save_pretrained(directory / "base")
+
+
 def main():
     args = parse_args()
     if args.skip_idle_experts:
@@ -275,8 +309,13 @@ def main():
             module.expert_backend = args.expert_backend
     engine, losses, step_seconds, seen_experts = train_deepspeed(args, model, rank)
     print(f"rank {rank} expert paths {sorted(paths)}", flush=True)
+    if args.save_adapter:
+        save_adapter(engine, args)
     per_rank = [None] * world
     dist.all_gather_object(per_rank, (local_parameters(engine), losses, partition_ranks(engine)))
+    reloaded = [None] * world
+    if args.save_adapter:
+        dist.all_gather_object(reloaded, reload_adapter_difference(args, per_rank[rank][0]))
     if rank == 0:
         trained, spread = merge_ranks([params for params, _, _ in per_rank])
         all_losses = [rank_losses for _, rank_losses, _ in per_rank]
@@ -288,7 +327,10 @@ def main():
             losses=[list(step) for step in zip(*all_losses, strict=True)],
             reference_losses=reference_losses,
             step_seconds=step_seconds,
+            reloaded_adapter_diff=reloaded,
         )
+        if args.save_adapter:
+            save_reference(args, reference)
         Path(args.out).write_text(json.dumps(result, indent=1))
     if rank == args.skew_rank:
         print(f"rank {rank} routed to experts {seen_experts}", flush=True)

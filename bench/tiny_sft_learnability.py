@@ -6,15 +6,22 @@ Composes `+recipe=tiny/sft`, prepares its data with `train.data`, builds transfo
 schedule, and reports held-out exact match (greedy decoding) before and after, with wall and
 process CPU time.
 
-    python bench/tiny_sft_learnability.py [overrides, e.g. max_steps=300 trainer.learning_rate=2e-3]
+`--init native` starts instead from the pipeline's own random init (`write_random_init`, seeded with
+`trainer.seed`), loaded into the same transformers model: the loop, the model code and the data
+order stay the same, only the initial weights change.
+
+    python bench/tiny_sft_learnability.py [--init transformers|native] [overrides, e.g. trainer.seed=3]
 """
+
+import argparse
 
 import json
 import math
 import random
 import resource
-import sys
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 import transformers
@@ -22,7 +29,7 @@ import transformers
 from mixtral_model import encode_chat, load_tokenizer
 from train.config import load_config
 from train.data import prepare_sft_data
-from train.model_factory import random_init_config
+from train.model_factory import random_init_config, write_random_init
 
 
 def cpu_seconds() -> float:
@@ -39,6 +46,19 @@ def build_reference_model(cfg, tokenizer) -> transformers.MixtralForCausalLM:
     )
     config._attn_implementation = cfg.model.attn_implementation
     return transformers.MixtralForCausalLM(config)
+
+
+def load_native_init(cfg, tokenizer) -> transformers.MixtralForCausalLM:
+    """The pipeline's seeded random-init checkpoint, loaded into transformers' Mixtral."""
+    with tempfile.TemporaryDirectory() as scratch:
+        base = Path(scratch) / "base"
+        write_random_init(cfg, tokenizer, base, cfg.trainer.seed)
+        return transformers.MixtralForCausalLM.from_pretrained(
+            base,
+            router_aux_loss_coef=cfg.model.router_aux_loss_coef,
+            output_router_logits=True,
+            attn_implementation=cfg.model.attn_implementation,
+        )
 
 
 def collate(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
@@ -90,13 +110,17 @@ def learning_rate_factor(step: int, warmup: int, total: int) -> float:
 
 
 def main() -> None:
-    torch.set_num_threads(2)
-    cfg = load_config("sft", ["+recipe=tiny/sft", *sys.argv[1:]])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--init", choices=["transformers", "native"], default="transformers")
+    parser.add_argument("--threads", type=int, default=2)
+    args, overrides = parser.parse_known_args()
+    torch.set_num_threads(args.threads)
+    cfg = load_config("sft", ["+recipe=tiny/sft", *overrides])
     torch.manual_seed(cfg.trainer.seed)
     tokenizer = load_tokenizer()
     data = prepare_sft_data(cfg.data, tokenizer, seed=cfg.trainer.seed)
     held_out = [row["messages"] for row in read_jsonl(cfg.data.eval_path)]
-    model = build_reference_model(cfg, tokenizer)
+    model = build_reference_model(cfg, tokenizer) if args.init == "transformers" else load_native_init(cfg, tokenizer)
     trainer = cfg.trainer
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=trainer.learning_rate, weight_decay=trainer.weight_decay
@@ -105,6 +129,7 @@ def main() -> None:
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: learning_rate_factor(step, warmup, cfg.max_steps)
     )
+    print(f"init: {args.init}, seed {trainer.seed}")
     print(
         f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters; train rows {len(data.train)}"
     )

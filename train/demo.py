@@ -1,7 +1,7 @@
 """The demo: SFT then DPO of a tiny Mixtral on CPU, with held-out evaluation before and after each
 stage, a wandb offline run, the outputs saved, and one sample generation.
 
-    ./launch.sh demo            (or: python train/demo.py [--output-dir outputs/demo])
+    ./launch.sh demo            (or: python train/demo.py [--output-dir outputs/demo] [--seed 42])
 
 Task (data/make_demo_data.py): reverse a short letter string, e.g. "Reverse: c a f e" -> "e f a c".
 SFT teaches the format and the task (exact match on 150 held-out prompts); DPO then prefers correct
@@ -67,7 +67,9 @@ def print_table(rows: list[tuple[str, dict]]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output-dir", type=Path, default=REPO_ROOT / "outputs" / "demo")
+    parser.add_argument("--seed", type=int, default=None, help="trainer.seed of both stages (default: the recipes')")
     args = parser.parse_args()
+    seed = [] if args.seed is None else [f"trainer.seed={args.seed}"]
     root = args.output_dir
     shutil.rmtree(root, ignore_errors=True)
     os.environ.setdefault("WANDB_MODE", "offline")
@@ -83,12 +85,13 @@ def main() -> None:
             f"output_dir={root / 'sft'}",
             "trainer.report_to=wandb",
             "trainer.eval_steps=null",
+            *seed,
         ]
     )
     print("== stage 2: DPO (recipes/tiny/dpo.yaml) from the SFT model ==", flush=True)
     dpo.main([
         "+recipe=tiny/dpo", f"model.name_or_path={root / 'sft' / 'final'}",
-        f"output_dir={root / 'dpo'}", "trainer.report_to=wandb", "trainer.eval_steps=null",
+        f"output_dir={root / 'dpo'}", "trainer.report_to=wandb", "trainer.eval_steps=null", *seed,
     ])  # fmt: skip
     training_seconds = time.perf_counter() - started
 

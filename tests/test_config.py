@@ -398,7 +398,12 @@ def test_trl_only_options_reach_the_trainer_arguments(tmp_path):
         )  # fmt: skip
     )
     assert (sft.neftune_noise_alpha, sft.eval_strategy, sft.report_to) == (5, "epoch", ["tensorboard"])
-    assert (sft.output_dir, sft.learning_rate, sft.activation_checkpointing) == (str(tmp_path), 3e-3, False)
+    recipe_rate = OmegaConf.load(RECIPE_DIR / "tiny" / "sft.yaml").trainer.learning_rate
+    assert (sft.output_dir, sft.learning_rate, sft.activation_checkpointing) == (
+        str(tmp_path),
+        recipe_rate,
+        False,
+    )
     dpo = dpo_arguments(
         load_config(
             "dpo",

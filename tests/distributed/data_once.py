@@ -38,4 +38,5 @@ gathered = [None, None]
 dist.all_gather_object(gathered, rows)
 result = {"encode_chat_calls": calls, "rows": len(rows), "gathered_equal": gathered[0] == gathered[1]}
 (Path(out) / f"rank{rank}.json").write_text(json.dumps(result))
+dist.barrier()  # every rank done with gloo before any tears it down
 dist.destroy_process_group()

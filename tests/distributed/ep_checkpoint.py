@@ -159,6 +159,7 @@ def main(work: str, out_path: str) -> None:
     dist.all_gather_object(gathered, {k: sorted(v) if isinstance(v, set) else v for k, v in found.items()})
     if rank == 0:
         Path(out_path).write_text(json.dumps({str(r): g for r, g in enumerate(gathered)}, indent=1))
+    dist.barrier()  # every rank done with gloo before any tears it down
     dist.destroy_process_group()
 
 

@@ -32,6 +32,7 @@ def main(out_path: str) -> None:
     errors = {ep: construction_error(ep) for ep in (2, 4)}
     if dist.get_rank() == 0:
         Path(out_path).write_text(json.dumps(errors))
+    dist.barrier()  # every rank done with gloo before any tears it down
     dist.destroy_process_group()
 
 

@@ -236,6 +236,7 @@ def main(out_path: str) -> None:
     if rank == 0:
         report = {case: {str(r): gathered[r][case] for r in range(WORLD)} for case in results}
         Path(out_path).write_text(json.dumps(report, indent=1))
+    dist.barrier()  # every rank done with gloo before any tears it down
     dist.destroy_process_group()
 
 

@@ -12,7 +12,7 @@ so under one seed both paths apply identical masks and must agree to rounding, w
 import bitsandbytes as bnb
 import pytest
 import torch
-from mixtral_reference import max_relative_diff, tiny_config
+from mixtral_reference import max_relative_diff, quantize_experts_4bit, tiny_config
 from peft import LoraConfig, get_peft_model
 from torch import nn
 
@@ -45,23 +45,6 @@ def random_block(seed: int = 0) -> SparseMoeBlock:
     return block
 
 
-def quantize_experts(block: SparseMoeBlock, compute_dtype: torch.dtype) -> None:
-    for expert in block.experts.values():
-        for name in ("w1", "w2", "w3"):
-            linear = getattr(expert, name)
-            layer = bnb.nn.Linear4bit(
-                linear.in_features,
-                linear.out_features,
-                bias=False,
-                compute_dtype=compute_dtype,
-                quant_type="nf4",
-            )
-            layer.weight = bnb.nn.Params4bit(
-                linear.weight.data.clone(), requires_grad=False, quant_type="nf4"
-            )
-            setattr(expert, name, layer.to("cpu"))
-
-
 def with_lora(block: SparseMoeBlock, dropout: float, dtype: torch.dtype):
     model = get_peft_model(
         Holder(block), LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules=["w1", "w2", "w3"])
@@ -77,7 +60,7 @@ def build(kind: str, dtype: torch.dtype, dropout: float = 0.0):
     """(model, block): kind = plain | lora | nf4 | qlora | qlora_fp32_adapters, from the same seeded weights."""
     block = random_block()
     if kind in ("nf4", "qlora", "qlora_fp32_adapters"):
-        quantize_experts(block, compute_dtype=dtype)
+        quantize_experts_4bit(block, compute_dtype=dtype)
         block.gate.to(dtype)
     elif dtype != torch.float32:
         block.to(dtype)

@@ -11,7 +11,7 @@ import bitsandbytes as bnb
 import pytest
 import torch
 import transformers
-from mixtral_reference import max_relative_diff, tiny_config
+from mixtral_reference import max_relative_diff, quantize_experts_4bit, tiny_config
 from peft import LoraConfig, get_peft_model
 from torch import nn
 from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
@@ -145,24 +145,6 @@ CPU = dict(device_type="cpu", cuda_capability=None)
 )
 def test_choose_expert_backend(facts, expected):
     assert choose_expert_backend(**facts) == expected
-
-
-def quantize_experts_4bit(block: SparseMoeBlock) -> None:
-    """Replace every expert projection by a bitsandbytes NF4 Linear4bit holding the same weight."""
-    for expert in block.experts.values():
-        for name in ("w1", "w2", "w3"):
-            linear = getattr(expert, name)
-            quantized = bnb.nn.Linear4bit(
-                linear.in_features,
-                linear.out_features,
-                bias=False,
-                compute_dtype=torch.float32,
-                quant_type="nf4",
-            )
-            quantized.weight = bnb.nn.Params4bit(
-                linear.weight.data.clone(), requires_grad=False, quant_type="nf4"
-            )
-            setattr(expert, name, quantized.to("cpu"))
 
 
 def dequantized_copy(block: SparseMoeBlock) -> SparseMoeBlock:

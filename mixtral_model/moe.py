@@ -204,8 +204,10 @@ class SparseMoeBlock(nn.Module):
     expert-parallel from outside: it keeps this rank's experts and sets `token_dispatcher`.
 
     Attributes: `num_experts` (global E), `top_k`, `capacity_factor`, `local_expert_ids` (the global
-    indices this block holds, also the `experts` keys), `token_dispatcher` (None: every expert is here)
-    and `expert_backend` ("auto" or one of the backends: overrides the automatic choice).
+    indices this block holds, also the `experts` keys), `token_dispatcher` (None: every expert is here;
+    else `dispatcher(run_local_experts, rows sorted by expert, tokens_per_expert_E)` returns the expert
+    outputs of those rows, computed wherever their experts live) and `expert_backend` ("auto" or one of
+    the backends: overrides the automatic choice).
     """
 
     def __init__(self, config: MixtralConfig):

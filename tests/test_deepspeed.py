@@ -265,7 +265,8 @@ def test_every_combination_is_in_the_table_once():
 
 
 @pytest.mark.parametrize(
-    "stage, ep, match", [(4, 1, "zero_optimization.stage=4"), (2, 0, "expert_parallel_size=0 must be a positive integer")]
+    "stage, ep, match",
+    [(4, 1, "zero_optimization.stage=4"), (2, 0, "expert_parallel_size=0 must be a positive integer")],
 )
 def test_invalid_settings_fail_with_one_line_error(stage, ep, match):
     with pytest.raises(ValueError, match=match):

@@ -155,8 +155,7 @@ def test_model_construction_errors_on_three_ranks(tmp_path):
     torchrun("ep_errors.py", str(tmp_path / "errors.json"), nproc=3)
     errors = json.loads((tmp_path / "errors.json").read_text())
     assert (
-        errors["2"]
-        == "expert_parallel_size=2 does not divide the world size 3: launch a multiple of 2 ranks"
+        errors["2"] == "expert_parallel_size=2 does not divide the world size 3: launch a multiple of 2 ranks"
     )
     assert (
         errors["4"] == "expert_parallel_size=4 exceeds the world size 3: launch at least 4 ranks or lower it"
@@ -205,7 +204,9 @@ def test_building_a_model_creates_no_process_group(tmp_path, monkeypatch):
     model.save_pretrained(tmp_path)
     loaded = MixtralForCausalLM.from_pretrained(tmp_path)
     assert expert_parallel_of(model) is None and expert_parallel_of(loaded) is None
-    assert all(block.token_dispatcher is None for block in loaded.modules() if hasattr(block, "token_dispatcher"))
+    assert all(
+        block.token_dispatcher is None for block in loaded.modules() if hasattr(block, "token_dispatcher")
+    )
 
 
 def test_parallelize_experts_keeps_this_ranks_experts_with_their_weights():

@@ -151,7 +151,7 @@ def test_ep2_saves_one_complete_checkpoint(ep_checkpoint, dtype):
 
 
 @pytest.mark.distributed
-def test_model_construction_errors_on_three_ranks(tmp_path):
+def test_expert_parallel_group_errors_on_three_ranks(tmp_path):
     torchrun("ep_errors.py", str(tmp_path / "errors.json"), nproc=3)
     errors = json.loads((tmp_path / "errors.json").read_text())
     assert (

@@ -42,16 +42,15 @@ Communication (bytes each rank sends per optimizer step, = bytes it receives; ri
 """
 
 import argparse
-import math
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from train.config import LORA_TARGET_MODULES
+from train.memory import nf4_bytes  # bitsandbytes NF4 with double quantization, held to bitsandbytes there
 
 GIB = 1024**3
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-NF4_BLOCK, NESTED_BLOCK = 64, 256  # bitsandbytes NF4 block size and double-quantization block count
 LOGITS_TILE = 32768  # tokens per tile of TRL's fused LM head (trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE)
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 EXPERT = ("w1", "w2", "w3")
@@ -94,7 +93,12 @@ class Shape:
 
     def linear_shapes(self) -> dict[str, tuple[int, int]]:
         """(in_features, out_features) of each projection of one layer (experts: one expert's)."""
-        h, q, kv, f = self.hidden, self.heads * self.head_dim, self.kv_heads * self.head_dim, self.intermediate
+        h, q, kv, f = (
+            self.hidden,
+            self.heads * self.head_dim,
+            self.kv_heads * self.head_dim,
+            self.intermediate,
+        )
         return {
             "q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
             "w1": (h, f), "w2": (f, h), "w3": (h, f),
@@ -128,13 +132,6 @@ def lora_parameter_counts(config, r: int, targets: str) -> dict[str, int]:
     }
 
 
-def nf4_bytes(numel: int) -> int:
-    """bitsandbytes NF4 with double quantization: packed values, a uint8 absmax per 64-value block and an
-    fp32 constant per 256 blocks."""
-    blocks = math.ceil(numel / NF4_BLOCK)
-    return numel // 2 + blocks + 4 * math.ceil(blocks / NESTED_BLOCK)
-
-
 @dataclass(frozen=True)
 class Estimate:
     """Per-GPU bytes by part (`memory`), per-rank CPU bytes (`cpu_per_rank`), bytes each rank sends per
@@ -162,7 +159,8 @@ class Estimate:
             "all_gather_gib": round(self.communication["zero3_weight_all_gather"] / GIB, 1),
             "all_to_all_gib": round(self.communication["expert_token_all_to_all"] / GIB, 1),
             "grad_reduce_gib": round(
-                (self.communication["gradient_reduce"] + self.communication["updated_weight_all_gather"]) / GIB,
+                (self.communication["gradient_reduce"] + self.communication["updated_weight_all_gather"])
+                / GIB,
                 1,
             ),
         }
@@ -225,7 +223,11 @@ def estimate_layout(
 
     def sharded(values: tuple[int, int], per_value: float, shard: bool) -> float:
         dense_part, expert_part = values
-        return per_value * (dense_part / W + expert_part / edp) if shard else per_value * (dense_part + expert_part)
+        return (
+            per_value * (dense_part / W + expert_part / edp)
+            if shard
+            else per_value * (dense_part + expert_part)
+        )
 
     master = 4 if b < 4 else 0
     optimizer_bytes = master + OPTIMIZER_MOMENT_BYTES[optimizer]
@@ -244,7 +246,9 @@ def estimate_layout(
     if zero_stage == 3:  # one layer's attention and local experts gathered (and their gradients if trained)
         if peft == "qlora":
             layer = sum(nf4_bytes(i * o) for name, (i, o) in shapes.items() if name in ATTENTION)
-            layer += s.experts // n * sum(nf4_bytes(i * o) for name, (i, o) in shapes.items() if name in EXPERT)
+            layer += (
+                s.experts // n * sum(nf4_bytes(i * o) for name, (i, o) in shapes.items() if name in EXPERT)
+            )
         else:
             layer = (attention_params + s.experts // n * expert_params) * b
         memory["zero3_gathered_layer"] = layer * (2 if peft == "none" else 1)
@@ -263,7 +267,9 @@ def estimate_layout(
     frozen_reference = stage == "dpo"  # PEFT: adapter-disabled forward; full: a frozen copy of the model
     forwards = 1 + int(frozen_reference)  # forward passes per micro-batch (not counting the recomputation)
     ring_dense, ring_expert = (W - 1) / W, (edp - 1) / edp
-    gathered = (base_bytes[0] + trainable[0] * b) * ring_dense + (base_bytes[1] + trainable[1] * b) * ring_expert
+    gathered = (base_bytes[0] + trainable[0] * b) * ring_dense + (
+        base_bytes[1] + trainable[1] * b
+    ) * ring_expert
     grads = trainable[0] * b * ring_dense + trainable[1] * b * ring_expert
     communication = {
         "zero3_weight_all_gather": gathered * (forwards + 1) * grad_accum if zero_stage == 3 else 0,
@@ -293,7 +299,11 @@ def qlora_base_bytes(s: Shape, counts: dict[str, int], b: int, n: int) -> tuple[
     """(dense, local expert) bytes of a QLoRA base: every projection NF4, the rest in the compute dtype."""
     shapes = s.linear_shapes()
     attention = s.layers * sum(nf4_bytes(i * o) for name, (i, o) in shapes.items() if name in ATTENTION)
-    experts = s.layers * (s.experts // n) * sum(nf4_bytes(i * o) for name, (i, o) in shapes.items() if name in EXPERT)
+    experts = (
+        s.layers
+        * (s.experts // n)
+        * sum(nf4_bytes(i * o) for name, (i, o) in shapes.items() if name in EXPERT)
+    )
     unquantized = counts["embed_tokens"] + counts["lm_head"] + counts["router"] + counts["norms"]
     return attention + unquantized * b, experts
 
@@ -358,7 +368,10 @@ def row_overrides(label: str, recipe_overrides: list[str]) -> list[str]:
 
 def format_row(label: str, estimate: Estimate) -> str:
     """One line of a recipe header's estimate table (tests/test_estimate.py parses it back)."""
-    cells = [f"{value:.1f} GiB".rjust(len(column)) for value, column in zip(estimate.summary().values(), ROW_COLUMNS)]
+    cells = [
+        f"{value:.1f} GiB".rjust(len(column))
+        for value, column in zip(estimate.summary().values(), ROW_COLUMNS, strict=True)
+    ]
     return f"{label:<{LABEL_WIDTH}}" + " | ".join(cells)
 
 

@@ -18,6 +18,7 @@ Memory (bytes on one GPU):
   W/n ranks holding the same experts); each rank holds E/n experts of every layer;
 - optimizer offload (DeepSpeed ZeRO-Offload) moves the fp32 master copy, the moments and the
   gradient partitions to CPU memory (reported as `cpu_per_rank`);
+- full-model DPO holds a frozen reference copy of the weights, placed like the policy's;
 - ZeRO-3 also holds one layer gathered at a time (its attention and its rank's experts, weights and
   gradients): every MoE block is a ZeRO-3 leaf module, gathered whole;
 - activations with gradient checkpointing: each layer's input (T x hidden) kept for the backward, plus
@@ -44,7 +45,7 @@ Communication (bytes each rank sends per optimizer step, = bytes it receives; ri
 import argparse
 import sys
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from train.config import LORA_TARGET_MODULES
 from train.memory import nf4_bytes  # bitsandbytes NF4 with double quantization, held to bitsandbytes there
@@ -141,7 +142,6 @@ class Estimate:
     memory: dict[str, int]
     communication: dict[str, int]
     cpu_per_rank: int = 0
-    notes: list[str] = field(default_factory=list)
 
     @property
     def memory_total(self) -> int:
@@ -174,7 +174,7 @@ class Estimate:
         lines.append("sent by each rank per optimizer step (GiB):")
         lines += [f"  {name:<28}{size / GIB:9.2f}" for name, size in self.communication.items()]
         lines.append(f"  {'total':<28}{self.communication_total / GIB:9.2f}")
-        return "\n".join(lines + self.notes)
+        return "\n".join(lines)
 
 
 def estimate_layout(
@@ -238,6 +238,8 @@ def estimate_layout(
         "optimizer_states": 0 if offload_optimizer else sharded(trainable, optimizer_bytes, zero_stage >= 1),
     }
     cpu = sharded(trainable, optimizer_bytes + 4, True) if offload_optimizer else 0  # + fp32 grad partitions
+    if stage == "dpo" and peft == "none":  # full-model DPO: a frozen reference copy, placed like the policy
+        memory["reference_weights"] = sharded((dense * b, experts_local * b), 1, zero_stage == 3)
 
     tokens = micro_batch * seq_len * (2 if stage == "dpo" else 1)
     shapes = s.linear_shapes()

@@ -26,7 +26,13 @@ Sections, in order (each one records its error and the script moves on; once the
 6. qlora_memory: QLoRA peak memory at 1 and N layers, per layer, extrapolated to 32 layers, beside the
    CPU estimate of train/memory.py (tests/test_qlora_memory.py);
 7. mixtral_8x7b_qlora: the whole 32-layer model, random init made on the GPU layer by layer and quantized
-   as it is made, LoRA r=16, 10 steps at 4096 tokens: peak memory and tokens/s.
+   as it is made, trained as recipes/mixtral-8x7b/sft_qlora.yaml does (the factory's 4-bit preparation,
+   LoRA r=16 with dropout on attention and experts, gradient checkpointing, the recipe's optimizer
+   paged_adamw_8bit, bf16 autocast as the HF Trainer runs a bf16 model, TRL's fused LM head), 10 steps at
+   4096 tokens: peak memory (per phase of a step, and the allocator's reserved peak) and tokens/s, beside
+   a memory account: the persistent tensors sorted into components (train/memory.py's tensor_account,
+   and qlora_account computed from the config), the checkpointed layer inputs, and the bytes one layer
+   saves for backward while it is recomputed (saved-tensor hooks on the model cut to one layer).
 
 What a step is: forward (loss = CE + router aux loss, as the pipelines train) + backward; LoRA/QLoRA
 also take an AdamW step on the adapters; full bf16 takes no optimizer step. Gradient checkpointing: off
@@ -37,9 +43,10 @@ QLoRA (frozen weights need no weight gradient); N_active counts the attention pr
 top-k experts and lm_head (not the embedding lookup); 6 L T d_attn is causal attention (QK^T and PV,
 forward + backward, half of the T x T square); recomputation and LoRA adapter FLOPs are not counted.
 
-QLoRA on both sides goes through `peft.prepare_model_for_kbit_training` (the factory's path, and what TRL
-does for a 4-bit model): every non-4-bit bf16 parameter becomes fp32, so activations flow in fp32, and
-transformers' fused experts, which bitsandbytes does not quantize, are trained around in fp32. PEFT's
+QLoRA: ours goes through the factory (`train.model_factory.prepare_4bit_for_training`: frozen, unquantized
+weights kept bf16); transformers' through `peft.prepare_model_for_kbit_training` (what TRL does for a 4-bit
+model): every non-4-bit bf16 parameter becomes fp32, so its activations flow in fp32, and its fused
+experts, which bitsandbytes does not quantize, are trained around in fp32. PEFT's
 `target_parameters` (ParamWrapper) refuses lora_dropout != 0, so transformers' adapters run without the
 recipe's dropout (0.05), which ours keeps.
 """

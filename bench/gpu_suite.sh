@@ -12,15 +12,16 @@
 # subprocesses of the tests see them too (they do not inherit an extended PYTHONPATH: some tests set
 # their own). The machine is fresh at every start; nothing outlives the call.
 #
-# Time: the whole call stops by SUITE_BUDGET_S (default 540 s) after it starts; the GPU check gets
-# CHECK_BUDGET_S (default 200 s, its own section budget) and the suite whatever is left.
+# Time: the whole call stops by SUITE_BUDGET_S (default 480 s) after it starts; the GPU check gets
+# CHECK_BUDGET_S (default 240 s, its own section budget; ~100-150 s used on an H200) and the suite
+# whatever is left (-v, so a suite stopped by the limit still shows each test that ran).
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 START=$(date +%s)
 OUT=${OUT:-/tmp/gpu_suite}
 DRY=${GPU_SUITE_DRY_RUN:-0}
-SUITE_BUDGET_S=${SUITE_BUDGET_S:-540}
-CHECK_BUDGET_S=${CHECK_BUDGET_S:-200}
+SUITE_BUDGET_S=${SUITE_BUDGET_S:-480}
+CHECK_BUDGET_S=${CHECK_BUDGET_S:-240}
 WORKERS=${WORKERS:-8}
 mkdir -p "$OUT"
 PY=${PYTHON:-python3}
@@ -80,11 +81,11 @@ log "pytest CUDA tests (timeout ${T}s)"
 timeout -k 10 $T $PY -m pytest -q -rs -p no:cacheprovider -m cuda tests/test_cuda.py tests/test_model_config.py \
   --junitxml="$OUT/junit_cuda.xml" >"$OUT/pytest_cuda.log" 2>&1
 log "pytest CUDA rc=$? ($(tail -1 "$OUT/pytest_cuda.log"))"
-SUITE_ARGS=(-m "not slow" -q -rfEs -p no:cacheprovider --maxfail=30 --durations=15 --junitxml="$OUT/junit.xml")
+SUITE_ARGS=(-m "not slow" -v -rfEs -p no:cacheprovider --maxfail=30 --durations=15 --junitxml="$OUT/junit.xml")
 if [ "$DRY" = 1 ]; then
   SUITE_ARGS+=(tests/test_cuda.py tests/test_model_config.py tests/test_qlora_memory.py)
 else
-  SUITE_ARGS+=(-n "$WORKERS")
+  SUITE_ARGS+=(-n "$WORKERS" --timeout=240)  # pytest-xdist and pytest-timeout are in the GPU image
 fi
 T=$(( $(left) - 10 )); [ $T -lt 30 ] && T=30
 log "pytest ${SUITE_ARGS[*]} (timeout ${T}s)"

@@ -22,7 +22,7 @@ OUT=${OUT:-/tmp/gpu_suite}
 DRY=${GPU_SUITE_DRY_RUN:-0}
 SUITE_BUDGET_S=${SUITE_BUDGET_S:-480}
 CHECK_BUDGET_S=${CHECK_BUDGET_S:-240}
-WORKERS=${WORKERS:-8}
+WORKERS=${WORKERS:-14}
 mkdir -p "$OUT"
 PY=${PYTHON:-python3}
 log() { echo "[$(date -u +%H:%M:%S)] $*" | tee -a "$OUT/suite.log"; }
@@ -76,6 +76,7 @@ log "gpu_check rc=$? ($(tail -1 "$OUT/gpu_check.log"))"
 
 # 3. the tests: CUDA ones first, alone; then every non-slow test --------------------------------------
 export WANDB_MODE=offline HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}  # many pytest workers on 16 cores: one thread each
 T=$(( $(left) - 20 )); [ $T -lt 30 ] && T=30
 log "pytest CUDA tests (timeout ${T}s)"
 timeout -k 10 $T $PY -m pytest -q -rs -p no:cacheprovider -m cuda tests/test_cuda.py tests/test_model_config.py \

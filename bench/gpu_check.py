@@ -1108,7 +1108,9 @@ def mixtral_8x7b_qlora(run: Run, sec: Section) -> None:
     measured = tensor_account(model, optimizer)
     grads = sum(p.numel() * 4 for p in model.parameters() if p.requires_grad)
     measured["lora_grads"] = grads  # zero_grad(set_to_none) freed them; they live from backward to step
-    computed = qlora_account(config, r=cfg.peft.r, targets=targets, unquantized_bytes=2, optimizer=optimizer_kind)
+    computed = qlora_account(
+        config, r=cfg.peft.r, targets=targets, unquantized_bytes=2, optimizer=optimizer_kind
+    )
     act_bytes = model.get_base_model().model.embed_tokens.weight.element_size()  # the residual stream's dtype
     activations = {
         f"checkpointed layer inputs ({config.num_hidden_layers} x {s.seq} x {config.hidden_size} x {act_bytes} B)":

@@ -31,7 +31,9 @@ def moe_fwd_bwd(block: SparseMoeBlock, backend: str, x: torch.Tensor, upstream: 
     return {"out": out.detach(), "dx": x.grad, **{n: p.grad for n, p in block.named_parameters()}}
 
 
-@pytest.mark.skipif(not grouped_mm_usable(), reason="torch._grouped_mm needs a CUDA GPU of compute capability >= 9.0")
+@pytest.mark.skipif(
+    not grouped_mm_usable(), reason="torch._grouped_mm needs a CUDA GPU of compute capability >= 9.0"
+)
 def test_grouped_mm_matches_per_expert_in_bf16_on_cuda():
     torch.manual_seed(0)
     config = MixtralConfig(**tiny_config(hidden_size=256, intermediate_size=512, num_local_experts=8))

@@ -8,7 +8,13 @@ from transformers import BitsAndBytesConfig
 from mixtral_model import MixtralConfig, MixtralForCausalLM
 from train.config import LORA_TARGET_MODULES
 from train.memory import (
-    GB, base_weight_bytes, layer_parts, qlora_account, qlora_memory, saved_bytes_by_module, tensor_account,
+    GB,
+    base_weight_bytes,
+    layer_parts,
+    qlora_account,
+    qlora_memory,
+    saved_bytes_by_module,
+    tensor_account,
 )
 from train.model_factory import NEVER_QUANTIZED
 
@@ -133,13 +139,18 @@ def test_factory_keeps_unquantized_weights_bf16_and_saves_fewer_activation_bytes
     results = {}
     for name, prepare in (("factory", None), ("peft_upcast", upcast)):
         config, model, optimizer, ids = tiny_qlora(prepare)
-        unquantized = {p.dtype for p in model.parameters() if type(p).__name__ != "Params4bit" and not p.requires_grad}
+        unquantized = {
+            p.dtype for p in model.parameters() if type(p).__name__ != "Params4bit" and not p.requires_grad
+        }
         account = tensor_account(model, optimizer)
         with saved_bytes_by_module(model, layer_parts(model)) as saved:
             model(input_ids=ids, labels=ids).loss.backward()
         buffers = sum(b.nbytes for b in model.buffers())  # the rotary frequencies stay fp32 in both
         results[name] = unquantized, {**account, "unquantized": account["unquantized"] - buffers}, saved
-    (f_dtypes, f_account, f_saved), (u_dtypes, u_account, u_saved) = results["factory"], results["peft_upcast"]
+    (f_dtypes, f_account, f_saved), (u_dtypes, u_account, u_saved) = (
+        results["factory"],
+        results["peft_upcast"],
+    )
     assert f_dtypes == {torch.bfloat16} and u_dtypes == {torch.float32}
     assert u_account["unquantized"] == 2 * f_account["unquantized"]
     assert set(f_saved) >= {"layer0.attention", "layer0.moe", "layer1.moe", "other"}

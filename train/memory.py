@@ -18,7 +18,6 @@ GPU's measured peak.
 """
 
 import contextlib
-
 import math
 
 import torch

@@ -247,15 +247,78 @@ def _dequantize_4bit_cpu(packed: Sequence[torch.Tensor], states, dtype: torch.dt
     return values.to(dtype).view(len(states), *first.shape)
 
 
+def _stacked_view(weights: Sequence[torch.Tensor]) -> torch.Tensor | None:
+    """The (E, O, I) tensor the weights already are, when they are consecutive contiguous (O, I) slices
+    of one storage (the layout `_restack` leaves); None otherwise."""
+    first = weights[0]
+    size = first.numel()
+    storage = first.untyped_storage().data_ptr()
+    for e, w in enumerate(weights):
+        if (
+            w.shape != first.shape
+            or w.dtype != first.dtype
+            or w.device != first.device
+            or not w.is_contiguous()
+            or w.untyped_storage().data_ptr() != storage
+            or w.storage_offset() != first.storage_offset() + e * size
+        ):
+            return None
+    return first.detach().as_strided((len(weights), *first.shape), (size, *first.stride()))
+
+
+def _restackable(weights: Sequence[torch.Tensor]) -> bool:
+    """Frozen, plain parameters that nothing else owns the storage of: not trained (ZeRO-1/2 re-points
+    trainable parameters into its flat buffers, optimizers hold them), not ZeRO-3 (`ds_id`: it
+    partitions and re-gathers each one), not meta, not created under inference mode."""
+    return (
+        not torch.is_inference_mode_enabled()
+        and not torch.compiler.is_compiling()
+        and all(
+            type(w) is nn.Parameter
+            and not w.requires_grad
+            and not hasattr(w, "ds_id")
+            and not w.is_meta
+            and not w.is_inference()
+            and (w.shape, w.dtype, w.device) == (weights[0].shape, weights[0].dtype, weights[0].device)
+            for w in weights
+        )
+    )
+
+
+def _restack(weights: Sequence[nn.Parameter]) -> torch.Tensor:
+    """Copy the weights into one (E, O, I) tensor and re-point each parameter at its slice, so later
+    calls find them stacked (`_stacked_view`) with no copy. The parameters stay the same objects with
+    the same values (state dict keys, PEFT's base layers and load_state_dict's in-place copies see no
+    difference; save_pretrained clones disjoint views of one storage before writing); the old storages
+    are freed. Whatever replaces a parameter's data later (`.to()`, `load_state_dict(assign=True)`)
+    only makes the next call restack."""
+    stacked = torch.stack([w.detach() for w in weights])
+    for e, w in enumerate(weights):
+        w.data = stacked[e]
+    return stacked
+
+
+def stacked_weights(bases: Sequence[nn.Module]) -> torch.Tensor:
+    """The plain base weights as one (E, O, I) tensor: a view when they already share one stacked
+    storage, else made so once (frozen weights: `_restack`), else a copy for this call (trainable or
+    ZeRO-3 weights)."""
+    weights = [base.weight for base in bases]
+    view = _stacked_view(weights)
+    if view is not None:
+        return view
+    if _restackable(weights):
+        return _restack(weights).detach()
+    return torch.stack([w.detach() for w in weights])
+
+
 def _weights(bases: Sequence[nn.Module], quantized: bool, dtype: torch.dtype, stacked: bool):
     """The base weights as one (E, O, I) tensor (stacked=True) or a list of (O, I) tensors (no copy
     for plain weights)."""
     if quantized:
         return _dequantize_all(bases, dtype)
-    weights = [base.weight.detach() for base in bases]
     if stacked:
-        return torch.stack(weights)
-    return weights
+        return stacked_weights(bases)
+    return [base.weight.detach() for base in bases]
 
 
 def _offsets(counts: Sequence[int], device) -> torch.Tensor:

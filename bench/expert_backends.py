@@ -3,6 +3,9 @@ LoRA), forward + backward, timed round-robin in one process.
 
     python bench/expert_backends.py --threads 1                 # LoRA and QLoRA, bf16 and fp32
     python bench/expert_backends.py --kinds qlora --dtypes bf16 --rounds 9
+    OMP_NUM_THREADS=1 python bench/expert_backends.py --threads 1 --clock cpu   # on a shared machine
+
+`--clock cpu` times by process CPU time (see bench/train_step.py).
 
 Block: hidden 512, intermediate 1792, 8 experts top-2, 2048 tokens (the layers of bench/train_step.py).
 Printed per backend: median seconds and the median over rounds of per_expert's time / this one's
@@ -79,10 +82,12 @@ def main(argv=None) -> None:
     parser.add_argument("--rounds", type=int, default=7, help="timed rounds after one warm-up")
     parser.add_argument("--tokens", type=int, default=SHAPE["tokens"])
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--clock", choices=["wall", "cpu"], default="wall")
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore")
     if args.threads:
         torch.set_num_threads(args.threads)
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
     cpu = next(
         (
             line.split(":", 1)[1].strip()
@@ -92,7 +97,8 @@ def main(argv=None) -> None:
         "unknown CPU",
     )
     print(
-        f"{cpu}, {torch.get_num_threads()} torch threads, torch {torch.__version__}; block {SHAPE}, tokens {args.tokens}"
+        f"{cpu}, {torch.get_num_threads()} torch threads, torch {torch.__version__}; block {SHAPE}, "
+        f"tokens {args.tokens}; {args.clock} clock"
     )
     print("| block | backend | median s | per_expert / this (median of rounds) | rounds |")
     print("|---|---|---|---|---|")
@@ -107,9 +113,9 @@ def main(argv=None) -> None:
             seconds = {backend: [] for backend in BACKENDS}
             for _ in range(args.rounds + 1):
                 for backend, model in models.items():
-                    start = time.perf_counter()
+                    start = clock()
                     model(x).float().square().mean().backward()
-                    seconds[backend].append(time.perf_counter() - start)
+                    seconds[backend].append(clock() - start)
             for backend in BACKENDS:
                 ratios = [a / b for a, b in zip(seconds["per_expert"][1:], seconds[backend][1:], strict=True)]
                 print(

@@ -17,14 +17,20 @@ ZeRO-1/2 own each parameter's storage. This file only reads them:
   in PEFT's per-expert order (w1, w3, w2 of expert 0, then expert 1, ...), so a seeded run on CPU draws
   the very masks `per_expert` draws (`draw_dropout`).
 
-Kernels: `grouped_mm` (`torch._grouped_mm` over the base weights stacked to (E, O, I): one copy in
-forward and one in backward) and `grouped_loop` (one GEMM per expert slice on the weights in place; on
-CPUs without native bf16 the bf16/fp16 input gradient multiplies by a transposed weight copy, see
-`_input_grad`). Why the weights are not stored stacked (which would make `grouped_mm` copy-free):
-PEFT targets and saves the per-expert `nn.Linear` modules, bitsandbytes quantizes per module,
-DeepSpeed ZeRO-1/2 re-points every parameter into its flat buffers and ZeRO-3 partitions each one,
-and transformers' `save_pretrained` treats tensors sharing one storage as tied; a stacked storage
-(or parameters re-pointed into one) would break each of those.
+Kernels: `grouped_mm` (`torch._grouped_mm` over the base weights as one (E, O, I) tensor) and
+`grouped_loop` (one GEMM per expert slice on the weights in place; on CPUs without native bf16 the
+bf16/fp16 input gradient multiplies by a transposed weight copy, see `_input_grad`).
+
+Stacked storage (`stacked_weights`): the experts keep their own parameters, but frozen plain weights
+(the base of LoRA, the paths users train on) are re-pointed, on the first `grouped_mm` call, at the
+slices of one (E, O, I) tensor, so every later call reads them with no copy and no second copy is
+held. The parameter objects, their values and the hub-keyed state dict stay as they were (PEFT's
+base layers, load_state_dict's in-place copies and transformers' `save_pretrained`, which clones
+disjoint views of one storage, see no difference); anything that replaces their data (`.to()`,
+`load_state_dict(assign=True)`) only makes the next call restack. Trainable weights are not re-pointed
+(ZeRO-1/2 re-points them into its flat buffers, optimizers own them), nor ZeRO-3 partitions (gathered
+anew for every forward): `grouped_mm` stacks a copy of those per call. 4-bit weights are dequantized
+into one (E, O, I) tensor per projection, in forward and again in backward, and freed after use.
 
 Which backend is fastest is measured, not assumed (`moe.choose_expert_backend`,
 bench/results/cpu_2026-11-27.md).

@@ -4,7 +4,8 @@ and for ZeRO-3 experts once their block has gathered them (the block is a ZeRO-3
 
 The experts keep their own modules (`experts.E.w1` ...), so state dicts keep the hub keys, PEFT targets
 and saves per-expert adapters under the hub names, bitsandbytes quantizes each projection and ZeRO-3 or
-ZeRO-1/2 own each parameter's storage. This file only reads them:
+ZeRO-1/2 own each parameter's storage. This file reads them (and gives frozen plain weights one stacked
+storage, below):
 
     projection(x) = base(x) + lora_B(lora_A(dropout(x))) * scaling      (PEFT's LoRA Linear.forward)
 

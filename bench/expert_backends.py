@@ -103,6 +103,7 @@ def main(argv=None) -> None:
         if cuda:
             torch.cuda.synchronize()
         return measure()
+
     cpu = next(
         (
             line.split(":", 1)[1].strip()

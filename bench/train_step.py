@@ -33,9 +33,6 @@ import tempfile
 import time
 import warnings
 
-CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
-clock = time.perf_counter
-
 import peft
 import torch
 import transformers
@@ -44,6 +41,8 @@ from mixtral_model import MixtralConfig, MixtralForCausalLM
 from mixtral_model.model import causal_lm_loss
 from mixtral_model.moe import SparseMoeBlock, expert_backend_for
 
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+clock = time.perf_counter
 FULL = dict(
     vocab_size=32000,
     hidden_size=512,
@@ -283,7 +282,9 @@ def main(argv=None) -> None:
     print(
         f"machine: {machine()}; torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}"
     )
-    print(f"shape: {shape}; LoRA r={args.rank}; {repeats} timed rounds after one warm-up step; {args.clock} clock")
+    print(
+        f"shape: {shape}; LoRA r={args.rank}; {repeats} timed rounds after one warm-up step; {args.clock} clock"
+    )
     print("| scenario | implementation | median s/step | rounds | |")
     print("|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as directory:

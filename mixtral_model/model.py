@@ -159,7 +159,9 @@ def causal_lm_loss(logits_BTV, labels_BT, num_items_in_batch=None, ignore_index:
     """Next-token cross entropy in fp32; mean over labelled tokens, or sum / num_items_in_batch
     (transformers' `ForCausalLMLoss`, computed a few rows at a time: `cross_entropy.py`)."""
     shifted_labels_N = F.pad(labels_BT, (0, 1), value=ignore_index)[:, 1:].reshape(-1).to(logits_BTV.device)
-    divisor = num_items_in_batch if num_items_in_batch is not None else (shifted_labels_N != ignore_index).sum()
+    divisor = (
+        num_items_in_batch if num_items_in_batch is not None else (shifted_labels_N != ignore_index).sum()
+    )
     logits_NV = logits_BTV.reshape(-1, logits_BTV.shape[-1])
     return cross_entropy_sum(logits_NV, shifted_labels_N, ignore_index, divisor)
 

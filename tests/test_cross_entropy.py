@@ -33,7 +33,9 @@ def test_causal_lm_loss_equals_torch_cross_entropy(dtype, num_items, monkeypatch
 
     assert loss.dtype == torch.float32 and grad.dtype == dtype
     assert max_relative_diff(loss.detach(), reference.detach()) <= 1e-6
-    assert max_relative_diff(grad.float(), reference_grad.float()) <= (1e-6 if dtype == torch.float32 else 4e-3)
+    assert max_relative_diff(grad.float(), reference_grad.float()) <= (
+        1e-6 if dtype == torch.float32 else 4e-3
+    )
     assert grad[0, :3].abs().max() == 0 and grad[1, 6].abs().max() == 0 and grad[:, -1].abs().max() == 0
     assert torch.equal(logits.detach(), before)
 

@@ -3,6 +3,12 @@ LoRA), forward + backward, timed round-robin in one process.
 
     python bench/expert_backends.py --threads 1                 # LoRA and QLoRA, bf16 and fp32
     python bench/expert_backends.py --kinds qlora --dtypes bf16 --rounds 9
+    OMP_NUM_THREADS=1 python bench/expert_backends.py --threads 1 --clock cpu   # on a shared machine
+
+`--clock cpu` times by process CPU time (see bench/train_step.py). On a GPU, at Mixtral-8x7B's expert
+shapes (wall clock, synchronized):
+
+    python bench/expert_backends.py --device cuda --hidden 4096 --intermediate 14336 --tokens 4096 --dtypes bf16 --rounds 5
 
 Block: hidden 512, intermediate 1792, 8 experts top-2, 2048 tokens (the layers of bench/train_step.py).
 Printed per backend: median seconds and the median over rounds of per_expert's time / this one's
@@ -37,7 +43,7 @@ class Holder(nn.Module):
         return self.block(x)[0]
 
 
-def quantize(block: SparseMoeBlock, dtype: torch.dtype) -> None:
+def quantize(block: SparseMoeBlock, dtype: torch.dtype, device: str) -> None:
     for expert in block.experts.values():
         for name in ("w1", "w2", "w3"):
             linear = getattr(expert, name)
@@ -47,27 +53,27 @@ def quantize(block: SparseMoeBlock, dtype: torch.dtype) -> None:
             layer.weight = bnb.nn.Params4bit(
                 linear.weight.data.clone(), requires_grad=False, quant_type="nf4"
             )
-            setattr(expert, name, layer.to("cpu"))
+            setattr(expert, name, layer.to(device))
 
 
-def build(kind: str, dtype: torch.dtype, backend: str) -> nn.Module:
+def build(kind: str, dtype: torch.dtype, backend: str, shape: dict, device: str) -> nn.Module:
     torch.manual_seed(0)
     config = MixtralConfig(
-        **{k: v for k, v in SHAPE.items() if k != "tokens"},
+        **{k: v for k, v in shape.items() if k != "tokens"},
         num_attention_heads=8,
         num_key_value_heads=2,
         vocab_size=128,
     )
-    block = SparseMoeBlock(config)
+    block = SparseMoeBlock(config).to(device)
     for p in block.parameters():
         nn.init.normal_(p, std=0.02)
     block.to(dtype)
     if kind == "qlora":
-        quantize(block, dtype)
+        quantize(block, dtype, device)
     model = get_peft_model(Holder(block), LoraConfig(r=16, lora_alpha=32, target_modules=["w1", "w2", "w3"]))
     for name, p in model.named_parameters():
         if "lora_" in name:
-            p.data = p.data.to(dtype)
+            p.data = p.data.to(device, dtype)
     block.expert_backend = backend
     return model
 
@@ -78,11 +84,26 @@ def main(argv=None) -> None:
     parser.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
     parser.add_argument("--rounds", type=int, default=7, help="timed rounds after one warm-up")
     parser.add_argument("--tokens", type=int, default=SHAPE["tokens"])
+    parser.add_argument("--hidden", type=int, default=SHAPE["hidden_size"])
+    parser.add_argument("--intermediate", type=int, default=SHAPE["intermediate_size"])
+    parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--clock", choices=["wall", "cpu"], default="wall")
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore")
     if args.threads:
         torch.set_num_threads(args.threads)
+    shape = dict(SHAPE, hidden_size=args.hidden, intermediate_size=args.intermediate, tokens=args.tokens)
+    cuda = args.device.startswith("cuda")
+    if cuda and args.clock == "cpu":
+        parser.error("--clock cpu measures the host, not the GPU: use the wall clock with --device cuda")
+    measure = time.process_time if args.clock == "cpu" else time.perf_counter
+
+    def clock() -> float:
+        if cuda:
+            torch.cuda.synchronize()
+        return measure()
+
     cpu = next(
         (
             line.split(":", 1)[1].strip()
@@ -92,24 +113,25 @@ def main(argv=None) -> None:
         "unknown CPU",
     )
     print(
-        f"{cpu}, {torch.get_num_threads()} torch threads, torch {torch.__version__}; block {SHAPE}, tokens {args.tokens}"
+        f"{torch.cuda.get_device_name() if cuda else cpu}, {torch.get_num_threads()} torch threads, "
+        f"torch {torch.__version__}; block {shape}; {args.clock} clock"
     )
     print("| block | backend | median s | per_expert / this (median of rounds) | rounds |")
     print("|---|---|---|---|---|")
     for kind in args.kinds:
         for dtype_name in args.dtypes:
             dtype = DTYPES[dtype_name]
-            models = {backend: build(kind, dtype, backend) for backend in BACKENDS}
+            models = {backend: build(kind, dtype, backend, shape, args.device) for backend in BACKENDS}
             x = torch.randn(
-                1, args.tokens, SHAPE["hidden_size"], generator=torch.Generator().manual_seed(1)
-            ).to(dtype)
+                1, args.tokens, shape["hidden_size"], generator=torch.Generator().manual_seed(1)
+            ).to(args.device, dtype)
             x.requires_grad_()
             seconds = {backend: [] for backend in BACKENDS}
             for _ in range(args.rounds + 1):
                 for backend, model in models.items():
-                    start = time.perf_counter()
+                    start = clock()
                     model(x).float().square().mean().backward()
-                    seconds[backend].append(time.perf_counter() - start)
+                    seconds[backend].append(clock() - start)
             for backend in BACKENDS:
                 ratios = [a / b for a, b in zip(seconds["per_expert"][1:], seconds[backend][1:], strict=True)]
                 print(

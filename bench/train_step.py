@@ -3,6 +3,11 @@
     python bench/train_step.py                      # every scenario, 4 layers, hidden 512, 8 experts, batch 4x512
     python bench/train_step.py --scenarios lora_fp32 lora_bf16 --repeats 5
     python bench/train_step.py --quick              # tiny shapes, 1 round: a smoke run
+    OMP_NUM_THREADS=1 python bench/train_step.py --threads 1 --clock cpu --repeats 5   # on a shared machine
+
+`--clock cpu` times each step by this process's CPU time (`time.process_time`) instead of wall time:
+with one thread on a machine shared by more runnable threads than cores, wall time counts the waits
+for a core and CPU time does not (it still counts cache and memory-bandwidth contention).
 
 Scenarios (each one's implementations timed round-robin in this one process, so machine noise hits
 them alike; printed: median seconds per step and the median over rounds of each per-round ratio):
@@ -33,8 +38,11 @@ import torch
 import transformers
 
 from mixtral_model import MixtralConfig, MixtralForCausalLM
+from mixtral_model.model import causal_lm_loss
 from mixtral_model.moe import SparseMoeBlock, expert_backend_for
 
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+clock = time.perf_counter
 FULL = dict(
     vocab_size=32000,
     hidden_size=512,
@@ -163,9 +171,9 @@ def bench(scenario: str, directory: str, shape: dict, repeats: int, r: int, per_
     seconds = {name: [] for name in names}
     for _ in range(repeats):
         for name in names:
-            start = time.perf_counter()
+            start = clock()
             step(models[name], input_ids)
-            seconds[name].append(time.perf_counter() - start)
+            seconds[name].append(clock() - start)
     lines = []
     for name in names:
         lines.append(
@@ -186,17 +194,17 @@ def bench(scenario: str, directory: str, shape: dict, repeats: int, r: int, per_
 def timed_backward(fn, *inputs) -> float:
     """Seconds for fn(*inputs).sum-like scalar .backward(), after one warm-up call."""
     for warm in (True, False):
-        start = time.perf_counter()
+        start = clock()
         fn(*inputs).backward()
         if not warm:
-            return time.perf_counter() - start
+            return clock() - start
     raise AssertionError
 
 
 def parts(directory: str, shape: dict, dtype_name: str, repeats: int) -> list[str]:
     """Where a full step's time goes: the MoE blocks (ours and transformers', all layers) and the
-    output head with its loss (the same code path in both models: bf16/fp32 logits upcast to fp32,
-    cross-entropy), each timed forward + backward on its own at the step's shapes."""
+    output head with its loss (ours: `causal_lm_loss`; transformers': its `ForCausalLMLoss`, logits
+    upcast to fp32 then cross-entropy), each timed forward + backward on its own at the step's shapes."""
     dtype = DTYPES[dtype_name]
     mine, theirs = ours(directory, dtype), transformers_model(directory, dtype)
     tokens = shape["batch"] * shape["seq"]
@@ -209,15 +217,19 @@ def parts(directory: str, shape: dict, dtype_name: str, repeats: int) -> list[st
     }
 
     def head(h):
-        return torch.nn.functional.cross_entropy(mine.lm_head(h)[0].float(), labels)
+        return causal_lm_loss(mine.lm_head(h), labels[None])
 
-    rows = {name: [] for name in [*blocks, "output head + loss"]}
+    def their_head(h):
+        return theirs.loss_function(theirs.lm_head(h), labels[None], vocab_size=shape["vocab_size"])
+
+    rows = {name: [] for name in [*blocks, "ours output head + loss", "transformers output head + loss"]}
     for _ in range(repeats):
         for name, block in blocks.items():
             rows[name].append(
                 shape["num_hidden_layers"] * timed_backward(lambda h, b=block: _moe_loss(b, h), x)
             )
-        rows["output head + loss"].append(timed_backward(head, x))
+        rows["ours output head + loss"].append(timed_backward(head, x))
+        rows["transformers output head + loss"].append(timed_backward(their_head, x))
     return [
         f"| parts_{dtype_name} | {name} (x{shape['num_hidden_layers'] if 'MoE' in name else 1}) | "
         f"{statistics.median(seconds):.2f} | {' '.join(f'{t:.2f}' for t in seconds)} | fwd+bwd alone |"
@@ -254,12 +266,15 @@ def main(argv=None) -> None:
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--quick", action="store_true", help="tiny shapes, 1 round")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--clock", choices=list(CLOCKS), default="wall", help="wall time or process CPU time")
     parser.add_argument(
         "--no-per-expert", action="store_true", help="LoRA scenarios without ours[per_expert]"
     )
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    global clock
+    clock = CLOCKS[args.clock]
     warnings.filterwarnings("ignore")
     transformers.utils.logging.disable_progress_bar()
     shape = QUICK if args.quick else FULL
@@ -267,7 +282,9 @@ def main(argv=None) -> None:
     print(
         f"machine: {machine()}; torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}"
     )
-    print(f"shape: {shape}; LoRA r={args.rank}; {repeats} timed rounds after one warm-up step")
+    print(
+        f"shape: {shape}; LoRA r={args.rank}; {repeats} timed rounds after one warm-up step; {args.clock} clock"
+    )
     print("| scenario | implementation | median s/step | rounds | |")
     print("|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as directory:

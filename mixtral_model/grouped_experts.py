@@ -4,7 +4,8 @@ and for ZeRO-3 experts once their block has gathered them (the block is a ZeRO-3
 
 The experts keep their own modules (`experts.E.w1` ...), so state dicts keep the hub keys, PEFT targets
 and saves per-expert adapters under the hub names, bitsandbytes quantizes each projection and ZeRO-3 or
-ZeRO-1/2 own each parameter's storage. This file only reads them:
+ZeRO-1/2 own each parameter's storage. This file reads them (and gives frozen plain weights one stacked
+storage, below):
 
     projection(x) = base(x) + lora_B(lora_A(dropout(x))) * scaling      (PEFT's LoRA Linear.forward)
 
@@ -17,14 +18,20 @@ ZeRO-1/2 own each parameter's storage. This file only reads them:
   in PEFT's per-expert order (w1, w3, w2 of expert 0, then expert 1, ...), so a seeded run on CPU draws
   the very masks `per_expert` draws (`draw_dropout`).
 
-Kernels: `grouped_mm` (`torch._grouped_mm` over the base weights stacked to (E, O, I): one copy in
-forward and one in backward) and `grouped_loop` (one GEMM per expert slice on the weights in place; on
-CPUs without native bf16 the bf16/fp16 input gradient multiplies by a transposed weight copy, see
-`_input_grad`). Why the weights are not stored stacked (which would make `grouped_mm` copy-free):
-PEFT targets and saves the per-expert `nn.Linear` modules, bitsandbytes quantizes per module,
-DeepSpeed ZeRO-1/2 re-points every parameter into its flat buffers and ZeRO-3 partitions each one,
-and transformers' `save_pretrained` treats tensors sharing one storage as tied; a stacked storage
-(or parameters re-pointed into one) would break each of those.
+Kernels: `grouped_mm` (`torch._grouped_mm` over the base weights as one (E, O, I) tensor) and
+`grouped_loop` (one GEMM per expert slice on the weights in place; on CPUs without native bf16 the
+bf16/fp16 input gradient multiplies by a transposed weight copy, see `_input_grad`).
+
+Stacked storage (`stacked_weights`): the experts keep their own parameters, but frozen plain weights
+(the base of LoRA, the paths users train on) are re-pointed, on the first `grouped_mm` call, at the
+slices of one (E, O, I) tensor, so every later call reads them with no copy and no second copy is
+held. The parameter objects, their values and the hub-keyed state dict stay as they were (PEFT's
+base layers, load_state_dict's in-place copies and transformers' `save_pretrained`, which clones
+disjoint views of one storage, see no difference); anything that replaces their data (`.to()`,
+`load_state_dict(assign=True)`) only makes the next call restack. Trainable weights are not re-pointed
+(ZeRO-1/2 re-points them into its flat buffers, optimizers own them), nor ZeRO-3 partitions (gathered
+anew for every forward): `grouped_mm` stacks a copy of those per call. 4-bit weights are dequantized
+into one (E, O, I) tensor per projection, in forward and again in backward, and freed after use.
 
 Which backend is fastest is measured, not assumed (`moe.choose_expert_backend`,
 bench/results/cpu_2026-11-27.md).
@@ -247,15 +254,78 @@ def _dequantize_4bit_cpu(packed: Sequence[torch.Tensor], states, dtype: torch.dt
     return values.to(dtype).view(len(states), *first.shape)
 
 
+def _stacked_view(weights: Sequence[torch.Tensor]) -> torch.Tensor | None:
+    """The (E, O, I) tensor the weights already are, when they are consecutive contiguous (O, I) slices
+    of one storage (the layout `_restack` leaves); None otherwise."""
+    first = weights[0]
+    size = first.numel()
+    storage = first.untyped_storage().data_ptr()
+    for e, w in enumerate(weights):
+        if (
+            w.shape != first.shape
+            or w.dtype != first.dtype
+            or w.device != first.device
+            or not w.is_contiguous()
+            or w.untyped_storage().data_ptr() != storage
+            or w.storage_offset() != first.storage_offset() + e * size
+        ):
+            return None
+    return first.detach().as_strided((len(weights), *first.shape), (size, *first.stride()))
+
+
+def _restackable(weights: Sequence[torch.Tensor]) -> bool:
+    """Frozen, plain parameters that nothing else owns the storage of: not trained (ZeRO-1/2 re-points
+    trainable parameters into its flat buffers, optimizers hold them), not ZeRO-3 (`ds_id`: it
+    partitions and re-gathers each one), not meta, not created under inference mode."""
+    return (
+        not torch.is_inference_mode_enabled()
+        and not torch.compiler.is_compiling()
+        and all(
+            type(w) is nn.Parameter
+            and not w.requires_grad
+            and not hasattr(w, "ds_id")
+            and not w.is_meta
+            and not w.is_inference()
+            and (w.shape, w.dtype, w.device) == (weights[0].shape, weights[0].dtype, weights[0].device)
+            for w in weights
+        )
+    )
+
+
+def _restack(weights: Sequence[nn.Parameter]) -> torch.Tensor:
+    """Copy the weights into one (E, O, I) tensor and re-point each parameter at its slice, so later
+    calls find them stacked (`_stacked_view`) with no copy. The parameters stay the same objects with
+    the same values (state dict keys, PEFT's base layers and load_state_dict's in-place copies see no
+    difference; save_pretrained clones disjoint views of one storage before writing); the old storages
+    are freed. Whatever replaces a parameter's data later (`.to()`, `load_state_dict(assign=True)`)
+    only makes the next call restack."""
+    stacked = torch.stack([w.detach() for w in weights])
+    for e, w in enumerate(weights):
+        w.data = stacked[e]
+    return stacked
+
+
+def stacked_weights(bases: Sequence[nn.Module]) -> torch.Tensor:
+    """The plain base weights as one (E, O, I) tensor: a view when they already share one stacked
+    storage, else made so once (frozen weights: `_restack`), else a copy for this call (trainable or
+    ZeRO-3 weights)."""
+    weights = [base.weight for base in bases]
+    view = _stacked_view(weights)
+    if view is not None:
+        return view
+    if _restackable(weights):
+        return _restack(weights).detach()
+    return torch.stack([w.detach() for w in weights])
+
+
 def _weights(bases: Sequence[nn.Module], quantized: bool, dtype: torch.dtype, stacked: bool):
     """The base weights as one (E, O, I) tensor (stacked=True) or a list of (O, I) tensors (no copy
     for plain weights)."""
     if quantized:
         return _dequantize_all(bases, dtype)
-    weights = [base.weight.detach() for base in bases]
     if stacked:
-        return torch.stack(weights)
-    return weights
+        return stacked_weights(bases)
+    return [base.weight.detach() for base in bases]
 
 
 def _offsets(counts: Sequence[int], device) -> torch.Tensor:

@@ -20,6 +20,7 @@ from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOut
 from .attention import ATTENTION_BACKENDS, Attention
 from .checkpoint import CheckpointLoadingMixin
 from .config import MixtralConfig
+from .cross_entropy import cross_entropy_sum
 from .flash_attention import check_flash_attention_available
 from .masks import AttentionLayout, packed_sequence_ids
 from .moe import Expert, Router, SparseMoeBlock
@@ -155,18 +156,14 @@ class MixtralModel(MixtralPreTrainedModel):
 
 
 def causal_lm_loss(logits_BTV, labels_BT, num_items_in_batch=None, ignore_index: int = -100) -> torch.Tensor:
-    """Next-token cross entropy in fp32; mean over labelled tokens, or sum / num_items_in_batch."""
-    shifted_labels_BT = F.pad(labels_BT, (0, 1), value=ignore_index)[:, 1:].to(logits_BTV.device)
-    reduction = "sum" if num_items_in_batch is not None else "mean"
-    loss = F.cross_entropy(
-        logits_BTV.float().reshape(-1, logits_BTV.shape[-1]),
-        shifted_labels_BT.reshape(-1),
-        ignore_index=ignore_index,
-        reduction=reduction,
+    """Next-token cross entropy in fp32; mean over labelled tokens, or sum / num_items_in_batch
+    (transformers' `ForCausalLMLoss`, computed a few rows at a time: `cross_entropy.py`)."""
+    shifted_labels_N = F.pad(labels_BT, (0, 1), value=ignore_index)[:, 1:].reshape(-1).to(logits_BTV.device)
+    divisor = (
+        num_items_in_batch if num_items_in_batch is not None else (shifted_labels_N != ignore_index).sum()
     )
-    if num_items_in_batch is not None:
-        loss = loss / torch.as_tensor(num_items_in_batch, device=loss.device)
-    return loss
+    logits_NV = logits_BTV.reshape(-1, logits_BTV.shape[-1])
+    return cross_entropy_sum(logits_NV, shifted_labels_N, ignore_index, divisor)
 
 
 class MixtralForCausalLM(MixtralPreTrainedModel, GenerationMixin):

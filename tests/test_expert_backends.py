@@ -307,3 +307,78 @@ def test_train_step_bench_quick_smoke(capsys):
     printed = capsys.readouterr().out
     assert "ours[auto] / transformers+peft" in printed and "ours[auto] / ours[per_expert]" in printed
     assert "output head + loss" in printed
+
+
+def base_weights(block, name: str = "w1") -> list[torch.Tensor]:
+    return [getattr(expert, name).base_layer.weight for expert in block.experts.values()]
+
+
+def stacked_in_one_storage(weights) -> bool:
+    from mixtral_model.grouped_experts import _stacked_view
+
+    return _stacked_view(weights) is not None
+
+
+def test_grouped_mm_restacks_frozen_weights_once_and_keeps_the_state_dict(tmp_path):
+    """LoRA's frozen expert weights: the first grouped_mm call re-points them at slices of one (E, O, I)
+    storage (no second copy), later calls read it in place; values, parameter objects, state-dict
+    keys, load_state_dict, .to() and save_pretrained behave as before, and outputs equal per_expert's."""
+    model = lora_model()
+    block = blocks(model)[0]
+    params_before = {n: p for n, p in model.named_parameters()}
+    state_before = {k: v.clone() for k, v in model.state_dict().items()}
+    assert not stacked_in_one_storage(base_weights(block))
+    for b in blocks(model):
+        b.expert_backend = "grouped_mm"
+    input_ids = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(1))
+    out = model(input_ids=input_ids).logits
+    for name in ("w1", "w2", "w3"):
+        assert stacked_in_one_storage(base_weights(block, name)), name
+    storage = base_weights(block)[0].untyped_storage().data_ptr()
+    assert dict(model.named_parameters()).keys() == params_before.keys()
+    assert all(p is params_before[n] for n, p in model.named_parameters())
+    state = model.state_dict()
+    assert state.keys() == state_before.keys()
+    for key, value in state_before.items():
+        assert torch.equal(state[key], value), key
+    model(input_ids=input_ids)
+    assert base_weights(block)[0].untyped_storage().data_ptr() == storage  # read in place, not restacked
+    for b in blocks(model):
+        b.expert_backend = "per_expert"
+    torch.testing.assert_close(model(input_ids=input_ids).logits, out, rtol=1e-5, atol=1e-6)
+
+    # load_state_dict copies into the slices: new values seen by the grouped path, storage kept
+    new_state = {k: v * 1.5 if ".experts." in k and "base_layer" in k else v for k, v in state_before.items()}
+    model.load_state_dict(new_state)
+    assert base_weights(block)[0].untyped_storage().data_ptr() == storage
+    expected = model(input_ids=input_ids).logits
+    for b in blocks(model):
+        b.expert_backend = "grouped_mm"
+    torch.testing.assert_close(model(input_ids=input_ids).logits, expected, rtol=1e-5, atol=1e-6)
+
+    # .to(dtype) replaces every parameter's data: the next call stacks the new tensors again
+    model.to(torch.bfloat16)
+    assert not stacked_in_one_storage(base_weights(block))
+    out16 = model(input_ids=input_ids).logits.float()
+    assert stacked_in_one_storage(base_weights(block)) and base_weights(block)[0].dtype == torch.bfloat16
+    for b in blocks(model):
+        b.expert_backend = "per_expert"
+    assert max_relative_diff(out16, model(input_ids=input_ids).logits.float()) <= 2e-2
+
+    # the base model saved in the hub layout (transformers clones the disjoint views) reloads equal
+    base = model.merge_and_unload()
+    base.save_pretrained(tmp_path)
+    reloaded = MixtralForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16)
+    for key, value in base.state_dict().items():
+        assert torch.equal(reloaded.state_dict()[key], value), key
+
+
+def test_grouped_mm_leaves_trainable_weights_in_place():
+    """Trainable expert weights (full fine-tuning) are never re-pointed: ZeRO-1/2 and optimizers own
+    their storage. grouped_mm stacks a copy per call instead."""
+    model, block = build("plain", torch.float32)
+    block.expert_backend = "grouped_mm"
+    pointers = [p.data_ptr() for p in block.parameters()]
+    model(torch.randn(1, 5, HIDDEN)).sum().backward()
+    assert [p.data_ptr() for p in block.parameters()] == pointers
+    assert not stacked_in_one_storage([expert.w1.weight for expert in block.experts.values()])

@@ -33,3 +33,37 @@ def latest_complete_checkpoint(output_dir: str | Path) -> str | None:
         if (step := checkpoint_step(path)) is not None and is_complete_checkpoint(path)
     ]
     return str(max(candidates)[1]) if candidates else None
+
+
+class ExpertParallelResumeMixin:
+    """Put first in a trainer's bases: resumes a ZeRO-1/2 run under expert parallelism with every
+    rank's own experts.
+
+    DeepSpeed restores the model's parameters from one module-state file written by rank 0 (rank 0's
+    experts, loaded by every rank; a full fine-tune fails its strict load on the other ranks, and with
+    adapters those ranks kept their initial expert LoRA weights for one step: the first resumed loss
+    was 1e-4 off), and each rank's fp32 master weights from its own optimizer file. So the module state
+    is loaded leniently and then overwritten by the masters (`update_lp_params`, collective), as an
+    optimizer step would. ZeRO-3 restores parameters from each rank's own partition: nothing to do.
+    """
+
+    def _prepare_for_training(self, max_steps, train_dataloader, resume_from_checkpoint):
+        if resume_from_checkpoint is None or not self.is_expert_parallel_zero_1_or_2():
+            return super()._prepare_for_training(max_steps, train_dataloader, resume_from_checkpoint)
+        from transformers.integrations.deepspeed import deepspeed_load_checkpoint
+
+        model, train_dataloader = super()._prepare_for_training(max_steps, train_dataloader, None)
+        deepspeed_load_checkpoint(self.model_wrapped, resume_from_checkpoint, load_module_strict=False)
+        self.model_wrapped.optimizer.update_lp_params()
+        self._load_optimizer_and_scheduler(resume_from_checkpoint)  # the Trainer's own LR scheduler
+        self._load_scaler(resume_from_checkpoint)
+        return model, train_dataloader
+
+    def is_expert_parallel_zero_1_or_2(self) -> bool:
+        from deepspeed.moe.utils import is_moe_param  # here: train.config imports this module, DeepSpeed-free
+
+        return (
+            self.is_deepspeed_enabled
+            and self.accelerator.state.deepspeed_plugin.zero_stage in (1, 2)
+            and any(is_moe_param(p) for p in self.model.parameters())
+        )

@@ -7,7 +7,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from train import config as config_module
-from train.checkpoints import latest_complete_checkpoint
+from train.checkpoints import latest_complete_checkpoint, mark_checkpoint_complete
 from train.config import (
     RECIPE_DIR,
     ConfigError,
@@ -102,6 +102,7 @@ def test_cli_contract_overrides_work_on_every_recipe(
         (output_dir / f"checkpoint-{step}" / "trainer_state.json").write_text(
             json.dumps({"global_step": step})
         )
+        mark_checkpoint_complete(output_dir / f"checkpoint-{step}")
     resume_value = {"latest": "true", "path": str(output_dir / "checkpoint-5"), "off": "false"}[resume]
     data_path = rows_file(stage_of(recipe))
     cfg = config_module.compose(

@@ -59,24 +59,29 @@ def final_tensors(run_dir: Path) -> dict[str, torch.Tensor]:
     return load_file(final / name)
 
 
-def assert_same_run(resumed: Path, reference: Path, after: int, rel: float) -> tuple[float, float]:
-    """Every loss logged after step `after` and every final tensor agree to `rel`; returns the largest
-    relative loss difference and the largest absolute weight difference (for the report)."""
+def assert_same_run(resumed: Path, reference: Path, after: int, rel: float) -> None:
+    """Every loss (and DPO reward margin) logged after step `after` and every final tensor agree to
+    `rel`; prints the largest differences (run with -s to see them)."""
+    keys = [
+        "loss",
+        *(["rewards/margins"] if "rewards/margins" in log_history(reference / "final")[0] else []),
+    ]
+    for key in keys:
+        ours, theirs = logged(resumed, key), logged(reference, key)
+        steps = [step for step in theirs if step > after]
+        assert steps and [step for step in sorted(ours) if step > after] == steps, (key, ours, theirs)
+        for step in steps:
+            assert ours[step] == pytest.approx(theirs[step], rel=rel, abs=1e-7), (key, step, ours, theirs)
     ours, theirs = logged(resumed), logged(reference)
-    steps = [step for step in theirs if step > after]
-    assert steps and sorted(step for step in ours if step > after) == steps, (ours, theirs)
-    for step in steps:
-        assert ours[step] == pytest.approx(theirs[step], rel=rel), (step, ours, theirs)
+    worst_loss = max(abs(ours[step] - theirs[step]) / abs(theirs[step]) for step in theirs if step > after)
     mine, expected = final_tensors(resumed), final_tensors(reference)
     assert sorted(mine) == sorted(expected)
     for key, value in expected.items():
         torch.testing.assert_close(mine[key], value, rtol=rel, atol=rel * value.abs().max().item(), msg=key)
-    worst_loss = max(abs(ours[s] - theirs[s]) / abs(theirs[s]) for s in steps)
     worst_weight = max((mine[k].float() - v.float()).abs().max().item() for k, v in expected.items())
     print(
-        f"resumed after step {after}: max rel loss diff {worst_loss:.2e}, max weight diff {worst_weight:.2e}"
+        f"[resume] after step {after}: max rel loss diff {worst_loss:.1e}, max weight diff {worst_weight:.1e}"
     )
-    return worst_loss, worst_weight
 
 
 def kill_process_tree(process: subprocess.Popen) -> None:

@@ -5,10 +5,12 @@ init, DeepSpeed zero.Init, bitsandbytes); this mixin turns its warnings into err
 unexpected or wrongly shaped key, or an unreadable file, stops the load with the key named,
 instead of leaving random weights in place.
 
-Expert parallelism (`expert_parallel_size=n` under torch.distributed): a rank builds only its
-experts, so it loads only their tensors from the hub checkpoint; the keys of the experts other
-ranks hold (and only those) are expected to be left over. `save_pretrained` gathers every expert
-to rank 0, which writes one complete hub-layout checkpoint.
+Expert parallelism: `from_pretrained(path, expert_parallel_size=n)` is a convenience over
+`parallel.parallelize_experts`: the model is built on the meta device with every expert, made
+expert-parallel, and only then read, so a rank reads only its own experts' tensors; the keys of the
+experts other ranks hold (and only those) are expected to be left over. `save_pretrained` of an
+expert-parallel model gathers every expert to rank 0, which writes one complete hub-layout checkpoint
+(the config holds no parallel layout: the layout is a launch choice).
 
 PEFT adapters under expert parallelism follow the same rule: `save_expert_parallel_adapter` gathers
 every expert's lora_A/lora_B to rank 0, which writes one complete adapter with PEFT's key names (it
@@ -17,16 +19,22 @@ reads an adapter into an EP model, each rank taking only its own experts' tensor
 """
 
 import re
-from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from safetensors import SafetensorError
 from safetensors.torch import load_file
+from transformers import PreTrainedModel
 
-from .moe import SparseMoeBlock
-from .parallel import get_expert_parallel_group
+from .parallel import (
+    ExpertParallelGroups,
+    expert_parallel_of,
+    moe_blocks,
+    new_expert_parallel_groups,
+    parallelize_experts,
+)
 
 EXPERT_KEY = re.compile(r"^(?P<experts>.*\.block_sparse_moe\.experts)\.(?P<expert>\d+)\.(?P<suffix>.+)$")
 
@@ -77,12 +85,33 @@ def check_checkpoint_path(name_or_path) -> None:
         raise FileNotFoundError(f"checkpoint directory {name_or_path} does not exist: check the path")
 
 
+# The groups `from_pretrained(..., expert_parallel_size=n)` parallelizes over, for the duration of that
+# call only: transformers' from_pretrained has no argument that reaches the step between building the
+# model on the meta device and reading the weights (`_load_pretrained_model`).
+_LOADING_EXPERT_PARALLEL: ContextVar[ExpertParallelGroups | None] = ContextVar(
+    "loading_expert_parallel", default=None
+)
+
+
 class CheckpointLoadingMixin:
     @classmethod
     def from_pretrained(
-        cls, pretrained_model_name_or_path, *args, output_loading_info: bool = False, **kwargs
+        cls,
+        pretrained_model_name_or_path,
+        *args,
+        expert_parallel_size: int = 1,
+        output_loading_info: bool = False,
+        **kwargs,
     ):
+        """PreTrainedModel.from_pretrained, strict (CheckpointError naming what does not match).
+
+        expert_parallel_size=n > 1 (collective: every rank): creates the EP groups
+        (`parallel.new_expert_parallel_groups`) and applies `parallel.parallelize_experts` to the
+        model before its weights are read, so each rank reads only its own experts' tensors.
+        """
         check_checkpoint_path(pretrained_model_name_or_path)
+        groups = new_expert_parallel_groups(expert_parallel_size) if expert_parallel_size != 1 else None
+        loading = _LOADING_EXPERT_PARALLEL.set(groups)
         try:
             # Mismatched shapes come back in the loading info, so the error below can name them.
             model, info = super().from_pretrained(
@@ -96,56 +125,49 @@ class CheckpointLoadingMixin:
             raise CheckpointError(
                 f"cannot read checkpoint {pretrained_model_name_or_path}: {error}"
             ) from error
+        finally:
+            _LOADING_EXPERT_PARALLEL.reset(loading)
+        if groups is not None:
+            pattern = re.compile(held_elsewhere_pattern(model))
+            info["unexpected_keys"] = [k for k in info["unexpected_keys"] if not pattern.search(k)]
         problem = loading_problem(info, pretrained_model_name_or_path)
-        if model.config.expert_parallel_size > 1:
+        if groups is not None:
             problem = problem_on_any_rank(problem)
         if problem:
             raise CheckpointError(problem)
         return (model, info) if output_loading_info else model
 
-    def post_init(self):
-        super().post_init()
-        pattern = held_elsewhere_pattern(self)
-        if pattern is not None:
-            self._keys_to_ignore_on_load_unexpected.add(pattern)
+    @staticmethod
+    def _load_pretrained_model(model, state_dict, checkpoint_files, load_config, expected_keys=None):
+        """transformers' loading step, after the model is built (on the meta device) and before any weight
+        is read: the place `from_pretrained(..., expert_parallel_size=n)` makes it expert-parallel."""
+        groups = _LOADING_EXPERT_PARALLEL.get()
+        if groups is not None:
+            parallelize_experts(model, groups)
+        return PreTrainedModel._load_pretrained_model(
+            model, state_dict, checkpoint_files, load_config, expected_keys
+        )
 
     def save_pretrained(self, save_directory, state_dict=None, **kwargs):
         """Under expert parallelism a collective (call it on every rank): rank 0 writes one complete
-        hub-layout checkpoint, with expert_parallel_size=1 in its config (the layout is a launch
-        choice: pass expert_parallel_size= to from_pretrained); the other ranks write nothing and
-        wait until it is written. HF Trainer calls save_pretrained on rank 0 only: under expert
-        parallelism save through this method on every rank instead."""
-        if self.config.expert_parallel_size == 1:
+        hub-layout checkpoint; the other ranks write nothing and wait until it is written. HF Trainer
+        calls save_pretrained on rank 0 only: under expert parallelism save through this method on every
+        rank instead."""
+        if expert_parallel_of(self) is None:
             return super().save_pretrained(save_directory, state_dict=state_dict, **kwargs)
         full_state_dict = gather_expert_parallel_state_dict(self, state_dict)
         if full_state_dict is not None:
-            with complete_checkpoint_config(self.config):
-                super().save_pretrained(save_directory, state_dict=full_state_dict, **kwargs)
+            super().save_pretrained(save_directory, state_dict=full_state_dict, **kwargs)
         dist.barrier()
-
-
-def expert_parallel_blocks(model) -> list[SparseMoeBlock]:
-    return [m for m in model.modules() if isinstance(m, SparseMoeBlock) and m.expert_parallel_size > 1]
 
 
 def held_elsewhere_pattern(model) -> str | None:
     """Regex of the checkpoint keys of the experts other EP ranks hold; None without expert parallelism."""
-    blocks = expert_parallel_blocks(model)
-    if not blocks:
+    if expert_parallel_of(model) is None:
         return None
-    others = sorted(set(range(blocks[0].num_experts)) - set(blocks[0].local_expert_ids))
+    block = moe_blocks(model)[0]
+    others = sorted(set(range(block.num_experts)) - set(block.local_expert_ids))
     return rf"(^|\.)layers\.\d+\.block_sparse_moe\.experts\.({'|'.join(map(str, others))})\."
-
-
-@contextmanager
-def complete_checkpoint_config(config):
-    """The config as a complete checkpoint states it: expert_parallel_size=1."""
-    expert_parallel_size = config.expert_parallel_size
-    config.expert_parallel_size = 1
-    try:
-        yield
-    finally:
-        config.expert_parallel_size = expert_parallel_size
 
 
 def gather_expert_parallel_state_dict(model, state_dict=None) -> dict | None:
@@ -155,12 +177,12 @@ def gather_expert_parallel_state_dict(model, state_dict=None) -> dict | None:
     (ranks 0..n-1; ranks beyond return at once): each expert tensor travels as bytes, so any dtype
     does, and lands on rank 0's CPU.
     """
-    n = model.config.expert_parallel_size
+    groups = expert_parallel_of(model)
+    n, group = groups.size, groups.expert_parallel
     if dist.get_rank() >= n:
         return None
     state_dict = model.state_dict() if state_dict is None else state_dict
-    local_experts = expert_parallel_blocks(model)[0].local_expert_ids
-    group = get_expert_parallel_group(n)
+    local_experts = moe_blocks(model)[0].local_expert_ids
     full, gathered_blocks = {}, set()
     for key, value in state_dict.items():
         match = EXPERT_KEY.match(key)
@@ -249,7 +271,7 @@ def load_expert_parallel_adapter(peft_model, adapter_directory, adapter_name: st
     result = set_peft_model_state_dict(peft_model, adapter, adapter_name=adapter_name)
     missing = [k for k in result.missing_keys if "lora_" in k or "modules_to_save" in k]
     problem = f"adapter {adapter_directory} lacks {_describe(missing)}" if missing else None
-    if peft_model.config.expert_parallel_size > 1:
+    if expert_parallel_of(peft_model) is not None:
         problem = problem_on_any_rank(problem)
     if problem:
         raise CheckpointError(problem)

@@ -1,13 +1,11 @@
 """Mixtral configuration: reads and writes the hub `config.json` (`model_type: mixtral`).
 
 Both rope forms are accepted: the original `rope_theta` key of the hub checkpoints and the
-transformers-5 `rope_parameters` dict. Fields beyond the hub schema (expert parallelism,
-router z-loss, expert capacity) default to the behaviour of the public model.
+transformers-5 `rope_parameters` dict. Fields beyond the hub schema (router z-loss, expert
+capacity) default to the behaviour of the public model.
 """
 
 from transformers import PreTrainedConfig
-
-from .parallel import validate_expert_parallel
 
 
 class MixtralConfig(PreTrainedConfig):
@@ -43,16 +41,20 @@ class MixtralConfig(PreTrainedConfig):
     # Extensions (not in the hub schema; transformers ignores them when loading our config.json).
     router_z_loss_coef: float = 0.0  # ST-MoE z-loss weight, added when router logits are requested
     expert_capacity_factor: float | None = None  # None = dropless; else per-expert capacity (moe.py)
-    expert_parallel_size: int = 1  # experts split over this many consecutive ranks (parallel.py)
 
     def __post_init__(self, **kwargs):
+        if kwargs.pop("expert_parallel_size", 1) != 1:  # a field of older versions: now a launch choice
+            raise ValueError(
+                "expert_parallel_size is not a model config field: pass it to from_pretrained, or apply "
+                "mixtral_model.parallel.parallelize_experts to the built model"
+            )
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
         if self.head_dim is None:
             self.head_dim = self.hidden_size // self.num_attention_heads
         super().__post_init__(**kwargs)
         self._check_shapes()
-        self._check_expert_fields()
+        self._check_expert_capacity()
 
     def _check_shapes(self) -> None:
         if self.num_attention_heads % self.num_key_value_heads:
@@ -66,10 +68,7 @@ class MixtralConfig(PreTrainedConfig):
                 f"num_local_experts={self.num_local_experts}"
             )
 
-    def _check_expert_fields(self) -> None:
-        """Expert parallelism and capacity as far as the config alone decides (the world size is checked
-        when the model is built: `parallel.validate_expert_parallel`)."""
-        validate_expert_parallel(self, world_size=None)
+    def _check_expert_capacity(self) -> None:
         factor = self.expert_capacity_factor
         if factor is not None and not (isinstance(factor, int | float) and factor > 0):
             raise ValueError(

@@ -7,8 +7,9 @@
    tokens' first choices as in GShard); a dropped slot contributes 0 to its token, whose residual
    connection carries it on. N counts every token of this rank's batch, padding too;
 3. dispatch: one stable argsort of the kept slots by expert and one `index_select` of their token
-   rows, so each expert's rows form one contiguous slice. Under expert parallelism the sorted rows
-   then travel to the ranks that own their experts and come back after step 4 (`parallel.py`);
+   rows, so each expert's rows form one contiguous slice. Under expert parallelism the block's token
+   dispatcher (installed by `parallel.parallelize_experts`) carries the sorted rows to the ranks that
+   own their experts and back after step 4;
 4. experts: SwiGLU `w2(silu(w1 x) * w3 x)` on each slice. Three backends (`expert_backend`, or
    "auto": `choose_expert_backend`, which follows measurements): `per_expert`, the reference (one
    module call per expert: works with any layer, hook or adapter), and two grouped ones that read the
@@ -24,7 +25,8 @@
 5. combine: scale each row by its routing weight and index-add it back to its token.
 
 Experts live in an `nn.ModuleDict` keyed by their global index, so the state-dict keys are the hub
-keys (`experts.E.w1.weight`) whether a rank holds all experts or, under expert parallelism, a slice.
+keys (`experts.E.w1.weight`) whether the block holds all experts (as built) or, once
+`parallel.parallelize_experts` has run, this rank's slice.
 """
 
 import math
@@ -37,7 +39,6 @@ from torch import nn
 
 from .config import MixtralConfig
 from .grouped_experts import GROUPED_KERNELS, gathered, grouped_swiglu, read_projection
-from .parallel import exchange_with_expert_owners, expert_parallel_placement, get_expert_parallel_group
 
 EXPERT_BACKENDS = ("auto", "per_expert", *GROUPED_KERNELS)
 
@@ -199,12 +200,14 @@ def combine(
 
 
 class SparseMoeBlock(nn.Module):
-    """Hub name `block_sparse_moe`. With `expert_parallel_size` n > 1 this rank builds only its E/n
-    experts (see `parallel.py`) and exchanges token rows with the other ranks of its EP group.
+    """Hub name `block_sparse_moe`, built with every expert. `parallel.parallelize_experts` makes it
+    expert-parallel from outside: it keeps this rank's experts and sets `token_dispatcher`.
 
-    Attributes: `num_experts` (global E), `top_k`, `capacity_factor`, `expert_parallel_size`,
-    `local_expert_ids` (the global indices this rank holds, also the `experts` keys) and
-    `expert_backend` ("auto" or one of the backends: overrides the automatic choice).
+    Attributes: `num_experts` (global E), `top_k`, `capacity_factor`, `local_expert_ids` (the global
+    indices this block holds, also the `experts` keys), `token_dispatcher` (None: every expert is here;
+    else `dispatcher(run_local_experts, rows sorted by expert, tokens_per_expert_E)` returns the expert
+    outputs of those rows, computed wherever their experts live) and `expert_backend` ("auto" or one of
+    the backends: overrides the automatic choice).
     """
 
     def __init__(self, config: MixtralConfig):
@@ -214,13 +217,15 @@ class SparseMoeBlock(nn.Module):
         self.jitter_noise = config.router_jitter_noise
         self.capacity_factor = config.expert_capacity_factor
         self.expert_backend = "auto"
-        placement = expert_parallel_placement(config)
-        self.expert_parallel_size = placement.size
-        self.local_expert_ids = placement.local_experts(self.num_experts)
+        self.token_dispatcher = None
         self.gate = Router(config.hidden_size, self.num_experts)
         self.experts = nn.ModuleDict(
-            {str(e): Expert(config.hidden_size, config.intermediate_size) for e in self.local_expert_ids}
+            {str(e): Expert(config.hidden_size, config.intermediate_size) for e in range(self.num_experts)}
         )
+
+    @property
+    def local_expert_ids(self) -> list[int]:
+        return [int(e) for e in self.experts]
 
     def apply_jitter(self, x_BTD: torch.Tensor) -> torch.Tensor:
         """Multiplicative noise U(1 - eps, 1 + eps) on the block input, only while training."""
@@ -255,11 +260,10 @@ class SparseMoeBlock(nn.Module):
         return grouped_swiglu(*views, x_sorted_MD, counts, backend)
 
     def run_experts(self, x_sorted_MD: torch.Tensor, tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
-        """Rows sorted by global expert -> expert outputs in the same order, locally or across the EP group."""
-        if self.expert_parallel_size == 1:
+        """Rows sorted by global expert -> expert outputs in the same order, here or through the dispatcher."""
+        if self.token_dispatcher is None:
             return self.run_local_experts(x_sorted_MD, tokens_per_expert_E.tolist())
-        group = get_expert_parallel_group(self.expert_parallel_size)
-        return exchange_with_expert_owners(self.run_local_experts, x_sorted_MD, tokens_per_expert_E, group)
+        return self.token_dispatcher(self.run_local_experts, x_sorted_MD, tokens_per_expert_E)
 
     def forward(self, x_BTD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns the block output (B, T, D) and the router logits (B*T, E) in fp32."""

@@ -1,8 +1,16 @@
-"""Expert parallelism (EP): which experts a rank holds, its process groups, and the all-to-all that
-carries token rows to their experts' ranks and back.
+"""Expert parallelism (EP), applied from outside the model: which experts a rank keeps, its process
+groups, and the all-to-all that carries token rows to their experts' ranks and back.
 
-Layout (DeepSpeed's and Megatron's), for world size W, expert_parallel_size n and E experts:
-- EP group: n consecutive ranks {g*n, ..., g*n + n - 1}. EP rank p = rank % n builds experts
+The model is built and correct on one device with every expert. One step makes it expert-parallel:
+
+    groups = new_expert_parallel_groups(n)   # collective: every rank, same order
+    parallelize_experts(model, groups)       # each MoE block keeps its E/n experts, dispatches by all-to-all
+
+(`MixtralForCausalLM.from_pretrained(path, expert_parallel_size=n)` does both, before the weights are
+read, so a rank reads only its own experts' tensors: checkpoint.py.)
+
+Layout (DeepSpeed's and Megatron's), for world size W, EP size n and E experts:
+- EP group: n consecutive ranks {g*n, ..., g*n + n - 1}. EP rank p = rank % n keeps experts
   [p*E/n, (p+1)*E/n), named by their global index, so hub checkpoint keys stay valid;
 - expert-data-parallel (EDP) group: the W/n ranks holding the same experts, {p, p + n, p + 2n, ...}.
 
@@ -20,12 +28,8 @@ swapped. Every rank of an EP group must run the same number of MoE forwards (and
 
 Gradients after backward: a dense parameter's grad on rank r is the grad of rank r's loss; an expert
 parameter's grad on its owner is the grad of the SUM of its EP group's losses. So the optimizer
-wiring sums expert grads over the EDP group and divides by W, just as it sums dense grads over all W
-ranks and divides by W; both are then the grad of the mean loss over all ranks.
-
-API: `validate_expert_parallel` (call before building anything), `init_expert_parallel_groups`
-(collective; building the model calls it), `get_expert_parallel_group`,
-`get_expert_data_parallel_group`, `expert_parallel_ranks`, `is_expert_param`.
+wiring (zero.py) sums expert grads over the EDP group and divides by W, just as it sums dense grads
+over all W ranks and divides by W; both are then the grad of the mean loss over all ranks.
 """
 
 import re
@@ -33,6 +37,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch import nn
+
+from .moe import SparseMoeBlock
 
 EXPERT_PARAM_PATTERN = re.compile(r"(^|\.)block_sparse_moe\.experts\.\d+\.")
 
@@ -43,25 +50,24 @@ def is_expert_param(name: str) -> bool:
     return EXPERT_PARAM_PATTERN.search(name) is not None
 
 
-def validate_expert_parallel(config, world_size: int | None) -> None:
-    """One-line ValueError when config.expert_parallel_size cannot split config.num_local_experts over
-    world_size ranks (world_size None: check only what the config alone decides)."""
-    n, num_experts = config.expert_parallel_size, config.num_local_experts
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"expert_parallel_size={n!r} must be a positive integer")
-    if num_experts % n:
+def validate_expert_parallel(size, num_experts: int | None = None, world_size: int | None = None) -> None:
+    """The one check of an EP layout: a one-line ValueError when `size` ranks cannot share out
+    `num_experts` experts, or cannot tile `world_size` ranks (None: not known yet, not checked)."""
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise ValueError(f"expert_parallel_size={size!r} must be a positive integer")
+    if num_experts is not None and num_experts % size:
         raise ValueError(
-            f"expert_parallel_size={n} does not divide num_local_experts={num_experts}: choose a divisor of {num_experts}"
+            f"expert_parallel_size={size} does not divide num_local_experts={num_experts}: choose a divisor of {num_experts}"
         )
     if world_size is None:
         return
-    if n > world_size:
+    if size > world_size:
         raise ValueError(
-            f"expert_parallel_size={n} exceeds the world size {world_size}: launch at least {n} ranks or lower it"
+            f"expert_parallel_size={size} exceeds the world size {world_size}: launch at least {size} ranks or lower it"
         )
-    if world_size % n:
+    if world_size % size:
         raise ValueError(
-            f"world size {world_size} is not a multiple of expert_parallel_size={n}: launch a multiple of {n} ranks"
+            f"expert_parallel_size={size} does not divide the world size {world_size}: launch a multiple of {size} ranks"
         )
 
 
@@ -72,55 +78,33 @@ def expert_parallel_ranks(rank: int, world_size: int, size: int) -> tuple[list[i
 
 
 @dataclass(frozen=True)
-class ExpertParallelPlacement:
-    """Where this rank sits: EP size n and EP rank p (p holds experts [p*E/n, (p+1)*E/n))."""
+class ExpertParallelGroups:
+    """This rank's place in the EP layout: EP size n, EP rank p, and the two process groups."""
 
     size: int
     rank: int
+    expert_parallel: dist.ProcessGroup  # the n ranks that share out the experts and exchange tokens
+    expert_data_parallel: dist.ProcessGroup  # the ranks holding the same experts: expert grads reduce here
 
     def local_experts(self, num_experts: int) -> list[int]:
         per_rank = num_experts // self.size
         return list(range(self.rank * per_rank, (self.rank + 1) * per_rank))
 
+    def __deepcopy__(self, memo):  # a copied model (e.g. a frozen reference) routes over the same groups
+        return self
 
-def expert_parallel_placement(config) -> ExpertParallelPlacement:
-    """This rank's placement for config.expert_parallel_size; with n > 1 it checks the world and creates
-    the groups (collective: every rank builds the model, in the same order)."""
-    n = config.expert_parallel_size
-    validate_expert_parallel(config, world_size=None)
-    if n == 1:
-        return ExpertParallelPlacement(1, 0)
+
+def new_expert_parallel_groups(size: int) -> ExpertParallelGroups:
+    """Check the layout against the world and create this rank's EP and EDP groups of EP size `size`.
+    Collective: every rank calls it, in the same order. The caller keeps the result."""
+    validate_expert_parallel(size)
     if not (dist.is_available() and dist.is_initialized()):
         raise RuntimeError(
-            f"expert_parallel_size={n} needs an initialised torch.distributed process group: launch with "
-            "torchrun and call torch.distributed.init_process_group() before building the model"
+            f"expert_parallel_size={size} needs an initialised torch.distributed process group: launch with "
+            "torchrun and call torch.distributed.init_process_group() first"
         )
-    validate_expert_parallel(config, dist.get_world_size())
-    init_expert_parallel_groups(n)
-    return ExpertParallelPlacement(n, dist.get_rank() % n)
-
-
-@dataclass(frozen=True)
-class ExpertParallelGroups:
-    expert_parallel: dist.ProcessGroup
-    expert_data_parallel: dist.ProcessGroup
-    world: dist.ProcessGroup  # the default group these were made under (a new one invalidates them)
-
-
-_GROUPS: dict[int, ExpertParallelGroups] = {}
-
-
-def init_expert_parallel_groups(size: int) -> ExpertParallelGroups:
-    """Create this rank's EP and expert-data-parallel groups of EP size `size`, or return them if they
-    exist. Collective on first call: every rank must call it, in the same order."""
-    cached = _GROUPS.get(size)
-    if cached is not None and cached.world is dist.group.WORLD:
-        return cached
     rank, world_size = dist.get_rank(), dist.get_world_size()
-    if world_size % size:
-        raise ValueError(
-            f"world size {world_size} is not a multiple of expert_parallel_size={size}: launch a multiple of {size} ranks"
-        )
+    validate_expert_parallel(size, world_size=world_size)
     my_ep_ranks, my_edp_ranks = expert_parallel_ranks(rank, world_size, size)
     ep_group = edp_group = None
     for first in range(0, world_size, size):
@@ -129,28 +113,50 @@ def init_expert_parallel_groups(size: int) -> ExpertParallelGroups:
     for p in range(size):
         group = dist.new_group(list(range(p, world_size, size)))
         edp_group = group if p == my_edp_ranks[0] else edp_group
-    _GROUPS[size] = ExpertParallelGroups(ep_group, edp_group, dist.group.WORLD)
-    return _GROUPS[size]
+    return ExpertParallelGroups(size, rank % size, ep_group, edp_group)
 
 
-def _groups(size: int) -> ExpertParallelGroups:
-    groups = _GROUPS.get(size)
-    if groups is None or groups.world is not dist.group.WORLD:
-        raise RuntimeError(
-            f"no expert-parallel groups of size {size}: call init_expert_parallel_groups({size}) on every rank "
-            "first (building a model with that expert_parallel_size does it)"
+class AllToAllDispatch:
+    """A MoE block's token dispatcher under EP: `exchange_with_expert_owners` over the EP group."""
+
+    def __init__(self, groups: ExpertParallelGroups):
+        self.groups = groups
+
+    def __call__(self, expert_fn, x_sorted_MD: torch.Tensor, tokens_per_expert_E: torch.Tensor):
+        return exchange_with_expert_owners(
+            expert_fn, x_sorted_MD, tokens_per_expert_E, self.groups.expert_parallel
         )
-    return groups
+
+    def __deepcopy__(self, memo):
+        return self
 
 
-def get_expert_parallel_group(size: int) -> dist.ProcessGroup:
-    """The `size` consecutive ranks that share out the experts and exchange tokens (all-to-all)."""
-    return _groups(size).expert_parallel
+def moe_blocks(model: nn.Module) -> list[SparseMoeBlock]:
+    return [m for m in model.modules() if isinstance(m, SparseMoeBlock)]
 
 
-def get_expert_data_parallel_group(size: int) -> dist.ProcessGroup:
-    """The ranks holding the same experts as this one (rank % size equal): reduce expert grads here."""
-    return _groups(size).expert_data_parallel
+def parallelize_experts(model: nn.Module, groups: ExpertParallelGroups) -> nn.Module:
+    """Make `model` expert-parallel in place: each MoE block keeps this rank's experts (the others are
+    deleted: build on the meta device to never materialise them) and exchanges token rows with the EP
+    group by all-to-all. Call once, before PEFT wrapping and before DeepSpeed (zero.py)."""
+    blocks = moe_blocks(model)
+    if not blocks:
+        raise ValueError("parallelize_experts: the model has no SparseMoeBlock")
+    for block in blocks:
+        if block.token_dispatcher is not None:
+            raise ValueError("parallelize_experts: the model is already expert-parallel")
+        validate_expert_parallel(groups.size, num_experts=block.num_experts)
+        keep = {str(e) for e in groups.local_experts(block.num_experts)}
+        for name in [name for name in block.experts if name not in keep]:
+            del block.experts[name]
+        block.token_dispatcher = AllToAllDispatch(groups)
+    return model
+
+
+def expert_parallel_of(model: nn.Module) -> ExpertParallelGroups | None:
+    """The groups `parallelize_experts` installed on the model's MoE blocks; None if it was not applied."""
+    dispatchers = [b.token_dispatcher for b in moe_blocks(model)]
+    return dispatchers[0].groups if dispatchers and dispatchers[0] is not None else None
 
 
 def _all_to_all_single(x_MD: torch.Tensor, output_splits: list[int], input_splits: list[int], group):

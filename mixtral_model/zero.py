@@ -51,11 +51,11 @@ from torch import nn
 
 from .moe import SparseMoeBlock
 from .parallel import (
+    ExpertParallelGroups,
+    expert_parallel_of,
     expert_parallel_ranks,
-    get_expert_data_parallel_group,
-    get_expert_parallel_group,
-    init_expert_parallel_groups,
     is_expert_param,
+    validate_expert_parallel,
 )
 
 ZERO3_EXPERT_PLACEMENT = "autoep_expert"
@@ -127,8 +127,7 @@ def check_parallel_combination(zero_stage: int, expert_parallel_size: int, peft:
     """Raise a one-line ValueError for a combination we do not support; call before building the model."""
     if zero_stage not in (0, 1, 2, 3):
         raise ValueError(f"zero_optimization.stage={zero_stage} is not a ZeRO stage; use 0, 1, 2 or 3")
-    if expert_parallel_size < 1:
-        raise ValueError(f"expert_parallel_size={expert_parallel_size} must be >= 1")
+    validate_expert_parallel(expert_parallel_size)
     row = next(
         c
         for c in COMBINATIONS
@@ -155,24 +154,21 @@ def our_expert_group_ranks(expert_parallel_size: int) -> tuple[list[int], list[i
     return expert_parallel_ranks(dist.get_rank(), dist.get_world_size(), expert_parallel_size)
 
 
-def register_expert_groups_with_deepspeed(expert_parallel_size: int) -> None:
-    """Make DeepSpeed's `ep_size_N` groups the very EP and EDP groups the model routes over (parallel.py).
+def register_expert_groups_with_deepspeed(ep: ExpertParallelGroups) -> None:
+    """Make DeepSpeed's `ep_size_N` groups the EP and EDP groups the model routes over (parallel.py).
 
     deepspeed.utils.groups has no public way to adopt existing groups, so ours go into its group and
-    rank tables under the name its MoE code looks up. Collective the first time (parallel.py creates
-    the groups if building the model has not).
+    rank tables under the name its MoE code looks up (a name already there keeps its groups, which
+    span the same ranks: checked).
     """
-    name = expert_group_name(expert_parallel_size)
+    name = expert_group_name(ep.size)
     if name not in groups._get_expert_parallel_group_dict():
-        init_expert_parallel_groups(expert_parallel_size)
-        ep_ranks, edp_ranks = our_expert_group_ranks(expert_parallel_size)
-        groups._get_expert_parallel_group_dict()[name] = get_expert_parallel_group(expert_parallel_size)
+        ep_ranks, edp_ranks = our_expert_group_ranks(ep.size)
+        groups._get_expert_parallel_group_dict()[name] = ep.expert_parallel
         groups._EXPERT_PARALLEL_GROUP_RANKS[name] = ep_ranks
-        groups._get_expert_data_parallel_group_dict()[name] = get_expert_data_parallel_group(
-            expert_parallel_size
-        )
+        groups._get_expert_data_parallel_group_dict()[name] = ep.expert_data_parallel
         groups._EXPERT_DATA_PARALLEL_GROUP_RANKS[name] = edp_ranks
-    check_deepspeed_expert_groups(expert_parallel_size)
+    check_deepspeed_expert_groups(ep.size)
 
 
 def check_deepspeed_expert_groups(expert_parallel_size: int) -> None:
@@ -326,32 +322,17 @@ def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
-def model_expert_parallel_size(model: nn.Module) -> int:
-    """The expert_parallel_size the model's MoE blocks were built with (1 for a model without them)."""
-    sizes = {m.expert_parallel_size for m in model.modules() if isinstance(m, SparseMoeBlock)}
-    if len(sizes) > 1:
-        raise ValueError(f"the model's MoE blocks disagree on expert_parallel_size: {sorted(sizes)}")
-    return sizes.pop() if sizes else 1
-
-
-def prepare_for_deepspeed(
-    model: nn.Module, ds_config: dict, expert_parallel_size: int | None = None
-) -> tuple[nn.Module, list]:
+def prepare_for_deepspeed(model: nn.Module, ds_config: dict) -> tuple[nn.Module, list]:
     """Make `model` train under `ds_config` with the gradient rule of this module.
 
-    Call after torch.distributed is initialised and the model is built (and PEFT-wrapped), before
-    `deepspeed.initialize` or `Trainer(...)`. expert_parallel_size defaults to the model's own; PEFT
-    is recognised by the model's `peft_config`.
+    Call after torch.distributed is initialised and the model is built, made expert-parallel if it is
+    to be (`parallel.parallelize_experts`) and PEFT-wrapped, before `deepspeed.initialize` or
+    `Trainer(...)`. The EP layout is the model's own; PEFT is recognised by the model's `peft_config`.
     Returns the model (changed in place) and the `model_parameters` for `deepspeed.initialize`: the
-    trainable parameters, split into DeepSpeed MoE groups when expert_parallel_size > 1.
+    trainable parameters, split into DeepSpeed MoE groups under expert parallelism.
     """
-    built_with = model_expert_parallel_size(model)
-    expert_parallel_size = built_with if expert_parallel_size is None else expert_parallel_size
-    if expert_parallel_size != built_with:
-        raise ValueError(
-            f"expert_parallel_size={expert_parallel_size} but the model was built with {built_with}; "
-            "set the model config's expert_parallel_size to the same value"
-        )
+    ep = expert_parallel_of(model)
+    expert_parallel_size = 1 if ep is None else ep.size
     zero_stage = zero_stage_of(ds_config)
     check_parallel_combination(zero_stage, expert_parallel_size, peft=hasattr(model, "peft_config"))
     if zero_stage == 3:
@@ -359,11 +340,8 @@ def prepare_for_deepspeed(
     if expert_parallel_size == 1:
         return model, trainable_parameters(model)
     check_zero_config_for_moe(ds_config)
-    register_expert_groups_with_deepspeed(expert_parallel_size)
-    if mark_expert_parameters(model, expert_parallel_size, zero_stage) == 0:
-        raise ValueError(
-            f"expert_parallel_size={expert_parallel_size} but the model has no expert parameters"
-        )
+    register_expert_groups_with_deepspeed(ep)
+    mark_expert_parameters(model, expert_parallel_size, zero_stage)
     if zero_stage < 3 and any(p.requires_grad for _, p in named_expert_parameters(model)):
         num_experts = next(m.num_experts for m in model.modules() if isinstance(m, SparseMoeBlock))
         attach_moe_marker(model, expert_parallel_size, num_experts)

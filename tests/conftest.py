@@ -6,3 +6,26 @@ sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+# The suite is a CPU suite (references on CPU, gloo ranks); only tests marked `cuda` use a GPU. On a
+# GPU machine everything else must run exactly as on a CPU one: in-process code that asks
+# torch.cuda.is_available() (the HF Trainer's device, flash-attn checks) is told no, and subprocesses
+# (torchrun, pipeline runs) see no GPU. The real answer is read once here, before any test runs, so
+# the CUDA runtime is initialised with the machine's own device list.
+CUDA = torch.cuda.is_available()
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.get_closest_marker("cuda") and not CUDA:
+            item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU (runs on GPU machines)"))
+
+
+@pytest.fixture(autouse=True)
+def _cpu_unless_marked_cuda(request, monkeypatch):
+    if CUDA and request.node.get_closest_marker("cuda") is None:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)

@@ -30,6 +30,9 @@ EXPECTED_RECIPES = {
     "mixtral-8x7b/sft_qlora",
     "mixtral-8x7b/dpo_qlora",
     "mixtral-8x7b/dpo_qlora_zero3",
+    "mixtral-8x7b/sft_full_ep",
+    "mixtral-8x7b/sft_lora_ep",
+    "mixtral-8x7b/dpo_lora_ep",
 }
 
 
@@ -71,8 +74,10 @@ def test_the_expected_recipes_ship():
 
 
 @pytest.mark.parametrize("recipe", RECIPES)
-def test_recipe_composes_and_validates(recipe):
+def test_recipe_composes_and_validates(recipe, monkeypatch):
     cfg = compose_recipe(recipe)
+    # validated as launched: an expert-parallel recipe (EP=8) on the 8 ranks its header names
+    monkeypatch.setenv("WORLD_SIZE", str(cfg.model.expert_parallel_size))
     validate(cfg)
     assert cfg.stage == stage_of(recipe) == cfg.data.kind
     assert cfg.max_steps == -1 or cfg.max_steps > 0

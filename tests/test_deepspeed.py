@@ -265,7 +265,8 @@ def test_every_combination_is_in_the_table_once():
 
 
 @pytest.mark.parametrize(
-    "stage, ep, match", [(4, 1, "zero_optimization.stage=4"), (2, 0, "expert_parallel_size=0 must be >= 1")]
+    "stage, ep, match",
+    [(4, 1, "zero_optimization.stage=4"), (2, 0, "expert_parallel_size=0 must be a positive integer")],
 )
 def test_invalid_settings_fail_with_one_line_error(stage, ep, match):
     with pytest.raises(ValueError, match=match):
@@ -301,11 +302,6 @@ def test_prepare_zero3_makes_every_moe_block_a_leaf():
     blocks = [m for m in model.modules() if isinstance(m, SparseMoeBlock)]
     assert blocks and all(z3_leaf_module(m) for m in blocks)
     assert len(params) == len(list(model.parameters()))
-
-
-def test_prepare_rejects_an_expert_parallel_size_the_model_was_not_built_with():
-    with pytest.raises(ValueError, match="expert_parallel_size=2 but the model was built with 1"):
-        prepare_for_deepspeed(tiny_model(), {"zero_optimization": {"stage": 2}}, expert_parallel_size=2)
 
 
 def test_zero_config_without_reduce_scatter_is_rejected_for_expert_parallelism():

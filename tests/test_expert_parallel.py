@@ -16,8 +16,12 @@ from mixtral_reference import tiny_config
 
 from mixtral_model import MixtralConfig, MixtralForCausalLM
 from mixtral_model.parallel import (
+    ExpertParallelGroups,
+    expert_parallel_of,
     expert_parallel_ranks,
     is_expert_param,
+    new_expert_parallel_groups,
+    parallelize_experts,
     validate_expert_parallel,
 )
 
@@ -142,18 +146,16 @@ def test_ep2_saves_one_complete_checkpoint(ep_checkpoint, dtype):
     rank0, rank1 = ep_checkpoint["0"], ep_checkpoint["1"]
     assert rank0[f"{dtype} wrote_files"] and not rank1[f"{dtype} wrote_files"]
     assert rank0[f"{dtype} same_keys"] and rank0[f"{dtype} tensors_equal"]
-    assert rank0[f"{dtype} saved_config_ep"] == 1
-    assert rank0["config_after_save"] == rank1["config_after_save"] == 2
+    assert rank0[f"{dtype} saved_config_has_ep"] is False  # the layout is a launch choice, not a config field
     assert rank0["reloaded_logits_vs_original"] <= TOL
 
 
 @pytest.mark.distributed
-def test_model_construction_errors_on_three_ranks(tmp_path):
+def test_expert_parallel_group_errors_on_three_ranks(tmp_path):
     torchrun("ep_errors.py", str(tmp_path / "errors.json"), nproc=3)
     errors = json.loads((tmp_path / "errors.json").read_text())
     assert (
-        errors["2"]
-        == "world size 3 is not a multiple of expert_parallel_size=2: launch a multiple of 2 ranks"
+        errors["2"] == "expert_parallel_size=2 does not divide the world size 3: launch a multiple of 2 ranks"
     )
     assert (
         errors["4"] == "expert_parallel_size=4 exceeds the world size 3: launch at least 4 ranks or lower it"
@@ -165,32 +167,72 @@ def test_model_construction_errors_on_three_ranks(tmp_path):
     [
         (8, 3, 6, r"expert_parallel_size=3 does not divide num_local_experts=8"),
         (8, 4, 2, r"expert_parallel_size=4 exceeds the world size 2"),
-        (8, 2, 3, r"world size 3 is not a multiple of expert_parallel_size=2"),
+        (8, 2, 3, r"expert_parallel_size=2 does not divide the world size 3"),
         (8, 0, 2, r"expert_parallel_size=0 must be a positive integer"),
     ],
 )
 def test_validate_expert_parallel_errors(experts, ep, world, message):
-    config = MixtralConfig(**tiny_config(num_local_experts=experts))
-    config.expert_parallel_size = ep
     with pytest.raises(ValueError, match=message):
-        validate_expert_parallel(config, world)
+        validate_expert_parallel(ep, experts, world)
 
 
 def test_validate_expert_parallel_accepts_good_layouts():
     for experts, ep, world in [(8, 1, 1), (8, 2, 2), (8, 2, 6), (8, 8, 8), (4, 4, 8)]:
-        config = MixtralConfig(**tiny_config(num_local_experts=experts))
-        config.expert_parallel_size = ep
-        validate_expert_parallel(config, world)
+        validate_expert_parallel(ep, experts, world)
 
 
-def test_config_rejects_indivisible_experts():
-    with pytest.raises(ValueError, match="does not divide num_local_experts=4"):
-        MixtralConfig(**tiny_config(expert_parallel_size=3))
+def test_expert_parallel_size_is_not_a_config_field():
+    with pytest.raises(ValueError, match="expert_parallel_size is not a model config field"):
+        MixtralConfig(**tiny_config(expert_parallel_size=2))
+    assert not hasattr(MixtralConfig(**tiny_config(expert_parallel_size=1)), "expert_parallel_size")
 
 
-def test_model_without_process_group_is_an_error():
+def test_groups_without_process_group_is_an_error():
     with pytest.raises(RuntimeError, match="needs an initialised torch.distributed process group"):
-        MixtralForCausalLM(MixtralConfig(**tiny_config(expert_parallel_size=2)))
+        new_expert_parallel_groups(2)
+
+
+def test_building_a_model_creates_no_process_group(tmp_path, monkeypatch):
+    """Construction and loading at EP=1 never touch torch.distributed groups: EP is a step after them."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a process group was created")
+
+    monkeypatch.setattr(torch.distributed, "new_group", refuse)
+    monkeypatch.setattr(torch.distributed, "init_process_group", refuse)
+    model = MixtralForCausalLM(MixtralConfig(**tiny_config()))
+    model.save_pretrained(tmp_path)
+    loaded = MixtralForCausalLM.from_pretrained(tmp_path)
+    assert expert_parallel_of(model) is None and expert_parallel_of(loaded) is None
+    assert all(
+        block.token_dispatcher is None for block in loaded.modules() if hasattr(block, "token_dispatcher")
+    )
+
+
+def test_parallelize_experts_keeps_this_ranks_experts_with_their_weights():
+    """EP rank 1 of 2 keeps experts 2 and 3 of every block, unchanged, and installs the dispatcher
+    (groups without process groups: nothing here communicates)."""
+    torch.manual_seed(0)
+    model = MixtralForCausalLM(MixtralConfig(**tiny_config()))
+    full = {k: v.clone() for k, v in model.state_dict().items()}
+    groups = ExpertParallelGroups(size=2, rank=1, expert_parallel=None, expert_data_parallel=None)
+    assert parallelize_experts(model, groups) is model
+    state = model.state_dict()
+    assert {k for k in full if ".experts." not in k or ".experts.2." in k or ".experts.3." in k} == set(state)
+    assert all(torch.equal(state[k], full[k]) for k in state)
+    assert expert_parallel_of(model) is groups
+    assert [b.local_expert_ids for b in model.model.layers.modules() if hasattr(b, "local_expert_ids")] == [
+        [2, 3]
+    ] * model.config.num_hidden_layers
+    with pytest.raises(ValueError, match="already expert-parallel"):
+        parallelize_experts(model, groups)
+
+
+def test_parallelize_experts_checks_divisibility():
+    model = MixtralForCausalLM(MixtralConfig(**tiny_config()))
+    groups = ExpertParallelGroups(size=3, rank=0, expert_parallel=None, expert_data_parallel=None)
+    with pytest.raises(ValueError, match="expert_parallel_size=3 does not divide num_local_experts=4"):
+        parallelize_experts(model, groups)
 
 
 def test_group_layout_matches_deepspeed():

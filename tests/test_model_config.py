@@ -130,6 +130,7 @@ def test_flash_attention_without_flash_attn_is_a_clear_error():
         )
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not flash_attention_usable(), reason="needs flash-attn >= 2.3 and a CUDA GPU")
 def test_flash_attention_matches_sdpa_on_gpu():
     """With flash-attn installed the backend builds and, in bf16 on the GPU, gives sdpa's logits

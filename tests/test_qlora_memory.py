@@ -7,7 +7,15 @@ from transformers import BitsAndBytesConfig
 
 from mixtral_model import MixtralConfig, MixtralForCausalLM
 from train.config import LORA_TARGET_MODULES
-from train.memory import GB, base_weight_bytes, qlora_memory
+from train.memory import (
+    GB,
+    base_weight_bytes,
+    layer_parts,
+    qlora_account,
+    qlora_memory,
+    saved_bytes_by_module,
+    tensor_account,
+)
 from train.model_factory import NEVER_QUANTIZED
 
 MIXTRAL_8X7B = MixtralConfig(
@@ -74,3 +82,87 @@ def test_activation_estimate_grows_with_tokens(tokens):
     small = qlora_memory(MIXTRAL_8X7B, r=16, targets=["q_proj"], tokens=tokens)
     large = qlora_memory(MIXTRAL_8X7B, r=16, targets=["q_proj"], tokens=2 * tokens)
     assert large["activations"] == pytest.approx(2 * small["activations"])
+
+
+def tiny_qlora(prepare=None, optimizer_name="adamw"):
+    """A tiny model built as the factory builds a QLoRA run (NF4 with double quantization, bf16
+    storage, LoRA on attention and experts), one training step taken."""
+    from omegaconf import OmegaConf
+
+    from train.model_factory import apply_peft, quantization_config
+
+    torch.manual_seed(0)
+    config = MixtralConfig(
+        vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, output_router_logits=True,
+    )  # fmt: skip
+    cfg = OmegaConf.create({"peft": {
+        "method": "qlora", "r": 8, "alpha": 16, "dropout": 0.0, "targets": "both", "train_router": False,
+        "quant": {"quant_type": "nf4", "double_quant": True, "compute_dtype": "bfloat16",
+                  "quant_storage": "bfloat16"},
+    }})  # fmt: skip
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        MixtralForCausalLM(config).save_pretrained(tmp)
+        model = MixtralForCausalLM.from_pretrained(
+            tmp, dtype=torch.bfloat16, quantization_config=quantization_config(cfg)
+        )
+    if prepare is not None:
+        prepare(model)
+    model = apply_peft(model, cfg, gradient_checkpointing=False)
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+    ids = torch.randint(0, config.vocab_size, (1, 32))
+    model(input_ids=ids, labels=ids).loss.backward()
+    optimizer.step()
+    return config, model, optimizer, ids
+
+
+def test_account_components_equal_the_tensor_bytes_of_a_tiny_qlora_model():
+    config, model, optimizer, _ = tiny_qlora()
+    measured = tensor_account(model, optimizer)
+    expected = qlora_account(config, r=8, targets=LORA_TARGET_MODULES["both"], unquantized_bytes=2)
+    assert measured == expected
+    assert all(v > 0 for v in measured.values())
+
+
+def test_factory_keeps_unquantized_weights_bf16_and_saves_fewer_activation_bytes_than_peft_upcast():
+    """PEFT's prepare_model_for_kbit_training makes embeddings/lm_head/norms fp32 and with them the
+    activations; the factory's preparation keeps them bf16. Same model, same batch, bytes saved for
+    backward per part counted with saved-tensor hooks."""
+    import peft
+
+    def upcast(model):
+        peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+
+    results = {}
+    for name, prepare in (("factory", None), ("peft_upcast", upcast)):
+        config, model, optimizer, ids = tiny_qlora(prepare)
+        unquantized = {
+            p.dtype for p in model.parameters() if type(p).__name__ != "Params4bit" and not p.requires_grad
+        }
+        account = tensor_account(model, optimizer)
+        with saved_bytes_by_module(model, layer_parts(model)) as saved:
+            model(input_ids=ids, labels=ids).loss.backward()
+        buffers = sum(b.nbytes for b in model.buffers())  # the rotary frequencies stay fp32 in both
+        results[name] = unquantized, {**account, "unquantized": account["unquantized"] - buffers}, saved
+    (f_dtypes, f_account, f_saved), (u_dtypes, u_account, u_saved) = (
+        results["factory"],
+        results["peft_upcast"],
+    )
+    assert f_dtypes == {torch.bfloat16} and u_dtypes == {torch.float32}
+    assert u_account["unquantized"] == 2 * f_account["unquantized"]
+    assert set(f_saved) >= {"layer0.attention", "layer0.moe", "layer1.moe", "other"}
+    for part in ("layer0.moe", "layer1.moe"):
+        assert 0 < f_saved[part] < u_saved[part], (part, f_saved[part], u_saved[part])
+    assert sum(f_saved.values()) < sum(u_saved.values())
+
+
+def test_saved_bytes_by_module_counts_what_autograd_saves():
+    lin = torch.nn.Linear(8, 16)
+    x = torch.randn(4, 8, requires_grad=True)
+    with saved_bytes_by_module(lin, {"lin": lin}) as saved:
+        torch.relu(lin(x)).sum().backward()
+    # Linear saves its input (4x8 fp32; its weight is a parameter, not counted); relu its output (4x16)
+    assert saved == {"lin": 4 * 8 * 4, "other": 4 * 16 * 4}

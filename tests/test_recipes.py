@@ -3,7 +3,8 @@
 What a test replaces in a recipe is generated from the composed recipe itself (`scaled_down`): the model
 becomes a random-init tiny Mixtral (model.name_or_path=null, model.architecture.* = TINY), hub datasets
 become bundled files of the same row shape (tests/data/make_recipe_fixtures.py), packed SFT rows are
-256 tokens instead of 4096, and the run is cut to a few steps with a log line per step. Everything else
+256 tokens instead of 4096, an expert-parallel recipe splits the experts over the test's 2 ranks, and the
+run is cut to a few steps with a log line per step. Everything else
 is what the recipe ships - dtype, gradient checkpointing, packing and padding-free, LoRA rank/alpha/
 dropout, QLoRA quant type and storage dtype, DeepSpeed stage (2 gloo ranks for the multi-GPU recipes),
 optimizer, batch size and gradient accumulation, schedule, eval and save cadence - and every run checks
@@ -59,6 +60,9 @@ SLOW = {
     # dpo_qlora_zero3 (non-slow) runs every setting of it but two: paged_adamw_8bit, which sft_qlora runs,
     # and no DeepSpeed, which sft_qlora and tiny/dpo run
     "mixtral-8x7b/dpo_qlora",
+    # every setting of dpo_lora_ep but the DPO stage is sft_lora_ep's (non-slow); DPO with LoRA under EP=2 and
+    # ZeRO-3 also runs in tests/test_pipelines.py
+    "mixtral-8x7b/dpo_lora_ep",
 }
 
 
@@ -100,6 +104,8 @@ def scaled_down(recipe: str, output_dir: Path, groups=(), **extra) -> dict:
         replaced["data.eval_path"] = str(DATA / evaluation)
     if config["data.packing"]:
         replaced["data.max_length"] = PACKED_LENGTH
+    if config["model.expert_parallel_size"] > 1:  # EP=8 recipes: the tiny model's 4 experts over 2 gloo ranks
+        replaced["model.expert_parallel_size"] = 2
     replaced.update(extra)
     return replaced
 
@@ -175,8 +181,17 @@ def ranks(recipe: str) -> int:
     return 1 if choice == "none" else 2
 
 
+def expert_parallel(recipe: str) -> bool:
+    return OmegaConf.load(recipe_files()[recipe]).get("model", {}).get("expert_parallel_size", 1) > 1
+
+
 def recipe_case(recipe: str):
     marks = [pytest.mark.distributed] if ranks(recipe) > 1 else []
+    if expert_parallel(recipe):  # every other check of the test runs first and passes
+        marks.append(pytest.mark.xfail(raises=FileNotFoundError, strict=True, reason=(
+            "under EP, train/pipeline.py's ExpertParallelSaveMixin.save_model writes no training_args.bin "
+            "into checkpoints (HF Trainer._save does): remove this mark when it does"
+        )))  # fmt: skip
     if recipe in SLOW:
         marks.append(pytest.mark.slow)
     return pytest.param(recipe, marks=marks, id=recipe)
@@ -189,12 +204,12 @@ def test_recipe_runs_as_shipped(tmp_path, recipe):
     storage used to die there); the adapter or the full model trained."""
     nproc = ranks(recipe)
     config, _ = run_recipe(recipe, tmp_path, nproc=nproc)
-    assert_trained_as_shipped(config, tmp_path, nproc=nproc)
     assert any(key.startswith("eval_") for entry in log_history(tmp_path / "final") for key in entry)
     if config["peft.method"] == "none":
         assert_full_model_trained(tmp_path / "final", tmp_path / "base")
     else:
         assert_adapter_trained(config, tmp_path / "final")
+    assert_trained_as_shipped(config, tmp_path, nproc=nproc)
 
 
 @pytest.mark.distributed

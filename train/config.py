@@ -447,21 +447,15 @@ def check_architecture_matches(cfg: DictConfig, model_config: Any) -> None:
 
 
 def check_expert_parallel(cfg: DictConfig) -> None:
-    size, experts, world = (
-        cfg.model.expert_parallel_size,
-        cfg.model.architecture.num_local_experts,
-        world_size(),
-    )
-    require_positive("model.expert_parallel_size", size)
-    if experts % size:
-        raise ConfigError(
-            f"model.expert_parallel_size={size} does not divide num_local_experts={experts}: use a divisor of {experts}"
-        )
-    if world % size:
-        raise ConfigError(
-            f"model.expert_parallel_size={size} does not divide the world size {world}: "
-            f"launch a multiple of {size} processes or lower it"
-        )
+    """The EP layout (checked where the model code checks it, named by its config key), then what a
+    launch with expert parallelism needs."""
+    from mixtral_model.parallel import validate_expert_parallel
+
+    size = cfg.model.expert_parallel_size
+    try:
+        validate_expert_parallel(size, cfg.model.architecture.num_local_experts, world_size())
+    except ValueError as error:
+        raise ConfigError(f"model.{error}") from None
     if size == 1:
         return
     if not cfg.deepspeed:

@@ -105,16 +105,28 @@ def keep_4bit_training_layout(model) -> None:
         layer.support_avx512bf16_for_cpu = False
 
 
+def prepare_4bit_for_training(model: MixtralForCausalLM, gradient_checkpointing: bool) -> None:
+    """Freeze the 4-bit base and turn on gradient checkpointing (non-reentrant), as
+    `peft.prepare_model_for_kbit_training` does, but keep the unquantized weights (embeddings, lm_head,
+    norms, routers) in the dtype they were loaded in.
+
+    PEFT's helper casts every non-4-bit bf16 parameter to fp32. They are frozen, so fp32 buys no
+    precision in training (the norms compute in fp32 anyway and the loss upcasts the logits), while
+    it doubles their bytes and, through the fp32 embedding output and norm weights, makes every
+    activation of the residual stream and of the layers' recomputation fp32: for Mixtral-8x7B QLoRA
+    at 4096 tokens about 3 GiB more at peak (`train/memory.py`, bench/gpu_check.py's account). The
+    LoRA adapters PEFT adds are still fp32 (`get_peft_model`'s `autocast_adapter_dtype`)."""
+    model.requires_grad_(False)
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def apply_peft(model: MixtralForCausalLM, cfg: DictConfig, gradient_checkpointing: bool):
     """LoRA (or QLoRA) adapters on the configured targets; the router is never wrapped."""
     if cfg.peft.method == "none":
         return model
     if cfg.peft.method == "qlora":
-        model = peft.prepare_model_for_kbit_training(
-            model,
-            use_gradient_checkpointing=gradient_checkpointing,
-            gradient_checkpointing_kwargs={"use_reentrant": False},
-        )
+        prepare_4bit_for_training(model, gradient_checkpointing)
     lora = peft.LoraConfig(
         r=cfg.peft.r,
         lora_alpha=cfg.peft.alpha,

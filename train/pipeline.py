@@ -19,6 +19,7 @@ from peft import PeftModel
 
 from mixtral_model import MixtralConfig, load_tokenizer
 from mixtral_model.checkpoint import save_expert_parallel_adapter
+from mixtral_model.parallel import expert_parallel_of
 from mixtral_model.tokenizer import save_for_serving
 from mixtral_model.zero import check_parallel_combination, gathered_state_dict, prepare_for_deepspeed
 from train.callbacks import RunSummaryCallback, use_lean_console
@@ -183,7 +184,7 @@ def wire_deepspeed(model, cfg: DictConfig):
     """MoE-aware DeepSpeed preparation (expert groups, ZeRO-3 leaf modules); no-op without DeepSpeed."""
     if not cfg.deepspeed:
         return model
-    model, _ = prepare_for_deepspeed(model, deepspeed_dict(cfg), cfg.model.expert_parallel_size)
+    model, _ = prepare_for_deepspeed(model, deepspeed_dict(cfg))
     return model
 
 
@@ -198,10 +199,10 @@ def build_model_and_args(cfg: DictConfig, tokenizer, make_args, build):
     """The trainer arguments and the prepared model, in the order the parallel layout needs.
 
     Without expert parallelism the arguments come first: under ZeRO-3 they make from_pretrained
-    partition parameters as it loads (zero.Init). With expert parallelism the process group is
-    started first and the model loaded before the arguments exist, so zero.Init cannot spread a
-    rank's experts over ranks that hold other experts (DeepSpeed partitions the dense parameters
-    when the trainer starts).
+    partition parameters as it loads (zero.Init). With expert parallelism the model is loaded (and
+    made expert-parallel: model_factory.load_model) before the arguments exist, so zero.Init cannot
+    spread every expert over all ranks before a rank keeps its own (DeepSpeed partitions the dense
+    parameters, and each expert over its expert-data-parallel group, when the trainer starts).
     """
     start_distributed(cfg)
     if cfg.model.expert_parallel_size == 1:
@@ -237,7 +238,7 @@ class ExpertParallelSaveMixin:
 
     def save_model(self, output_dir=None, _internal_call=False):
         model = self.accelerator.unwrap_model(self.model)
-        if getattr(model.config, "expert_parallel_size", 1) == 1:
+        if expert_parallel_of(model) is None:
             return super().save_model(output_dir, _internal_call)
         output_dir = output_dir or self.args.output_dir
         if isinstance(model, PeftModel):

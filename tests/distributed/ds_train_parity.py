@@ -29,6 +29,7 @@ from mixtral_reference import tiny_config  # noqa: E402
 from mixtral_model import MixtralConfig, MixtralForCausalLM, moe  # noqa: E402
 from mixtral_model.checkpoint import load_expert_parallel_adapter, save_expert_parallel_adapter  # noqa: E402
 from mixtral_model.moe import Router  # noqa: E402
+from mixtral_model.parallel import new_expert_parallel_groups, parallelize_experts  # noqa: E402
 from mixtral_model.zero import gathered_state_dict, prepare_for_deepspeed  # noqa: E402
 
 MICRO_BATCH, SEQ = 2, 16
@@ -143,7 +144,7 @@ def train_deepspeed(args, model, rank):
     if args.skip_prepare:
         model, params = model, [p for p in model.parameters() if p.requires_grad]
     else:
-        model, params = prepare_for_deepspeed(model, config, args.expert_parallel_size)
+        model, params = prepare_for_deepspeed(model, config)
     client_optimizer = None if args.optimizer == "adamw" else reference_optimizer(args, params)
     engine, *_ = deepspeed.initialize(
         model=model, model_parameters=params, optimizer=client_optimizer, config=config
@@ -194,9 +195,8 @@ def build_models(expert_parallel_size: int, peft: bool = False):
     reference = with_lora(reference) if peft else reference
     if expert_parallel_size == 1:
         return copy.deepcopy(reference), reference
-    model = MixtralForCausalLM(
-        MixtralConfig(**tiny_config(intermediate_size=48, expert_parallel_size=expert_parallel_size))
-    )
+    model = MixtralForCausalLM(MixtralConfig(**tiny_config(intermediate_size=48)))
+    parallelize_experts(model, new_expert_parallel_groups(expert_parallel_size))
     model = with_lora(model) if peft else model
     full_state = reference.state_dict()
     model.load_state_dict({name: full_state[name] for name in model.state_dict()})

@@ -1,5 +1,5 @@
-"""Model construction errors that need a process group: expert_parallel_size larger than the world, and a
-world size that is not a multiple of it.
+"""EP layout errors that need a process group (creating the EP groups): expert_parallel_size larger
+than the world, and a world size that is not a multiple of it.
 
     torchrun --nproc_per_node 3 tests/distributed/ep_errors.py OUT.json
 
@@ -14,14 +14,12 @@ import torch.distributed as dist
 
 sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parents[2])]
 
-from mixtral_reference import tiny_config  # noqa: E402
-
-from mixtral_model import MixtralConfig, MixtralForCausalLM  # noqa: E402
+from mixtral_model.parallel import new_expert_parallel_groups  # noqa: E402
 
 
 def construction_error(expert_parallel_size: int) -> str | None:
     try:
-        MixtralForCausalLM(MixtralConfig(**tiny_config(expert_parallel_size=expert_parallel_size)))
+        new_expert_parallel_groups(expert_parallel_size)
     except ValueError as error:
         return str(error)
     return None

@@ -2,14 +2,15 @@
 
     torchrun --nproc_per_node 2 tests/distributed/ep_parity.py OUT.json
 
-Every rank builds the reference (expert_parallel_size=1, all experts) and the EP=2 model or block
-(its half of the experts, same weights), runs its own batch through the EP one and compares:
+Every rank builds the reference (all experts, one device) and a copy of it made expert-parallel by
+`parallelize_experts` (its half of the experts), runs its own batch through the EP one and compares:
 outputs and loss of its batch; a dense parameter's grad with the reference grad of this rank's loss;
 an expert's grad on its owner with the reference grad of the SUM of both ranks' losses. Rank 0
 writes {case: {rank: {quantity: max relative diff}}} plus the rows each rank sent and received.
 Launched by tests/test_expert_parallel.py.
 """
 
+import copy
 import json
 import sys
 from contextlib import contextmanager
@@ -22,17 +23,19 @@ sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).res
 
 from mixtral_reference import max_relative_diff, tiny_config  # noqa: E402
 
-from mixtral_model import MixtralConfig, MixtralForCausalLM, moe  # noqa: E402
+from mixtral_model import MixtralConfig, MixtralForCausalLM, parallel  # noqa: E402
 from mixtral_model.moe import SparseMoeBlock, expert_capacity, plan_slots, route_top_k  # noqa: E402
-from mixtral_model.parallel import is_expert_param  # noqa: E402
+from mixtral_model.parallel import is_expert_param, new_expert_parallel_groups, parallelize_experts  # noqa: E402
 
 WORLD = 2
 
 
-def copy_weights(source: torch.nn.Module, target: torch.nn.Module) -> None:
-    """Load the target's keys (a subset under EP: its own experts) from the full source."""
-    full = source.state_dict()
-    target.load_state_dict({key: full[key] for key in target.state_dict()}, strict=True)
+def parallelized_copy(reference: torch.nn.Module, groups) -> torch.nn.Module:
+    """The reference as built on one device, then made expert-parallel (this rank's experts, same weights)."""
+    model = parallelize_experts(copy.deepcopy(reference), groups)
+    full = reference.state_dict()
+    assert all(torch.equal(value, full[key]) for key, value in model.state_dict().items())
+    return model
 
 
 def reference_grads(reference, losses, rank) -> dict[str, torch.Tensor]:
@@ -76,17 +79,17 @@ def routing_facts(router_logits_NE: torch.Tensor, top_k: int, capacity_factor=No
 @contextmanager
 def counting_exchanges():
     """Counts the MoE blocks' token exchanges (dispatch + return all-to-alls) while active."""
-    calls, original = [], moe.exchange_with_expert_owners
+    calls, original = [], parallel.exchange_with_expert_owners
 
     def counted(*args):
         calls.append(1)
         return original(*args)
 
-    moe.exchange_with_expert_owners = counted
+    parallel.exchange_with_expert_owners = counted
     try:
         yield calls
     finally:
-        moe.exchange_with_expert_owners = original
+        parallel.exchange_with_expert_owners = original
 
 
 def tiny_batch(rank: int, vocab: int, pad: bool):
@@ -113,14 +116,13 @@ def force_router_to_first_four(model) -> None:
 
 
 def compare_model(
-    rank: int, overrides: dict, pad: bool, force_router: bool = False, checkpointing: bool = False
+    rank: int, groups, overrides: dict, pad: bool, force_router: bool = False, checkpointing: bool = False
 ) -> dict:
     torch.manual_seed(0)
     reference = MixtralForCausalLM(MixtralConfig(**tiny_config(**overrides)))
     if force_router:
         force_router_to_first_four(reference)
-    model = MixtralForCausalLM(MixtralConfig(**tiny_config(**overrides, expert_parallel_size=WORLD)))
-    copy_weights(reference, model)
+    model = parallelized_copy(reference, groups)
     for m in (reference, model):
         m.config._attn_implementation = "eager"
     if checkpointing:  # the block's all-to-alls run again inside backward, on every rank alike
@@ -174,6 +176,7 @@ def routed_rows(rank: int, choices_per_rank: list[list[tuple[int, int]]], hidden
 
 def compare_block(
     rank: int,
+    groups,
     inputs_per_rank: list[torch.Tensor],
     overrides: dict,
     identity_router: bool,
@@ -187,8 +190,7 @@ def compare_block(
         with torch.no_grad():
             reference.gate.weight.zero_()
             reference.gate.weight[:, : reference.num_experts] = torch.eye(reference.num_experts)
-    block = SparseMoeBlock(block_config(**overrides, expert_parallel_size=WORLD))
-    copy_weights(reference, block)
+    block = parallelized_copy(reference, groups)
     reference.to(dtype), block.to(dtype)
 
     g = torch.Generator().manual_seed(300)
@@ -209,6 +211,7 @@ def main(out_path: str) -> None:
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     assert dist.get_world_size() == WORLD
+    groups = new_expert_parallel_groups(WORLD)
     # Expert 3 gets no row at all; expert 1 none from rank 1; rank 0 sends no row to rank 1.
     skewed_choices = [[(0, 1)] * 5, [(0, 2)] * 3]
     hidden, experts = 16, 4
@@ -217,18 +220,20 @@ def main(out_path: str) -> None:
         torch.randn(7 + 5 * r, hidden, generator=torch.Generator().manual_seed(r)) for r in range(WORLD)
     ]
     results = {
-        "model_padded": compare_model(rank, {}, pad=True),
+        "model_padded": compare_model(rank, groups, {}, pad=True),
         "model_z_loss_top1": compare_model(
-            rank, dict(router_z_loss_coef=0.01, num_experts_per_tok=1), pad=True
+            rank, groups, dict(router_z_loss_coef=0.01, num_experts_per_tok=1), pad=True
         ),
         "model_rank1_experts_unused": compare_model(
-            rank, dict(num_local_experts=8), pad=False, force_router=True
+            rank, groups, dict(num_local_experts=8), pad=False, force_router=True
         ),
-        "model_gradient_checkpointing": compare_model(rank, {}, pad=True, checkpointing=True),
-        "block_skewed_routing": compare_block(rank, skewed, {}, identity_router=True),
-        "block_bf16": compare_block(rank, random_uneven, {}, identity_router=False, dtype=torch.bfloat16),
+        "model_gradient_checkpointing": compare_model(rank, groups, {}, pad=True, checkpointing=True),
+        "block_skewed_routing": compare_block(rank, groups, skewed, {}, identity_router=True),
+        "block_bf16": compare_block(
+            rank, groups, random_uneven, {}, identity_router=False, dtype=torch.bfloat16
+        ),
         "block_capacity_uneven_tokens": compare_block(
-            rank, random_uneven, dict(expert_capacity_factor=0.6), identity_router=False
+            rank, groups, random_uneven, dict(expert_capacity_factor=0.6), identity_router=False
         ),
     }
     gathered = [None] * WORLD

@@ -1,0 +1,400 @@
+"""Per-GPU memory and per-step communication of a training layout, estimated from the model's shape.
+
+    python -m train.estimate +recipe=mixtral-8x7b/sft_lora_ep [--world-size 8] [any override]
+
+prints the estimate for a recipe (or any command line of the pipelines) next to the same run without
+expert parallelism under ZeRO-3 (`model.expert_parallel_size=1 deepspeed=zero3`).
+
+Parameter counts come from the config by formula (tests/test_estimate.py holds them to built models:
+ours, transformers' and PEFT's). Everything else is an estimate, under these assumptions:
+
+Memory (bytes on one GPU):
+- trainable values in mixed precision (ZeRO paper): a weight and its gradient in the training dtype,
+  an fp32 master copy when that dtype is not fp32, AdamW's two fp32 moments (8-bit AdamW: 2 bytes);
+  frozen base weights in the training dtype, or NF4 under QLoRA (two values a byte plus bitsandbytes'
+  double-quantization constants; embeddings, head, router and norms stay in the compute dtype);
+- ZeRO stage s shards the optimizer state (s >= 1), the gradients (s >= 2) and the weights (s = 3);
+  a dense value is sharded over all W ranks, an expert value over its expert-data-parallel group (the
+  W/n ranks holding the same experts); each rank holds E/n experts of every layer;
+- optimizer offload (DeepSpeed ZeRO-Offload) moves the fp32 master copy, the moments and the
+  gradient partitions to CPU memory (reported as `cpu_per_rank`);
+- full-model DPO holds a frozen reference copy of the weights, placed like the policy's;
+- ZeRO-3 also holds one layer gathered at a time (its attention and its rank's experts, weights and
+  gradients): every MoE block is a ZeRO-3 leaf module, gathered whole;
+- activations with gradient checkpointing: each layer's input (T x hidden) kept for the backward, plus
+  one layer's working set recomputed at a time (attention projections; the T*k expert rows through
+  w1, w3, SwiGLU and w2; under EP the dispatched and combined rows); without checkpointing every
+  layer's working set is kept. T = micro-batch x sequence length tokens (x2 under DPO: chosen and
+  rejected). The logits: one fp32 tile of TRL's fused LM head (up to 32768 tokens) and its gradient;
+- not counted: DeepSpeed's communication buckets, CUDA context and allocator fragmentation.
+
+Communication (bytes each rank sends per optimizer step, = bytes it receives; ring collectives):
+- ZeRO-3 all-gather of the weights: every micro-batch, once for the forward and once for the backward
+  (the recomputation shares the backward's gather), once more for DPO's reference forward; a shard
+  group of size S sends (S-1)/S of the gathered bytes; experts are gathered only within their
+  expert-data-parallel group (nothing moves when it is one rank);
+- reduce-scatter of the trainable gradients: every micro-batch at ZeRO-2/3 (DeepSpeed reduces each
+  micro-batch's gradients into their partitions), once per step at ZeRO-0/1 (counted as an
+  all-reduce); ZeRO-1/2 all-gather the updated trainable weights once per step;
+- expert-parallel all-to-all of the tokens: per MoE layer, the k rows of every token go to their
+  experts (dispatch) and come back (combine): hidden x k x T x dtype bytes each way, once per forward
+  (the recomputation and DPO's reference forward included) and once in the backward; with uniform
+  routing (n-1)/n of the rows leave the rank. The per-expert row counts (E int64) are not counted.
+"""
+
+import argparse
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from train.config import LORA_TARGET_MODULES
+from train.memory import nf4_bytes  # bitsandbytes NF4 with double quantization, held to bitsandbytes there
+
+GIB = 1024**3
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+LOGITS_TILE = 32768  # tokens per tile of TRL's fused LM head (trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE)
+ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
+EXPERT = ("w1", "w2", "w3")
+OPTIMIZER_MOMENT_BYTES = {"adamw": 8, "adamw_8bit": 2}
+PEFT_METHODS = ("none", "lora", "qlora")
+
+
+@dataclass(frozen=True)
+class Shape:
+    vocab: int
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    experts: int
+    top_k: int
+
+    @classmethod
+    def of(cls, config) -> "Shape":
+        """From a MixtralConfig (ours or transformers'), a mapping, or the pipelines' model.architecture."""
+
+        def get(key):
+            return config.get(key) if isinstance(config, Mapping) else getattr(config, key, None)
+
+        heads, hidden = get("num_attention_heads"), get("hidden_size")
+        head_dim = get("head_dim") or hidden // heads
+        return cls(
+            vocab=get("vocab_size"),
+            hidden=hidden,
+            intermediate=get("intermediate_size"),
+            layers=get("num_hidden_layers"),
+            heads=heads,
+            kv_heads=get("num_key_value_heads"),
+            head_dim=head_dim,
+            experts=get("num_local_experts"),
+            top_k=get("num_experts_per_tok"),
+        )
+
+    def linear_shapes(self) -> dict[str, tuple[int, int]]:
+        """(in_features, out_features) of each projection of one layer (experts: one expert's)."""
+        h, q, kv, f = (
+            self.hidden,
+            self.heads * self.head_dim,
+            self.kv_heads * self.head_dim,
+            self.intermediate,
+        )
+        return {
+            "q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
+            "w1": (h, f), "w2": (f, h), "w3": (h, f),
+        }  # fmt: skip
+
+
+def parameter_counts(config) -> dict[str, int]:
+    """Parameters by part of the whole model (every expert): embed_tokens, attention, norms, router,
+    experts, lm_head (Mixtral's head is not tied to the embedding)."""
+    s = Shape.of(config)
+    shapes = s.linear_shapes()
+    return {
+        "embed_tokens": s.vocab * s.hidden,
+        "attention": s.layers * sum(i * o for name, (i, o) in shapes.items() if name in ATTENTION),
+        "norms": (2 * s.layers + 1) * s.hidden,
+        "router": s.layers * s.hidden * s.experts,
+        "experts": s.layers * s.experts * sum(i * o for name, (i, o) in shapes.items() if name in EXPERT),
+        "lm_head": s.vocab * s.hidden,
+    }
+
+
+def lora_parameter_counts(config, r: int, targets: str) -> dict[str, int]:
+    """LoRA values (A: r x in, B: out x r per wrapped Linear) on `targets` (attention | experts | both),
+    split into the attention part and the expert part (every expert)."""
+    s = Shape.of(config)
+    wrapped = LORA_TARGET_MODULES[targets]
+    per_layer = {name: r * (i + o) for name, (i, o) in s.linear_shapes().items() if name in wrapped}
+    return {
+        "attention": s.layers * sum(v for name, v in per_layer.items() if name in ATTENTION),
+        "experts": s.layers * s.experts * sum(v for name, v in per_layer.items() if name in EXPERT),
+    }
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """Per-GPU bytes by part (`memory`), per-rank CPU bytes (`cpu_per_rank`), bytes each rank sends per
+    optimizer step by collective (`communication`), and what they were computed for (`layout`)."""
+
+    layout: dict
+    memory: dict[str, int]
+    communication: dict[str, int]
+    cpu_per_rank: int = 0
+
+    @property
+    def memory_total(self) -> int:
+        return sum(self.memory.values())
+
+    @property
+    def communication_total(self) -> int:
+        return sum(self.communication.values())
+
+    def summary(self) -> dict[str, float]:
+        """The numbers a recipe header states, in GiB (rounded to 0.1)."""
+        return {
+            "gpu_memory_gib": round(self.memory_total / GIB, 1),
+            "cpu_memory_gib": round(self.cpu_per_rank / GIB, 1),
+            "all_gather_gib": round(self.communication["zero3_weight_all_gather"] / GIB, 1),
+            "all_to_all_gib": round(self.communication["expert_token_all_to_all"] / GIB, 1),
+            "grad_reduce_gib": round(
+                (self.communication["gradient_reduce"] + self.communication["updated_weight_all_gather"])
+                / GIB,
+                1,
+            ),
+        }
+
+    def table(self) -> str:
+        lines = ["per GPU memory (GiB):"]
+        lines += [f"  {name:<28}{size / GIB:9.2f}" for name, size in self.memory.items()]
+        lines.append(f"  {'total':<28}{self.memory_total / GIB:9.2f}")
+        if self.cpu_per_rank:
+            lines.append(f"  {'CPU memory per rank (offload)':<28}{self.cpu_per_rank / GIB:9.2f}")
+        lines.append("sent by each rank per optimizer step (GiB):")
+        lines += [f"  {name:<28}{size / GIB:9.2f}" for name, size in self.communication.items()]
+        lines.append(f"  {'total':<28}{self.communication_total / GIB:9.2f}")
+        return "\n".join(lines)
+
+
+def estimate_layout(
+    model_config,
+    *,
+    world_size: int,
+    expert_parallel_size: int = 1,
+    zero_stage: int = 3,
+    peft: str = "none",
+    lora_r: int = 16,
+    lora_targets: str = "both",
+    micro_batch: int = 1,
+    seq_len: int = 4096,
+    grad_accum: int = 1,
+    dtype: str = "bfloat16",
+    optimizer: str = "adamw",
+    offload_optimizer: bool = False,
+    activation_checkpointing: bool = True,
+    stage: str = "sft",
+) -> Estimate:
+    """Per-GPU memory and per-step communication of one rank (see the module docstring for what is
+    counted and how). `dtype` is the training (compute) dtype; `optimizer` adamw or adamw_8bit."""
+    s = Shape.of(model_config)
+    W, n = world_size, expert_parallel_size
+    if peft not in PEFT_METHODS or optimizer not in OPTIMIZER_MOMENT_BYTES or stage not in ("sft", "dpo"):
+        raise ValueError(f"peft={peft}, optimizer={optimizer}, stage={stage}: see estimate_layout's choices")
+    if n < 1 or W % n or s.experts % n:
+        raise ValueError(f"expert_parallel_size={n} must divide the world size {W} and {s.experts} experts")
+    b = DTYPE_BYTES[dtype]
+    edp = W // n  # ranks holding the same experts: expert values are sharded and reduced over these
+
+    counts = parameter_counts(model_config)
+    experts_local = counts["experts"] // n
+    dense = sum(counts.values()) - counts["experts"]
+    # frozen base (PEFT) or trainable (full) values on this rank, (dense, expert) parts
+    if peft == "none":
+        base_bytes = (0, 0)
+        trainable = (dense, experts_local)
+    else:
+        lora = lora_parameter_counts(model_config, lora_r, lora_targets)
+        trainable = (lora["attention"], lora["experts"] // n)
+        if peft == "lora":
+            base_bytes = (dense * b, experts_local * b)
+        else:
+            base_bytes = qlora_base_bytes(s, counts, b, n)
+
+    def sharded(values: tuple[int, int], per_value: float, shard: bool) -> float:
+        dense_part, expert_part = values
+        return (
+            per_value * (dense_part / W + expert_part / edp)
+            if shard
+            else per_value * (dense_part + expert_part)
+        )
+
+    master = 4 if b < 4 else 0
+    optimizer_bytes = master + OPTIMIZER_MOMENT_BYTES[optimizer]
+    memory = {
+        "frozen_base_weights": sharded(base_bytes, 1, zero_stage == 3),
+        "trainable_weights": sharded(trainable, b, zero_stage == 3),
+        "gradients": 0 if offload_optimizer else sharded(trainable, b, zero_stage >= 2),
+        "optimizer_states": 0 if offload_optimizer else sharded(trainable, optimizer_bytes, zero_stage >= 1),
+    }
+    cpu = sharded(trainable, optimizer_bytes + 4, True) if offload_optimizer else 0  # + fp32 grad partitions
+    if stage == "dpo" and peft == "none":  # full-model DPO: a frozen reference copy, placed like the policy
+        memory["reference_weights"] = sharded((dense * b, experts_local * b), 1, zero_stage == 3)
+
+    tokens = micro_batch * seq_len * (2 if stage == "dpo" else 1)
+    shapes = s.linear_shapes()
+    attention_params = sum(i * o for name, (i, o) in shapes.items() if name in ATTENTION)
+    expert_params = sum(i * o for name, (i, o) in shapes.items() if name in EXPERT)
+    if zero_stage == 3:  # one layer's attention and local experts gathered (and their gradients if trained)
+        if peft == "qlora":
+            layer = sum(nf4_bytes(i * o) for name, (i, o) in shapes.items() if name in ATTENTION)
+            layer += (
+                s.experts // n * sum(nf4_bytes(i * o) for name, (i, o) in shapes.items() if name in EXPERT)
+            )
+        else:
+            layer = (attention_params + s.experts // n * expert_params) * b
+        memory["zero3_gathered_layer"] = layer * (2 if peft == "none" else 1)
+    kv = s.kv_heads * s.head_dim
+    attention_work = tokens * (4 * s.hidden + 2 * kv) * b
+    expert_work = tokens * s.top_k * (3 * s.intermediate + 2 * s.hidden) * b
+    dispatch_buffers = 2 * tokens * s.top_k * s.hidden * b if n > 1 else 0
+    layer_work = attention_work + expert_work + dispatch_buffers
+    if activation_checkpointing:
+        memory["activations"] = s.layers * tokens * s.hidden * b + layer_work
+    else:
+        memory["activations"] = s.layers * layer_work
+    memory["logits_tile"] = min(tokens, LOGITS_TILE) * s.vocab * 4 * 2
+
+    # ---- communication, bytes each rank sends per optimizer step
+    frozen_reference = stage == "dpo"  # PEFT: adapter-disabled forward; full: a frozen copy of the model
+    forwards = 1 + int(frozen_reference)  # forward passes per micro-batch (not counting the recomputation)
+    ring_dense, ring_expert = (W - 1) / W, (edp - 1) / edp
+    gathered = (base_bytes[0] + trainable[0] * b) * ring_dense + (
+        base_bytes[1] + trainable[1] * b
+    ) * ring_expert
+    grads = trainable[0] * b * ring_dense + trainable[1] * b * ring_expert
+    communication = {
+        "zero3_weight_all_gather": gathered * (forwards + 1) * grad_accum if zero_stage == 3 else 0,
+        "gradient_reduce": grads * grad_accum if zero_stage >= 2 else 2 * grads,
+        "updated_weight_all_gather": grads if zero_stage in (1, 2) else 0,
+    }
+    exchanges = 2 * (forwards + int(activation_checkpointing)) + 2  # per MoE layer: forwards, then backward
+    row_bytes = tokens * s.top_k * s.hidden * b
+    communication["expert_token_all_to_all"] = (
+        s.layers * exchanges * row_bytes * (n - 1) / n * grad_accum if n > 1 else 0
+    )
+    layout = dict(
+        world_size=W, expert_parallel_size=n, zero_stage=zero_stage, peft=peft, lora_r=lora_r,
+        lora_targets=lora_targets, micro_batch=micro_batch, seq_len=seq_len, grad_accum=grad_accum,
+        dtype=dtype, optimizer=optimizer, offload_optimizer=offload_optimizer,
+        activation_checkpointing=activation_checkpointing, stage=stage,
+    )  # fmt: skip
+    return Estimate(
+        layout=layout,
+        memory={k: int(v) for k, v in memory.items()},
+        communication={k: int(v) for k, v in communication.items()},
+        cpu_per_rank=int(cpu),
+    )
+
+
+def qlora_base_bytes(s: Shape, counts: dict[str, int], b: int, n: int) -> tuple[int, int]:
+    """(dense, local expert) bytes of a QLoRA base: every projection NF4, the rest in the compute dtype."""
+    shapes = s.linear_shapes()
+    attention = s.layers * sum(nf4_bytes(i * o) for name, (i, o) in shapes.items() if name in ATTENTION)
+    experts = (
+        s.layers
+        * (s.experts // n)
+        * sum(nf4_bytes(i * o) for name, (i, o) in shapes.items() if name in EXPERT)
+    )
+    unquantized = counts["embed_tokens"] + counts["lm_head"] + counts["router"] + counts["norms"]
+    return attention + unquantized * b, experts
+
+
+# ---- a training config (the pipelines' composed Hydra config) -> estimate_layout's arguments -------------
+
+OPTIMIZERS = {"adamw_8bit": "adamw_8bit", "paged_adamw_8bit": "adamw_8bit", "adamw_bnb_8bit": "adamw_8bit"}
+
+
+def layout_of(cfg, world_size: int, **changes) -> dict:
+    """estimate_layout's keyword arguments for a composed pipeline config run on `world_size` ranks;
+    `changes` override any of them (e.g. expert_parallel_size=1, zero_stage=3)."""
+    zero = dict(cfg.deepspeed or {}).get("zero_optimization", {}) or {}
+    offload = (zero.get("offload_optimizer") or {}).get("device", "none") not in ("none", None)
+    method = cfg.peft.method
+    trainer = cfg.trainer
+    layout = dict(
+        world_size=world_size,
+        expert_parallel_size=cfg.model.expert_parallel_size,
+        zero_stage=int(zero.get("stage", 0)),
+        peft=method,
+        lora_r=cfg.peft.r,
+        lora_targets=cfg.peft.targets,
+        micro_batch=trainer.per_device_train_batch_size,
+        seq_len=cfg.data.max_length,
+        grad_accum=trainer.gradient_accumulation_steps,
+        dtype=cfg.peft.quant.compute_dtype if method == "qlora" else cfg.model.dtype,
+        optimizer=OPTIMIZERS.get(trainer.get("optim", "adamw_torch"), "adamw"),
+        offload_optimizer=offload,
+        activation_checkpointing=bool(trainer.activation_checkpointing),
+        stage=cfg.stage,
+    )
+    return {**layout, **changes}
+
+
+BASELINE = "model.expert_parallel_size=1 deepspeed=zero3"  # what an expert-parallel recipe replaces
+ROW_COLUMNS = ("GPU memory", "CPU memory", "weights all-gathered", "tokens all-to-all", "grads reduced")
+LABEL_WIDTH = 48
+
+
+def compose_run(overrides: list[str]):
+    """The pipelines' composed config for a command line (its stage read from the recipe)."""
+    from train.config import compose
+
+    cfg = compose("sft", overrides)
+    return cfg if cfg.stage == "sft" else compose(cfg.stage, overrides)
+
+
+def estimate_run(overrides: list[str], world_size: int) -> Estimate:
+    cfg = compose_run(overrides)
+    return estimate_layout(cfg.model.architecture, **layout_of(cfg, world_size))
+
+
+def row_overrides(label: str, recipe_overrides: list[str]) -> list[str]:
+    """A header row's run: `this recipe`, `+ KEY=VALUE ...` (on top of the recipe) or `+recipe=NAME ...`."""
+    if label == "this recipe":
+        return list(recipe_overrides)
+    if label.startswith("+ "):
+        return [*recipe_overrides, *label[2:].split()]
+    return label.split()
+
+
+def format_row(label: str, estimate: Estimate) -> str:
+    """One line of a recipe header's estimate table (tests/test_estimate.py parses it back)."""
+    cells = [
+        f"{value:.1f} GiB".rjust(len(column))
+        for value, column in zip(estimate.summary().values(), ROW_COLUMNS, strict=True)
+    ]
+    return f"{label:<{LABEL_WIDTH}}" + " | ".join(cells)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--world-size", type=int, default=8, help="GPUs the run is launched on (default 8)")
+    parser.add_argument(
+        "--compare", action="append", default=[f"+ {BASELINE}"],
+        help="another run: '+ KEY=VALUE ...' on top of this one, or '+recipe=NAME ...' (repeatable)",
+    )  # fmt: skip
+    args, overrides = parser.parse_known_args(argv)
+    rows = []
+    for label in ["this recipe", *args.compare]:
+        estimate = estimate_run(row_overrides(label, overrides), args.world_size)
+        print(f"== {label}: {estimate.layout}")
+        print(estimate.table())
+        rows.append(format_row(label, estimate))
+    print(f"== per GPU, per optimizer step on {args.world_size} GPUs:")
+    print(" " * LABEL_WIDTH + " | ".join(ROW_COLUMNS))
+    print("\n".join(rows))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

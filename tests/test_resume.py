@@ -105,6 +105,7 @@ LAYOUTS = [
     pytest.param("dpo", 2, ["deepspeed=zero2", "peft=lora"], FP32_REL, id="dpo-zero2-lora"),
     pytest.param("dpo", 2, ["deepspeed=zero3"], FP32_REL, id="dpo-zero3-full"),
     pytest.param("sft", 2, ["deepspeed=zero2", *EP2], FP32_REL, id="ep2-zero2-full"),
+    pytest.param("sft", 2, ["deepspeed=zero2_offload", *EP2], FP32_REL, id="ep2-zero2-offload-full"),
     pytest.param("sft", 2, ["deepspeed=zero3", *EP2], FP32_REL, id="ep2-zero3-full"),
     pytest.param("sft", 2, ["deepspeed=zero3", *EP2, "peft=lora"], FP32_REL, id="ep2-zero3-lora"),
     pytest.param(

@@ -1,11 +1,9 @@
-"""SFT and DPO entry points run end to end on CPU: learning, router loss, saves, resume after
-kill -9, bad data, two ranks against one, two "nodes" over loopback."""
+"""SFT and DPO entry points run end to end on CPU: learning, router loss, saves, bad data, two ranks
+against one, two "nodes" over loopback (resume after kill -9: tests/test_resume.py)."""
 
 import json
 import re
-import signal
 import subprocess
-import time
 from pathlib import Path
 
 import peft
@@ -17,7 +15,6 @@ from pipeline_runs import (
     REPO,
     SMALL_MODEL,
     log_history,
-    pipeline_command,
     run_env,
     run_pipeline,
     train_losses,
@@ -122,53 +119,6 @@ def test_dpo_with_lora_logs_rewards_and_aux_loss_and_exports(tmp_path):
     )
     merged = transformers.MixtralForCausalLM.from_pretrained(export)
     torch.testing.assert_close(logits(merged), logits(trained), rtol=1e-4, atol=1e-5)
-
-
-RESUME_LAYOUTS = [
-    pytest.param([], 1, id="one-process"),
-    pytest.param(
-        ["deepspeed=zero3", "model.expert_parallel_size=2", "peft=lora", "peft.dropout=0.0"],
-        2,
-        id="zero3-ep2-lora",
-        marks=[pytest.mark.distributed, pytest.mark.slow],
-    ),
-]
-
-
-def kill_process_tree(process: subprocess.Popen) -> None:
-    """SIGKILL the launched process and everything it started (torchrun's workers too)."""
-    import psutil  # a DeepSpeed dependency
-
-    root = psutil.Process(process.pid)
-    for proc in [root, *root.children(recursive=True)]:
-        proc.send_signal(signal.SIGKILL)
-    process.wait()
-
-
-@pytest.mark.parametrize("layout, nproc", RESUME_LAYOUTS)
-def test_resume_after_kill_continues_with_the_same_losses(tmp_path, layout, nproc):
-    recipe = [*SFT, *layout]
-    steps = ["max_steps=8", "trainer.save_steps=3", "trainer.save_total_limit=2", "trainer.warmup_ratio=0.0"]
-    uninterrupted = tmp_path / "full"
-    run_pipeline("sft", [*recipe, f"output_dir={uninterrupted}", *steps], nproc=nproc)
-
-    killed = tmp_path / "killed"
-    process = subprocess.Popen(pipeline_command("sft", [*recipe, f"output_dir={killed}", *steps], nproc),
-                               env=run_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-    deadline = time.time() + 240
-    while latest_complete_checkpoint(killed) is None or not latest_complete_checkpoint(killed).endswith("-6"):
-        assert process.poll() is None, "run ended before it could be killed"
-        assert time.time() < deadline, "no checkpoint-6 in time"
-        time.sleep(0.2)
-    kill_process_tree(process)
-    time.sleep(1)
-    assert not (killed / "final").exists()
-
-    run_pipeline("sft", [*recipe, f"output_dir={killed}", *steps, "resume=true"], nproc=nproc)
-    resumed = {e["step"]: e["loss"] for e in log_history(killed / "final") if "loss" in e}
-    reference = {e["step"]: e["loss"] for e in log_history(uninterrupted / "final") if "loss" in e}
-    for step in (7, 8):
-        assert resumed[step] == pytest.approx(reference[step], rel=1e-5), (step, resumed, reference)
 
 
 def test_existing_run_is_not_overwritten_without_resume(tmp_path):

@@ -1,15 +1,22 @@
-"""Which checkpoint a run resumes from.
+"""Checkpoints a run can resume from, and the trainer side of resuming.
 
-The HF Trainer writes `checkpoint-<step>/` in this order: model, optimizer and scheduler, RNG
-states, then `trainer_state.json`, and only then deletes older checkpoints. A checkpoint is complete
-when its `trainer_state.json` parses and names its own step, so one cut short by a crash or
-`kill -9` is never chosen, and the previous complete one is still on disk.
+The HF Trainer writes `checkpoint-<step>/` in this order: model, optimizer and scheduler (each rank
+its own DeepSpeed shard), RNG states (each rank its own), then `trainer_state.json`. `ResumeMixin`
+then waits for every rank, writes `checkpoint_complete.json` last (every file of the checkpoint with
+its size), and only then deletes checkpoints beyond `save_total_limit`, so a complete checkpoint is on
+disk at every moment. A checkpoint is complete when its marker is there, its `trainer_state.json`
+names its own step, and every file the marker lists is there with that size: one cut short by a
+crash or `kill -9` (or a file truncated afterwards) is never chosen, and `resume=true` takes the
+newest complete one, naming each newer one it skipped and why.
 """
 
 import json
+import os
+import sys
 from pathlib import Path
 
 TRAINER_STATE = "trainer_state.json"
+COMPLETE_MARKER = "checkpoint_complete.json"
 
 
 def checkpoint_step(path: Path) -> int | None:
@@ -17,19 +24,103 @@ def checkpoint_step(path: Path) -> int | None:
     return int(step) if prefix == "checkpoint" and step.isdigit() else None
 
 
-def is_complete_checkpoint(path: Path) -> bool:
+def checkpoint_problem(path: Path) -> str | None:
+    """Why `path` cannot be resumed from (one line), or None when it is complete."""
     try:
         state = json.loads((path / TRAINER_STATE).read_text())
     except (OSError, ValueError):
-        return False
-    return state.get("global_step") == checkpoint_step(path)
+        return f"no readable {TRAINER_STATE} (cut short before it was written)"
+    if state.get("global_step") != checkpoint_step(path):
+        return f"{TRAINER_STATE} names step {state.get('global_step')}, not {checkpoint_step(path)}"
+    try:
+        files = json.loads((path / COMPLETE_MARKER).read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"no readable {COMPLETE_MARKER} (cut short before every rank had written its part)"
+    for name, size in files.items():
+        file = path / name
+        if not file.is_file():
+            return f"{name} is missing"
+        if file.stat().st_size != size:
+            return f"{name} has {file.stat().st_size} bytes, {size} when it was saved (cut short)"
+    return None
 
 
-def latest_complete_checkpoint(output_dir: str | Path) -> str | None:
-    """The complete `checkpoint-<step>` directory with the highest step in output_dir, if any."""
-    candidates = [
-        (step, path)
-        for path in Path(output_dir).glob("checkpoint-*")
-        if (step := checkpoint_step(path)) is not None and is_complete_checkpoint(path)
-    ]
-    return str(max(candidates)[1]) if candidates else None
+def is_complete_checkpoint(path: Path) -> bool:
+    return checkpoint_problem(Path(path)) is None
+
+
+def latest_complete_checkpoint(output_dir: str | Path, warn: bool = False) -> str | None:
+    """The complete `checkpoint-<step>` directory with the highest step in output_dir, if any.
+    warn: print one line to stderr (from the first rank only) for each newer checkpoint skipped."""
+    checkpoints = sorted(
+        ((step, path) for path in Path(output_dir).glob("checkpoint-*") if (step := checkpoint_step(path))
+         is not None),
+        reverse=True,
+    )  # fmt: skip
+    for _, path in checkpoints:
+        problem = checkpoint_problem(path)
+        if problem is None:
+            return str(path)
+        if warn and int(os.environ.get("RANK", "0")) == 0:
+            print(f"warning: skipping incomplete checkpoint {path}: {problem}", file=sys.stderr, flush=True)
+    return None
+
+
+def mark_checkpoint_complete(path: Path) -> None:
+    """Write `path/checkpoint_complete.json` (every file under path with its size), atomically, last."""
+    files = {
+        str(file.relative_to(path)): file.stat().st_size
+        for file in sorted(path.rglob("*"))
+        if file.is_file() and file.name != COMPLETE_MARKER
+    }
+    partial = path / f".{COMPLETE_MARKER}.partial"
+    partial.write_text(json.dumps({"global_step": checkpoint_step(path), "files": files}, indent=1))
+    os.replace(partial, path / COMPLETE_MARKER)
+
+
+class ResumeMixin:
+    """Put first in a trainer's bases: checkpoints marked complete once every rank has written its
+    part, and resume of ZeRO-1/2 runs under expert parallelism with every rank's own experts.
+
+    DeepSpeed ZeRO-1/2 restores the model's parameters from one module-state file written by rank 0
+    (rank 0's experts, loaded by every rank: a full fine-tune fails its strict load on the other
+    ranks, and with adapters those ranks kept their initial expert LoRA weights for one step, so the
+    first resumed loss was 1e-4 off) and each rank's fp32 master weights from its own optimizer file.
+    So under expert parallelism the module state is loaded leniently and then overwritten by the
+    masters (`update_lp_params`, collective), as an optimizer step would. ZeRO-3 restores parameters
+    from each rank's own partition and needs nothing.
+    """
+
+    def _save_checkpoint(self, model, trial):
+        from transformers.trainer_utils import rotate_checkpoints
+
+        limit, self.args.save_total_limit = self.args.save_total_limit, None  # rotated below, once marked
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self.args.save_total_limit = limit
+        self.accelerator.wait_for_everyone()  # every rank's optimizer shard and RNG state are written
+        if self.args.should_save:
+            mark_checkpoint_complete(Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}")
+            rotate_checkpoints(self.args.output_dir, limit, self.state.best_model_checkpoint, use_mtime=True)
+
+    def _prepare_for_training(self, max_steps, train_dataloader, resume_from_checkpoint):
+        if resume_from_checkpoint is None or not self.is_expert_parallel_zero_1_or_2():
+            return super()._prepare_for_training(max_steps, train_dataloader, resume_from_checkpoint)
+        from transformers.integrations.deepspeed import deepspeed_load_checkpoint
+
+        model, train_dataloader = super()._prepare_for_training(max_steps, train_dataloader, None)
+        deepspeed_load_checkpoint(self.model_wrapped, resume_from_checkpoint, load_module_strict=False)
+        self.model_wrapped.optimizer.update_lp_params()
+        self._load_optimizer_and_scheduler(resume_from_checkpoint)  # the Trainer's own LR scheduler
+        self._load_scaler(resume_from_checkpoint)
+        return model, train_dataloader
+
+    def is_expert_parallel_zero_1_or_2(self) -> bool:
+        from deepspeed.moe.utils import is_moe_param  # here: train.config imports this module, DeepSpeed-free
+
+        return (
+            self.is_deepspeed_enabled
+            and self.accelerator.state.deepspeed_plugin.zero_stage in (1, 2)
+            and any(is_moe_param(p) for p in self.model.parameters())
+        )

@@ -463,11 +463,6 @@ def check_expert_parallel(cfg: DictConfig) -> None:
             f"model.expert_parallel_size={size} needs DeepSpeed (deepspeed=zero2 or zero3): plain data "
             "parallelism would average the gradients of different experts"
         )
-    if resume_checkpoint(cfg) is not False and (cfg.peft.method == "none" or zero_stage(cfg) != 3):
-        raise ConfigError(
-            f"model.expert_parallel_size={size} with resume needs peft=lora|qlora and deepspeed=zero3 (other "
-            "expert-parallel DeepSpeed checkpoints do not restore every rank's experts yet); start a new run"
-        )
 
 
 def check_attention(cfg: DictConfig) -> None:

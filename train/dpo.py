@@ -19,12 +19,14 @@ from trl import DPOConfig, DPOTrainer  # noqa: E402
 from mixtral_model.zero import DeepSpeedMoETrainerMixin  # noqa: E402
 from train import pipeline  # noqa: E402
 from train.callbacks import RouterStatsLoggingMixin  # noqa: E402
+from train.checkpoints import ResumeMixin  # noqa: E402
 from train.data import prepare_dpo_data  # noqa: E402
 from train.model_factory import build_frozen_reference  # noqa: E402
 from train.objective import RouterObjectiveMixin  # noqa: E402
 
 
 class MixtralDPOTrainer(
+    ResumeMixin,
     pipeline.ExpertParallelSaveMixin,
     RouterStatsLoggingMixin,
     RouterObjectiveMixin,

@@ -78,6 +78,7 @@ class RouterObjectiveMixin:
                 f"{type(model).__name__} has no router_objective; the pipelines train our Mixtral"
             )
         for each in (model, getattr(self, "ref_model", None)):
+            each = getattr(each, "module", each)  # under DeepSpeed, TRL wraps the reference in an engine
             if each is not None:  # TRL's fused head computes a router term only when this is true
                 each.config.output_router_logits = False
         self.policy = model

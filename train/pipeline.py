@@ -121,7 +121,7 @@ def check_hub_access(cfg: DictConfig) -> None:
 def resume_path(cfg: DictConfig) -> str | None:
     resume = resume_checkpoint(cfg)
     if resume is True:
-        found = latest_complete_checkpoint(cfg.output_dir)
+        found = latest_complete_checkpoint(cfg.output_dir, warn=True)
         if found is None:
             fail(ConfigError(f"resume=true but {cfg.output_dir} has no complete checkpoint to resume from"))
         return found

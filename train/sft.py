@@ -19,11 +19,13 @@ from trl import SFTConfig, SFTTrainer  # noqa: E402
 from mixtral_model.zero import DeepSpeedMoETrainerMixin  # noqa: E402
 from train import pipeline  # noqa: E402
 from train.callbacks import RouterStatsLoggingMixin  # noqa: E402
+from train.checkpoints import ResumeMixin  # noqa: E402
 from train.data import prepare_sft_data  # noqa: E402
 from train.objective import RouterObjectiveMixin  # noqa: E402
 
 
 class MixtralSFTTrainer(
+    ResumeMixin,
     pipeline.ExpertParallelSaveMixin,
     RouterStatsLoggingMixin,
     RouterObjectiveMixin,

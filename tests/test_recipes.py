@@ -181,17 +181,8 @@ def ranks(recipe: str) -> int:
     return 1 if choice == "none" else 2
 
 
-def expert_parallel(recipe: str) -> bool:
-    return OmegaConf.load(recipe_files()[recipe]).get("model", {}).get("expert_parallel_size", 1) > 1
-
-
 def recipe_case(recipe: str):
     marks = [pytest.mark.distributed] if ranks(recipe) > 1 else []
-    if expert_parallel(recipe):  # every other check of the test runs first and passes
-        marks.append(pytest.mark.xfail(raises=FileNotFoundError, strict=True, reason=(
-            "under EP, train/pipeline.py's ExpertParallelSaveMixin.save_model writes no training_args.bin "
-            "into checkpoints (HF Trainer._save does): remove this mark when it does"
-        )))  # fmt: skip
     if recipe in SLOW:
         marks.append(pytest.mark.slow)
     return pytest.param(recipe, marks=marks, id=recipe)

@@ -16,6 +16,7 @@ import transformers
 from huggingface_hub import HfApi
 from omegaconf import DictConfig, OmegaConf
 from peft import PeftModel
+from transformers.trainer import TRAINING_ARGS_NAME
 
 from mixtral_model import MixtralConfig, load_tokenizer
 from mixtral_model.checkpoint import save_expert_parallel_adapter
@@ -245,8 +246,10 @@ class ExpertParallelSaveMixin:
             save_expert_parallel_adapter(model, output_dir, gathered_state_dict(model, trainable_only=True))
         else:
             model.save_pretrained(output_dir, state_dict=gathered_state_dict(model))
-        if self.args.should_save and self.processing_class is not None:
-            self.processing_class.save_pretrained(output_dir)
+        if self.args.should_save:  # what HF Trainer._save writes beside the weights
+            torch.save(self.args, Path(output_dir) / TRAINING_ARGS_NAME)
+            if self.processing_class is not None:
+                self.processing_class.save_pretrained(output_dir)
 
 
 def save_final(trainer, cfg: DictConfig, tokenizer) -> str:

@@ -99,7 +99,7 @@ def peak_rss_mb() -> dict:
 def data_config(path: Path, procs: int, cache: Path, max_length: int, kind: str = "sft"):
     from omegaconf import OmegaConf
 
-    from train.config import DataConfig
+    from mixtral_tune.config import DataConfig
 
     fields = DataConfig.__dataclass_fields__
     extra = {}
@@ -129,7 +129,7 @@ def measure_floor(path: Path, rows: int) -> dict:
 
 def measure_prepare(path: Path, procs: int, cache: Path, max_length: int, kind: str) -> dict:
     from mixtral_model import load_tokenizer
-    from train.data import prepare_dpo_data, prepare_sft_data
+    from mixtral_tune.data import prepare_dpo_data, prepare_sft_data
 
     tokenizer = load_tokenizer()
     cfg = data_config(path, procs, cache, max_length, kind)
@@ -149,7 +149,7 @@ def measure_prepare(path: Path, procs: int, cache: Path, max_length: int, kind: 
 
 def measure_torchrun(path: Path, cache: Path, max_length: int, out: Path) -> None:
     """One rank of `torchrun --nproc_per_node 2`: count the rows this rank tokenized."""
-    import train.data as data
+    import mixtral_tune.data as data
     from mixtral_model import load_tokenizer
 
     calls = 0

@@ -5,7 +5,7 @@
     python bench/gpu_check.py --only training,qlora_memory   # a subset of the sections below
 
 It needs torch (CUDA), transformers >= 5.24, peft, bitsandbytes, sentencepiece (imported by
-`mixtral_model`), hydra-core/omegaconf (imported by train/model_factory.py); flash-attn is optional.
+`mixtral_model`), hydra-core/omegaconf (imported by mixtral_tune/model_factory.py); flash-attn is optional.
 
 Sections, in order (each one records its error and the script moves on; once the time budget
 `--budget-s` is spent the remaining sections are skipped; the files are rewritten after every section):
@@ -13,24 +13,24 @@ Sections, in order (each one records its error and the script moves on; once the
 1. environment: GPU, versions, the expert backend `auto` picks for plain bf16 experts;
 2. nf4_build: the in-memory NF4 quantization used below (a model built on the GPU and quantized
    module by module) gives the same 4-bit weights and logits as `from_pretrained(quantization_config=
-   train.model_factory.quantization_config(...))`, the factory's path;
+   mixtral_tune.model_factory.quantization_config(...))`, the factory's path;
 3. attention: flash-attn 2 (if importable) and sdpa against an fp32 eager reference (outputs and q/k/v
    gradients; causal, sliding window, packed sequences with a window) and their fwd+bwd speed;
 4. experts: our SparseMoeBlock's `grouped_mm` (and `auto`) against `per_expert`: output, input and every
    parameter gradient in bf16, and fwd+bwd speed;
 5. training: Mixtral-8x7B-shaped layers (hidden 4096, intermediate 14336, 8 experts top-2, GQA 32/8,
-   vocab 32000, batch 1 x 4096 tokens) for full bf16, LoRA and QLoRA (train.model_factory.apply_peft on
+   vocab 32000, batch 1 x 4096 tokens) for full bf16, LoRA and QLoRA (mixtral_tune.model_factory.apply_peft on
    configs/peft/{lora,qlora}.yaml), ours (`auto` and `per_expert` experts) against transformers'
    MixtralForCausalLM (+PEFT LoRA on its fused experts via `target_parameters`, +bitsandbytes) holding
    the same weights: tokens/s, MFU, peak memory, and auto-vs-per_expert parity of loss and gradients;
 6. qlora_memory: QLoRA peak memory at 1 and N layers, per layer, extrapolated to 32 layers, beside the
-   CPU estimate of train/memory.py (tests/test_qlora_memory.py);
+   CPU estimate of mixtral_tune/memory.py (tests/test_qlora_memory.py);
 7. mixtral_8x7b_qlora: the whole 32-layer model, random init made on the GPU layer by layer and quantized
    as it is made, trained as recipes/mixtral-8x7b/sft_qlora.yaml does (the factory's 4-bit preparation,
    LoRA r=16 with dropout on attention and experts, gradient checkpointing, the recipe's optimizer
    paged_adamw_8bit, bf16 autocast as the HF Trainer runs a bf16 model, TRL's fused LM head), 10 steps at
    4096 tokens: peak memory (per phase of a step, and the allocator's reserved peak) and tokens/s, beside
-   a memory account: the persistent tensors sorted into components (train/memory.py's tensor_account,
+   a memory account: the persistent tensors sorted into components (mixtral_tune/memory.py's tensor_account,
    and qlora_account computed from the config), the checkpointed layer inputs, and the bytes one layer
    saves for backward while it is recomputed (saved-tensor hooks on the model cut to one layer).
 
@@ -43,7 +43,7 @@ QLoRA (frozen weights need no weight gradient); N_active counts the attention pr
 top-k experts and lm_head (not the embedding lookup); 6 L T d_attn is causal attention (QK^T and PV,
 forward + backward, half of the T x T square); recomputation and LoRA adapter FLOPs are not counted.
 
-QLoRA: ours goes through the factory (`train.model_factory.prepare_4bit_for_training`: frozen, unquantized
+QLoRA: ours goes through the factory (`mixtral_tune.model_factory.prepare_4bit_for_training`: frozen, unquantized
 weights kept bf16); transformers' through `peft.prepare_model_for_kbit_training` (what TRL does for a 4-bit
 model): every non-4-bit bf16 parameter becomes fp32, so its activations flow in fp32, and its fused
 experts, which bitsandbytes does not quantize, are trained around in fp32. PEFT's
@@ -78,7 +78,7 @@ GIB = 1024**3
 # bf16 dense tensor-core peak, FLOP/s (NVIDIA datasheets, without sparsity).
 BF16_PEAK = [("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H200", 989e12),
              ("GH200", 989e12), ("A100", 312e12), ("B200", 2250e12)]  # fmt: skip
-CPU_ESTIMATE_QLORA_GIB = 29.3  # only quoted when train/memory.py cannot be imported on the machine
+CPU_ESTIMATE_QLORA_GIB = 29.3  # only quoted when mixtral_tune/memory.py cannot be imported on the machine
 
 MIXTRAL_8X7B = dict(
     vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
@@ -422,7 +422,7 @@ def peft_cfg(method: str):
 
 def bnb_config(cfg):
     """The factory's BitsAndBytesConfig for this peft config."""
-    from train.model_factory import quantization_config
+    from mixtral_tune.model_factory import quantization_config
 
     return quantization_config(cfg)
 
@@ -459,7 +459,7 @@ def quantized(model, quant, device: torch.device):
 
 
 def apply_peft_ours(model, cfg, gradient_checkpointing: bool):
-    from train.model_factory import apply_peft
+    from mixtral_tune.model_factory import apply_peft
 
     return apply_peft(model, cfg, gradient_checkpointing)
 
@@ -916,13 +916,13 @@ def qlora_memory(run: Run, sec: Section) -> None:
         sec.say("peak GPU memory needs CUDA: on CPU only the estimate below is computed")
     big = rows[0] if rows else None
     try:
-        from train.config import LORA_TARGET_MODULES
-        from train.memory import qlora_memory as estimate
+        from mixtral_tune.config import LORA_TARGET_MODULES
+        from mixtral_tune.memory import qlora_memory as estimate
 
         cpu_estimate = estimate(
             our_config(MIXTRAL_8X7B, 32), r=16, targets=LORA_TARGET_MODULES["both"], tokens=4096
         )["total"]
-        source = "train/memory.py"
+        source = "mixtral_tune/memory.py"
     except ImportError as error:
         cpu_estimate, source = CPU_ESTIMATE_QLORA_GIB, f"quoted from tests/test_qlora_memory.py ({error})"
     sec.data.update(cpu_estimate_gib=cpu_estimate)
@@ -947,7 +947,7 @@ def qlora_memory(run: Run, sec: Section) -> None:
     run.summary["QLoRA Mixtral-8x7B peak, projected from 1 and N layers"] = (
         f"{projected:.1f} GiB (CPU estimate {cpu_estimate:.1f})"
     )
-    sec.check("projected 32-layer QLoRA peak GiB <= 32 (issue 11 goal; train/memory.py's GB is GiB)",
+    sec.check("projected 32-layer QLoRA peak GiB <= 32 (issue 11 goal; mixtral_tune/memory.py's GB is GiB)",
               projected, 32.0)  # fmt: skip
 
 
@@ -1021,7 +1021,7 @@ def one_layer_saved_bytes(model, loss_of, autocast) -> dict:
     gradient checkpointing off (what a layer holds while it is recomputed in backward)."""
     from torch import nn
 
-    from train.memory import layer_parts, saved_bytes_by_module
+    from mixtral_tune.memory import layer_parts, saved_bytes_by_module
 
     base = model.get_base_model()
     layers = base.model.layers
@@ -1043,8 +1043,8 @@ def mixtral_8x7b_qlora(run: Run, sec: Section) -> None:
     """The shipped recipe's settings (recipes/mixtral-8x7b/sft_qlora.yaml): the factory's QLoRA
     preparation and LoRA (configs/peft/qlora.yaml, dropout 0.05), gradient checkpointing, its optimizer,
     bf16 autocast as the HF Trainer runs a bf16 model, batch 1 x 4096 tokens."""
-    from train.config import LORA_TARGET_MODULES
-    from train.memory import qlora_account, tensor_account
+    from mixtral_tune.config import LORA_TARGET_MODULES
+    from mixtral_tune.memory import qlora_account, tensor_account
 
     s = run.shapes
     config = our_config(s.model, s.full_model_layers)
@@ -1153,7 +1153,7 @@ def mixtral_8x7b_qlora(run: Run, sec: Section) -> None:
         + " |",
         "",
         f"Memory account ({unit}): persistent tensors measured on the model (computed from the config by "
-        "train/memory.py's qlora_account beside them), activations from the checkpointed inputs and the "
+        "mixtral_tune/memory.py's qlora_account beside them), activations from the checkpointed inputs and the "
         "bytes one layer saves for backward (saved-tensor hooks on the model cut to one layer, checkpointing off).",
         "",
         "| component | measured | computed |", "|---|---|---|",
@@ -1184,7 +1184,7 @@ def mixtral_8x7b_qlora(run: Run, sec: Section) -> None:
     sec.check("persistent account: tensors measured vs computed from the config (max relative diff)",
               max(abs(measured[k] - computed[k]) / max(computed[k], 1) for k in computed), 1e-3)  # fmt: skip
     if run.device.type == "cuda":
-        sec.check("Mixtral-8x7B QLoRA peak GiB <= 32 (issue 11 goal; train/memory.py's GB is GiB)",
+        sec.check("Mixtral-8x7B QLoRA peak GiB <= 32 (issue 11 goal; mixtral_tune/memory.py's GB is GiB)",
                   peak, 32.0)  # fmt: skip
 
 

@@ -54,7 +54,7 @@ def tiny_wide_model(z_coef: float) -> MixtralForCausalLM:
 def sft_trainer(model, tokenizer, output_dir):
     from trl import SFTConfig
 
-    from train.sft import MixtralSFTTrainer
+    from mixtral_tune.sft import MixtralSFTTrainer
 
     args = SFTConfig(output_dir=output_dir, report_to=[], use_cpu=True, max_length=None)
     data = Dataset.from_dict({"input_ids": [[1, 5, 6, 7, 2]] * 4})
@@ -64,7 +64,7 @@ def sft_trainer(model, tokenizer, output_dir):
 def dpo_trainer(model, tokenizer, output_dir):
     from trl import DPOConfig
 
-    from train.dpo import MixtralDPOTrainer
+    from mixtral_tune.dpo import MixtralDPOTrainer
 
     args = DPOConfig(output_dir=output_dir, report_to=[], use_cpu=True, max_length=None)
     data = Dataset.from_dict({"prompt": ["abc"] * 4, "chosen": [" cba"] * 4, "rejected": [" abc"] * 4})

@@ -1,4 +1,4 @@
-"""Mixtral-8x7B QLoRA memory account, on CPU: persistent bytes from the config (train/memory.py's
+"""Mixtral-8x7B QLoRA memory account, on CPU: persistent bytes from the config (mixtral_tune/memory.py's
 qlora_account, held to real tensors by tests/test_qlora_memory.py), and the bytes one decoder layer
 saves for backward while it is recomputed, measured with saved-tensor hooks on a model whose shapes are
 8x7B's scaled down in proportion (hidden 4096/16, intermediate 14336/16, vocab 32000/16, 4096/16 tokens,
@@ -17,8 +17,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import bench.gpu_check as g  # noqa: E402
-from train.config import LORA_TARGET_MODULES  # noqa: E402
-from train.memory import GB, qlora_account  # noqa: E402
+from mixtral_tune.config import LORA_TARGET_MODULES  # noqa: E402
+from mixtral_tune.memory import GB, qlora_account  # noqa: E402
 
 SCALE = 16
 SHAPE = dict(g.MIXTRAL_8X7B, vocab_size=32000 // SCALE, hidden_size=4096 // SCALE,
@@ -37,7 +37,7 @@ def peft_upcast(model, gradient_checkpointing: bool) -> None:
 
 
 def one_layer_saved(backend: str, autocast: bool, upcast: bool = False) -> dict[str, float]:
-    import train.model_factory as factory
+    import mixtral_tune.model_factory as factory
 
     if upcast:
         original, factory.prepare_4bit_for_training = factory.prepare_4bit_for_training, peft_upcast

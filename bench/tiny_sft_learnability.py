@@ -1,6 +1,6 @@
 """Learnability of the bundled demo task by the tiny recipe's model, in a plain torch loop on CPU.
 
-Composes `+recipe=tiny/sft`, prepares its data with `train.data`, builds transformers'
+Composes `+recipe=tiny/sft`, prepares its data with `mixtral_tune.data`, builds transformers'
 `MixtralForCausalLM` (the reference architecture of our native model) from the recipe's
 `model.architecture`, trains with the recipe's batch size, learning rate, warmup and cosine
 schedule, and reports held-out exact match (greedy decoding) before and after, with wall and
@@ -27,9 +27,9 @@ import torch
 import transformers
 
 from mixtral_model import encode_chat, load_tokenizer
-from train.config import load_config
-from train.data import prepare_sft_data
-from train.model_factory import random_init_config, write_random_init
+from mixtral_tune.config import load_config
+from mixtral_tune.data import prepare_sft_data
+from mixtral_tune.model_factory import random_init_config, write_random_init
 
 
 def cpu_seconds() -> float:

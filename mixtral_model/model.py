@@ -193,7 +193,7 @@ class MixtralForCausalLM(MixtralPreTrainedModel, GenerationMixin):
         """(router_aux_loss_coef * aux + router_z_loss_coef * z, aux, z): the router terms of the
         training objective, with the config's coefficients. The one place they are weighted: this
         model's forward(labels=...) adds them to its LM loss, and the SFT/DPO trainers to theirs
-        (train/objective.py)."""
+        (mixtral_tune/objective.py)."""
         aux_loss, z_loss = self.router_losses(router_logits, attention_mask)
         weighted = self.config.router_aux_loss_coef * aux_loss
         if z_loss is not None:

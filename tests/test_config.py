@@ -6,9 +6,9 @@ import json
 import pytest
 from omegaconf import OmegaConf
 
-from train import config as config_module
-from train.checkpoints import latest_complete_checkpoint, mark_checkpoint_complete
-from train.config import (
+from mixtral_tune import config as config_module
+from mixtral_tune.checkpoints import latest_complete_checkpoint, mark_checkpoint_complete
+from mixtral_tune.config import (
     RECIPE_DIR,
     ConfigError,
     check_architecture_matches,
@@ -359,7 +359,7 @@ def test_trainer_keys_are_trl_names_and_older_names_still_work():
 
 
 def test_print_config_prints_the_resolved_config_and_exits(tmp_path, capsys):
-    from train.pipeline import config_from_argv
+    from mixtral_tune.pipeline import config_from_argv
 
     for flags in (["--print-config"], ["--cfg", "job"]):
         with pytest.raises(SystemExit) as exited:
@@ -371,8 +371,8 @@ def test_print_config_prints_the_resolved_config_and_exits(tmp_path, capsys):
 
 
 def test_trl_only_options_reach_the_trainer_arguments(tmp_path):
-    from train.dpo import dpo_arguments
-    from train.sft import sft_arguments
+    from mixtral_tune.dpo import dpo_arguments
+    from mixtral_tune.sft import sft_arguments
 
     sft = sft_arguments(
         load_config(
@@ -406,7 +406,7 @@ def test_trl_only_options_reach_the_trainer_arguments(tmp_path):
         )  # fmt: skip
     )
     assert (dpo.loss_type, dpo.loss_weights, dpo.label_smoothing) == (["exo_pair", "sft"], [1.0, 0.5], 1e-3)
-    # The aux coefficient reaches the loss by one road, the model config (train/objective.py): TRL's
+    # The aux coefficient reaches the loss by one road, the model config (mixtral_tune/objective.py): TRL's
     # own copy stays unset, or the objective mixin refuses the run.
     assert (dpo.beta, dpo.router_aux_loss_coef, dpo.max_length) == (0.1, None, 64)
 

@@ -14,10 +14,10 @@ from omegaconf import OmegaConf
 from trl.data_utils import is_conversational
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
-import train.data as data_module
+import mixtral_tune.data as data_module
 from mixtral_model import encode_chat, load_tokenizer
-from train.config import REPO_ROOT, DataConfig, DataSourceConfig
-from train.data import (
+from mixtral_tune.config import REPO_ROOT, DataConfig, DataSourceConfig
+from mixtral_tune.data import (
     IGNORE_INDEX,
     DataError,
     check_chat_template_matches_encode_chat,
@@ -399,7 +399,7 @@ def test_a_row_index_is_the_line_in_the_file_even_for_a_weighted_source(tokenize
 
 
 def test_data_path_and_mixture_are_exclusive(tmp_path):
-    from train.config import ConfigError, check_data
+    from mixtral_tune.config import ConfigError, check_data
 
     path = write_jsonl(tmp_path / "rows.jsonl", numbered_rows("row", 2))
     both = OmegaConf.create({"data": mixture_cfg([{"path": str(path)}])})
@@ -545,7 +545,7 @@ def test_the_local_main_of_each_node_or_only_the_global_main_prepares(monkeypatc
 
 
 def test_the_mixture_data_group_composes_with_an_8x7b_recipe():
-    from train.config import load_config
+    from mixtral_tune.config import load_config
 
     cfg = load_config("sft", ["+recipe=mixtral-8x7b/sft_qlora", "data=ultrachat_no_robots"])
     assert cfg.data.path is None and cfg.data.packing  # the recipe's data settings still apply

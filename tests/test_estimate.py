@@ -1,7 +1,7 @@
-"""train/estimate.py held to real models: its parameter counts to ours, transformers' and PEFT's built
+"""mixtral_tune/estimate.py held to real models: its parameter counts to ours, transformers' and PEFT's built
 models (Mixtral-8x7B on the meta device: 46,702,792,704), its per-rank counts and token bytes under
 expert parallelism to what 2 gloo ranks of the pipelines' model hold and hand to all_to_all_single, its
-QLoRA base bytes to train/memory.py (held to bitsandbytes there); and every recipe header's estimate
+QLoRA base bytes to mixtral_tune/memory.py (held to bitsandbytes there); and every recipe header's estimate
 table to the function, recomputed here so the headers cannot go stale.
 """
 
@@ -20,8 +20,8 @@ from distributed.estimate_ep import MICRO_BATCH, SEQ_LEN, overrides
 from pipeline_runs import REPO, free_port
 
 from mixtral_model import MixtralConfig, MixtralForCausalLM
-from train.config import LORA_TARGET_MODULES, compose, recipe_files
-from train.estimate import (
+from mixtral_tune.config import LORA_TARGET_MODULES, compose, recipe_files
+from mixtral_tune.estimate import (
     GIB,
     estimate_layout,
     estimate_run,
@@ -30,7 +30,7 @@ from train.estimate import (
     parameter_counts,
     row_overrides,
 )
-from train.memory import base_weight_bytes, meta_model
+from mixtral_tune.memory import base_weight_bytes, meta_model
 
 MIXTRAL_8X7B = dict(
     vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
@@ -99,7 +99,7 @@ def test_lora_parameter_counts_equal_peft(targets):
 
 
 def test_qlora_base_bytes_equal_train_memory_on_mixtral_8x7b():
-    """The NF4 base (weights and constants) as train/memory.py counts it on the built meta model."""
+    """The NF4 base (weights and constants) as mixtral_tune/memory.py counts it on the built meta model."""
     config = MixtralConfig(**MIXTRAL_8X7B)
     model = meta_model(config)
     buffers = sum(b.numel() * b.element_size() for b in model.buffers())

@@ -12,8 +12,8 @@ import transformers
 from pipeline_runs import REPO, run_env
 
 from mixtral_model import MixtralConfig, MixtralForCausalLM
-from train.export import main as export_main
-from train.export import merge_adapter
+from mixtral_tune.export import main as export_main
+from mixtral_tune.export import merge_adapter
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "w1", "w2", "w3"]
 
@@ -91,7 +91,7 @@ PEAK_RSS = """
 import gc, sys
 from pathlib import Path
 from safetensors.torch import load_file
-from train.export import adapter_base, merge_adapter, read_adapter
+from mixtral_tune.export import adapter_base, merge_adapter, read_adapter
 
 def status(field):
     return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith(field))

@@ -22,7 +22,7 @@ from pipeline_runs import (
 from safetensors.torch import load_file
 
 from mixtral_model import MixtralForCausalLM
-from train.checkpoints import latest_complete_checkpoint
+from mixtral_tune.checkpoints import latest_complete_checkpoint
 
 SFT = [
     "+recipe=tiny/sft",

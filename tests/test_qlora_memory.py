@@ -6,8 +6,8 @@ import torch
 from transformers import BitsAndBytesConfig
 
 from mixtral_model import MixtralConfig, MixtralForCausalLM
-from train.config import LORA_TARGET_MODULES
-from train.memory import (
+from mixtral_tune.config import LORA_TARGET_MODULES
+from mixtral_tune.memory import (
     GB,
     base_weight_bytes,
     layer_parts,
@@ -16,7 +16,7 @@ from train.memory import (
     saved_bytes_by_module,
     tensor_account,
 )
-from train.model_factory import NEVER_QUANTIZED
+from mixtral_tune.model_factory import NEVER_QUANTIZED
 
 MIXTRAL_8X7B = MixtralConfig(
     vocab_size=32000,
@@ -89,7 +89,7 @@ def tiny_qlora(prepare=None, optimizer_name="adamw"):
     storage, LoRA on attention and experts), one training step taken."""
     from omegaconf import OmegaConf
 
-    from train.model_factory import apply_peft, quantization_config
+    from mixtral_tune.model_factory import apply_peft, quantization_config
 
     torch.manual_seed(0)
     config = MixtralConfig(

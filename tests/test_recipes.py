@@ -11,7 +11,7 @@ optimizer, batch size and gradient accumulation, schedule, eval and save cadence
 its saved run_config.yaml against the composed recipe: only the replaced keys may differ.
 
 Settings a CPU cannot run as shipped are in CPU_LIMITS with the reason. Full-model DPO with its frozen
-reference and train/evaluate.py are held to independent computations (transformers' Mixtral on the
+reference and mixtral_tune/evaluate.py are held to independent computations (transformers' Mixtral on the
 saved weights, mistral-common's token ids, plain torch log-probs).
 """
 
@@ -31,9 +31,9 @@ from pipeline_runs import REPO, log_history, run_pipeline
 from safetensors.torch import load_file
 
 from mixtral_model import MixtralConfig, MixtralForCausalLM, load_tokenizer
-from train.config import compose, load_config, recipe_files
-from train.evaluate import exact_match, preference_metrics, read_jsonl
-from train.model_factory import load_model, quantization_config, write_random_init
+from mixtral_tune.config import compose, load_config, recipe_files
+from mixtral_tune.evaluate import exact_match, preference_metrics, read_jsonl
+from mixtral_tune.model_factory import load_model, quantization_config, write_random_init
 
 DATA = REPO / "tests" / "data"
 TINY = {
@@ -343,7 +343,7 @@ def test_full_model_dpo_matches_plain_torch_with_the_frozen_base_as_reference(tm
     assert abs(logged[3]["rewards/margins"]) > 1e-4, "the policy did not move: the check above proves little"
 
 
-# ---- train/evaluate.py (the demo's table), against an independent computation --------------------------
+# ---- mixtral_tune/evaluate.py (the demo's table), against an independent computation --------------------------
 
 
 def independent_greedy_answer(model, mistral, tokenizer, prompt: list[dict], max_new_tokens: int) -> str:
@@ -371,7 +371,7 @@ def tiny_checkpoint(path: Path, seed: int, tokenizer) -> Path:
 
 
 def test_evaluate_table_matches_an_independent_computation(tmp_path):
-    """The demo's numbers (exact match, prefers_chosen, reward accuracy and margin) from train/evaluate.py
+    """The demo's numbers (exact match, prefers_chosen, reward accuracy and margin) from mixtral_tune/evaluate.py
     on our model, against transformers' Mixtral on the same weights with mistral-common's prompt ids.
     Half of the SFT rows get the independent greedy answer as their reference and half a wrong one, so
     exact match must be exactly 0.5 and every answer must agree."""

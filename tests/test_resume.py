@@ -23,7 +23,7 @@ import torch
 from pipeline_runs import SMALL_MODEL, log_history, pipeline_command, run_env, run_pipeline
 from safetensors.torch import load_file
 
-from train.checkpoints import (
+from mixtral_tune.checkpoints import (
     COMPLETE_MARKER,
     checkpoint_problem,
     latest_complete_checkpoint,

@@ -1,59 +1,12 @@
-"""DPO alignment of the native Mixtral with TRL's DPOTrainer.
+"""`python train/dpo.py ARGS` from a checkout (also under torchrun): runs mixtral_tune.dpo.
 
-    torchrun --nproc_per_node=N train/dpo.py +recipe=NAME [key=value ...]
-    python train/dpo.py +recipe=tiny/dpo model.name_or_path=outputs/tiny-sft/final
-
-The reference model is the base with adapters disabled under PEFT, a frozen copy otherwise; the
-policy's router terms (aux and z-loss, with the model config's coefficients) are added to the DPO
-loss by train/objective.py and the reference forward carries none.
+The same as `mixtral-tune dpo ARGS` and `python -m mixtral_tune.dpo ARGS`. The package must be
+importable (`pip install -e .` in the checkout): this script does not edit sys.path.
 """
 
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from mixtral_model import quiet  # noqa: E402, F401, I001  (before TRL: drops start-up messages nobody can act on)
-from trl import DPOConfig, DPOTrainer  # noqa: E402
-
-from mixtral_model.zero import DeepSpeedMoETrainerMixin  # noqa: E402
-from train import pipeline  # noqa: E402
-from train.callbacks import RouterStatsLoggingMixin  # noqa: E402
-from train.checkpoints import ResumeMixin  # noqa: E402
-from train.data import prepare_dpo_data  # noqa: E402
-from train.model_factory import build_frozen_reference  # noqa: E402
-from train.objective import RouterObjectiveMixin  # noqa: E402
-
-
-class MixtralDPOTrainer(
-    ResumeMixin,
-    pipeline.ExpertParallelSaveMixin,
-    RouterStatsLoggingMixin,
-    RouterObjectiveMixin,
-    DeepSpeedMoETrainerMixin,
-    DPOTrainer,
-):
-    pass
-
-
-def dpo_arguments(cfg) -> DPOConfig:
-    return DPOConfig(
-        **pipeline.training_kwargs(cfg),
-        max_length=cfg.data.max_length,
-        truncation_mode=cfg.data.dpo_truncation_mode,
-    )
-
-
-def main(argv: list[str]) -> str:
-    return pipeline.run(
-        "dpo",
-        argv,
-        prepare_dpo_data,
-        dpo_arguments,
-        MixtralDPOTrainer,
-        reference_model=build_frozen_reference,
-    )
-
+from mixtral_tune.dpo import main
 
 if __name__ == "__main__":
     main(sys.argv[1:])

@@ -13,9 +13,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import torch.distributed as dist  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
-import train.data as data  # noqa: E402
+import mixtral_tune.data as data  # noqa: E402
 from mixtral_model import load_tokenizer  # noqa: E402
-from train.config import DataConfig  # noqa: E402
+from mixtral_tune.config import DataConfig  # noqa: E402
 
 path, cache, out = sys.argv[1:4]
 calls = 0

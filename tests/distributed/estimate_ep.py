@@ -1,8 +1,8 @@
-"""What a rank holds and sends under expert parallelism, for train/estimate.py to be held to.
+"""What a rank holds and sends under expert parallelism, for mixtral_tune/estimate.py to be held to.
 
     torchrun --nproc_per_node 2 tests/distributed/estimate_ep.py WORKDIR OUT.json
 
-Every rank builds the pipelines' model (train.model_factory.build_model: tiny config, EP=2, LoRA on
+Every rank builds the pipelines' model (mixtral_tune.model_factory.build_model: tiny config, EP=2, LoRA on
 attention and experts, fp32) and records the parameters it holds, by kind (dense / expert, base / LoRA).
 Then one forward and backward of a micro-batch with activation checkpointing runs with
 torch.distributed.all_to_all_single wrapped: the bytes of every token buffer (2-D tensors; the 1-D
@@ -21,8 +21,8 @@ sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).res
 
 from mixtral_model import load_tokenizer  # noqa: E402
 from mixtral_model.parallel import is_expert_param  # noqa: E402
-from train.config import compose  # noqa: E402
-from train.model_factory import build_model, write_random_init  # noqa: E402
+from mixtral_tune.config import compose  # noqa: E402
+from mixtral_tune.model_factory import build_model, write_random_init  # noqa: E402
 
 MICRO_BATCH, SEQ_LEN = 2, 12
 

@@ -14,7 +14,7 @@ from omegaconf import DictConfig
 from transformers import BitsAndBytesConfig, PreTrainedTokenizerBase
 
 from mixtral_model import MixtralConfig, MixtralForCausalLM
-from train.config import lora_modules_to_save, lora_target_modules, trainer_value
+from mixtral_tune.config import lora_modules_to_save, lora_target_modules, trainer_value
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 NEVER_QUANTIZED = ["gate", "lm_head"]  # the router and the output head stay in the compute dtype
@@ -114,7 +114,7 @@ def prepare_4bit_for_training(model: MixtralForCausalLM, gradient_checkpointing:
     precision in training (the norms compute in fp32 anyway and the loss upcasts the logits), while
     it doubles their bytes and, through the fp32 embedding output and norm weights, makes every
     activation of the residual stream and of the layers' recomputation fp32: for Mixtral-8x7B QLoRA
-    at 4096 tokens about 3 GiB more at peak (`train/memory.py`, bench/gpu_check.py's account). The
+    at 4096 tokens about 3 GiB more at peak (`mixtral_tune/memory.py`, bench/gpu_check.py's account). The
     LoRA adapters PEFT adds are still fp32 (`get_peft_model`'s `autocast_adapter_dtype`)."""
     model.requires_grad_(False)
     if gradient_checkpointing:

@@ -23,9 +23,9 @@ from mixtral_model.checkpoint import save_expert_parallel_adapter
 from mixtral_model.parallel import expert_parallel_of
 from mixtral_model.tokenizer import save_for_serving
 from mixtral_model.zero import check_parallel_combination, gathered_state_dict, prepare_for_deepspeed
-from train.callbacks import RunSummaryCallback, use_lean_console
-from train.checkpoints import latest_complete_checkpoint
-from train.config import (
+from mixtral_tune.callbacks import RunSummaryCallback, use_lean_console
+from mixtral_tune.checkpoints import latest_complete_checkpoint
+from mixtral_tune.config import (
     ConfigError,
     check_architecture_matches,
     deepspeed_dict,
@@ -35,9 +35,9 @@ from train.config import (
     trainer_value,
     zero_stage,
 )
-from train.data import DataError
-from train.model_card import write_generation_config, write_model_card
-from train.model_factory import build_model, write_random_init
+from mixtral_tune.data import DataError
+from mixtral_tune.model_card import write_generation_config, write_model_card
+from mixtral_tune.model_factory import build_model, write_random_init
 
 USAGE = """usage: {script} +recipe=NAME|FILE.yaml [deepspeed=NAME|FILE.json] [key=value ...] [--print-config]
   --print-config (or --cfg job): print the resolved, validated config and exit (see README: CLI)"""

@@ -117,7 +117,9 @@ class ResumeMixin:
         return model, train_dataloader
 
     def is_expert_parallel_zero_1_or_2(self) -> bool:
-        from deepspeed.moe.utils import is_moe_param  # here: train.config imports this module, DeepSpeed-free
+        from deepspeed.moe.utils import (
+            is_moe_param,  # here: mixtral_tune.config imports this module, DeepSpeed-free
+        )
 
         return (
             self.is_deepspeed_enabled

@@ -39,7 +39,7 @@ from hydra.errors import HydraException
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
-from train.checkpoints import latest_complete_checkpoint
+from mixtral_tune.checkpoints import latest_complete_checkpoint
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = REPO_ROOT / "configs"
@@ -179,7 +179,7 @@ TRAINER_KEYS_SET_ELSEWHERE = {
     "packing": "data.packing",
     "padding_free": "data.packing",
     "truncation_mode": "data.dpo_truncation_mode",
-    "dataset_kwargs": "nothing (train/data.py prepares the rows)",
+    "dataset_kwargs": "nothing (mixtral_tune/data.py prepares the rows)",
     "dataset_num_proc": "data.num_proc",
     "remove_unused_columns": "nothing (the prepared data needs every column)",
     "resume_from_checkpoint": "resume",
@@ -299,10 +299,10 @@ def describe_composition_error(error: Exception) -> str:
         if "not in" in problem and key.startswith("deepspeed."):
             return f"'{key}' is not in the selected DeepSpeed config: add it with +{key}=..."
         if "not in" in problem:
-            return f"unknown key '{key}'{suggest_key(key)}: check its spelling against train/config.py"
+            return f"unknown key '{key}'{suggest_key(key)}: check its spelling against mixtral_tune/config.py"
         if "Missing mandatory value" in problem:
             return f"'{key}' must be set: pass {key}=... or pick a recipe that sets it"
-        return f"bad value for '{key}': {problem}; pass a value of the type declared in train/config.py"
+        return f"bad value for '{key}': {problem}; pass a value of the type declared in mixtral_tune/config.py"
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     if "Could not find 'recipe/" in lines[0]:
         return f"{lines[0]}; available recipes: {', '.join(recipe_files())}"

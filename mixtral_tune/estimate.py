@@ -1,6 +1,6 @@
 """Per-GPU memory and per-step communication of a training layout, estimated from the model's shape.
 
-    python -m train.estimate +recipe=mixtral-8x7b/sft_lora_ep [--world-size 8] [any override]
+    python -m mixtral_tune.estimate +recipe=mixtral-8x7b/sft_lora_ep [--world-size 8] [any override]
 
 prints the estimate for a recipe (or any command line of the pipelines) next to the same run without
 expert parallelism under ZeRO-3 (`model.expert_parallel_size=1 deepspeed=zero3`).
@@ -47,8 +47,10 @@ import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from train.config import LORA_TARGET_MODULES
-from train.memory import nf4_bytes  # bitsandbytes NF4 with double quantization, held to bitsandbytes there
+from mixtral_tune.config import LORA_TARGET_MODULES
+from mixtral_tune.memory import (
+    nf4_bytes,  # bitsandbytes NF4 with double quantization, held to bitsandbytes there
+)
 
 GIB = 1024**3
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -348,7 +350,7 @@ LABEL_WIDTH = 48
 
 def compose_run(overrides: list[str]):
     """The pipelines' composed config for a command line (its stage read from the recipe)."""
-    from train.config import compose
+    from mixtral_tune.config import compose
 
     cfg = compose("sft", overrides)
     return cfg if cfg.stage == "sft" else compose(cfg.stage, overrides)

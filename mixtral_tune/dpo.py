@@ -1,0 +1,56 @@
+"""DPO alignment of the native Mixtral with TRL's DPOTrainer.
+
+    torchrun --nproc_per_node=N train/dpo.py +recipe=NAME [key=value ...]
+    python train/dpo.py +recipe=tiny/dpo model.name_or_path=outputs/tiny-sft/final
+
+The reference model is the base with adapters disabled under PEFT, a frozen copy otherwise; the
+policy's router terms (aux and z-loss, with the model config's coefficients) are added to the DPO
+loss by mixtral_tune/objective.py and the reference forward carries none.
+"""
+
+import sys  # noqa: I001  (mixtral_model.quiet is imported first)
+
+from mixtral_model import quiet  # noqa: F401  (before TRL: drops start-up messages nobody can act on)
+from trl import DPOConfig, DPOTrainer
+
+from mixtral_model.zero import DeepSpeedMoETrainerMixin
+from mixtral_tune import pipeline
+from mixtral_tune.callbacks import RouterStatsLoggingMixin
+from mixtral_tune.checkpoints import ResumeMixin
+from mixtral_tune.data import prepare_dpo_data
+from mixtral_tune.model_factory import build_frozen_reference
+from mixtral_tune.objective import RouterObjectiveMixin
+
+
+class MixtralDPOTrainer(
+    ResumeMixin,
+    pipeline.ExpertParallelSaveMixin,
+    RouterStatsLoggingMixin,
+    RouterObjectiveMixin,
+    DeepSpeedMoETrainerMixin,
+    DPOTrainer,
+):
+    pass
+
+
+def dpo_arguments(cfg) -> DPOConfig:
+    return DPOConfig(
+        **pipeline.training_kwargs(cfg),
+        max_length=cfg.data.max_length,
+        truncation_mode=cfg.data.dpo_truncation_mode,
+    )
+
+
+def main(argv: list[str]) -> str:
+    return pipeline.run(
+        "dpo",
+        argv,
+        prepare_dpo_data,
+        dpo_arguments,
+        MixtralDPOTrainer,
+        reference_model=build_frozen_reference,
+    )
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,49 @@
+"""Supervised fine-tuning of the native Mixtral with TRL's SFTTrainer.
+
+    torchrun --nproc_per_node=N train/sft.py +recipe=NAME [key=value ...]
+    python train/sft.py +recipe=tiny/sft max_steps=50 output_dir=outputs/try
+
+The steps (mixtral_tune/pipeline.py `run`): config (validated) -> tokenizer and data (validated) ->
+trainer arguments and model (+ PEFT, + DeepSpeed MoE wiring) -> train (resumable) ->
+OUTPUT_DIR/final.
+"""
+
+import sys  # noqa: I001  (mixtral_model.quiet is imported first)
+
+from mixtral_model import quiet  # noqa: F401  (before TRL: drops start-up messages nobody can act on)
+from trl import SFTConfig, SFTTrainer
+
+from mixtral_model.zero import DeepSpeedMoETrainerMixin
+from mixtral_tune import pipeline
+from mixtral_tune.callbacks import RouterStatsLoggingMixin
+from mixtral_tune.checkpoints import ResumeMixin
+from mixtral_tune.data import prepare_sft_data
+from mixtral_tune.objective import RouterObjectiveMixin
+
+
+class MixtralSFTTrainer(
+    ResumeMixin,
+    pipeline.ExpertParallelSaveMixin,
+    RouterStatsLoggingMixin,
+    RouterObjectiveMixin,
+    DeepSpeedMoETrainerMixin,
+    SFTTrainer,
+):
+    pass
+
+
+def sft_arguments(cfg) -> SFTConfig:
+    return SFTConfig(
+        **pipeline.training_kwargs(cfg),
+        max_length=None,  # mixtral_tune/data.py already truncated (or dropped) long rows and packed
+        padding_free=cfg.data.packing,  # packed rows: no attention mask, position ids mark the sequences
+        dataset_kwargs={"skip_prepare_dataset": True},  # rows come tokenized, labelled, packed, cached
+    )
+
+
+def main(argv: list[str]) -> str:
+    return pipeline.run("sft", argv, prepare_sft_data, sft_arguments, MixtralSFTTrainer)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,1 +1,0 @@
-"""Training pipelines: typed Hydra config (`train.config`), datasets (`train.data`), SFT and DPO entry points."""

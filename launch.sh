@@ -3,8 +3,8 @@
 #
 #   ./launch.sh demo                      set up the environment, run the demo
 #   ./launch.sh test [pytest args]        set up the environment, run the test suite
-#   ./launch.sh sft +recipe=NAME [k=v..]  torchrun train/sft.py on this node (or several: see below)
-#   ./launch.sh dpo +recipe=NAME [k=v..]  torchrun train/dpo.py
+#   ./launch.sh sft +recipe=NAME [k=v..]  torchrun -m mixtral_tune.sft on this node (or several: see below)
+#   ./launch.sh dpo +recipe=NAME [k=v..]  torchrun -m mixtral_tune.dpo
 #
 # Set-up installs into the active virtualenv, or creates ./.venv. torch is installed first and
 # pinned (TORCH_SPEC, default torch==2.13.0; set TORCH_INDEX_URL for a specific wheel index) so
@@ -43,7 +43,7 @@ slurm_master() {
 }
 
 run_torchrun() {
-  local script=$1
+  local module=$1
   shift
   local gpus
   gpus=$(gpu_count)
@@ -57,7 +57,7 @@ run_torchrun() {
   master_addr=${master_addr:-127.0.0.1}
   local master_port=${MASTER_PORT:-29500}
   exec torchrun --nnodes "$nnodes" --node_rank "$node_rank" --nproc_per_node "$nproc" \
-    --master_addr "$master_addr" --master_port "$master_port" "$script" "$@"
+    --master_addr "$master_addr" --master_port "$master_port" -m "$module" "$@"
 }
 
 command=${1:-}
@@ -65,7 +65,7 @@ command=${1:-}
 case "$command" in
   demo)
     setup_env
-    exec python train/demo.py "$@"
+    exec python -m mixtral_tune.demo "$@"
     ;;
   test)
     setup_env
@@ -73,7 +73,7 @@ case "$command" in
     ;;
   sft | dpo)
     [[ -n "${VIRTUAL_ENV:-}" || ! -d .venv ]] || source .venv/bin/activate
-    run_torchrun "train/${command}.py" "$@"
+    run_torchrun "mixtral_tune.${command}" "$@"
     ;;
   *)
     echo "usage: ./launch.sh demo | test [pytest args] | sft +recipe=NAME [overrides] | dpo +recipe=NAME [overrides]" >&2

@@ -41,9 +41,27 @@ from omegaconf.errors import OmegaConfBaseException
 
 from mixtral_tune.checkpoints import latest_complete_checkpoint
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-CONFIG_DIR = REPO_ROOT / "configs"
-RECIPE_DIR = REPO_ROOT / "recipes"
+# The files shipped with the code, by their directory in a checkout -> inside the installed package
+# (pyproject.toml's [tool.setuptools.package-dir] maps one to the other; `data` would shadow the
+# module mixtral_tune.data, hence `demo_data`).
+SHIPPED_DIRS = {"configs": "configs", "recipes": "recipes", "data": "demo_data"}
+
+
+def shipped_dir(name: str) -> Path:
+    """`configs`, `recipes` or `data` (the demo data): inside the installed package (`pip install .`),
+    else at the top of the checkout this package runs from (`pip install -e .`, PYTHONPATH)."""
+    package = Path(__file__).resolve().parent
+    for candidate in (package / SHIPPED_DIRS[name], package.parent / name):
+        if candidate.is_dir():
+            return candidate
+    raise FileNotFoundError(
+        f"{name}/ is neither in {package} nor next to it: reinstall mixtral-tune (pip install .)"
+    )
+
+
+CONFIG_DIR = shipped_dir("configs")
+RECIPE_DIR = shipped_dir("recipes")
+DATA_DIR = shipped_dir("data")
 
 STAGES = ("sft", "dpo")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -194,8 +212,9 @@ TRAINER_ALIASES = {
 
 @functools.cache
 def register_configs() -> None:
-    """Register the schema, every recipe file (as group `recipe`) and the `${repo_root:}` resolver."""
-    OmegaConf.register_new_resolver("repo_root", lambda: str(REPO_ROOT), replace=True)
+    """Register the schema, every recipe file (as group `recipe`) and the `${data_dir:}` resolver
+    (the bundled demo data, wherever the package is installed)."""
+    OmegaConf.register_new_resolver("data_dir", lambda: str(DATA_DIR), replace=True)
     store = ConfigStore.instance()
     store.store(name="train_schema", node=TrainConfig)
     for name, path in recipe_files().items():
@@ -284,7 +303,7 @@ def load_config(config_name: str, overrides: list[str] | tuple[str, ...] = ()) -
     if cfg.stage != config_name:
         raise ConfigError(
             f"this config is for the {cfg.stage} pipeline (stage={cfg.stage}, set by the recipe): "
-            f"launch it with ./launch.sh {cfg.stage}"
+            f"launch it with mixtral-tune {cfg.stage} (or ./launch.sh {cfg.stage})"
         )
     validate(cfg)
     return cfg

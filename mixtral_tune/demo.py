@@ -1,7 +1,7 @@
 """The demo: SFT then DPO of a tiny Mixtral on CPU, with held-out evaluation before and after each
 stage, a wandb offline run, the outputs saved, and one sample generation.
 
-    ./launch.sh demo            (or: python train/demo.py [--output-dir outputs/demo] [--seed 42])
+    ./launch.sh demo            (or: mixtral-tune demo [--output-dir outputs/demo] [--seed 42])
 
 Task (data/make_demo_data.py): reverse a short letter string, e.g. "Reverse: c a f e" -> "e f a c".
 SFT teaches the format and the task (exact match on 150 held-out prompts); DPO then prefers correct
@@ -20,11 +20,11 @@ import transformers
 
 from mixtral_model import MixtralForCausalLM, load_tokenizer
 from mixtral_tune import dpo, sft
-from mixtral_tune.config import REPO_ROOT, load_config
+from mixtral_tune.config import DATA_DIR, load_config
 from mixtral_tune.evaluate import exact_match, preference_metrics, read_jsonl
 
-SFT_EVAL = REPO_ROOT / "data" / "sft_eval.jsonl"
-DPO_EVAL = REPO_ROOT / "data" / "dpo_eval.jsonl"
+SFT_EVAL = DATA_DIR / "sft_eval.jsonl"
+DPO_EVAL = DATA_DIR / "dpo_eval.jsonl"
 
 
 def evaluate(model_dir: Path, reference_dir: Path | None, tokenizer, beta: float) -> dict[str, float]:
@@ -61,11 +61,11 @@ def print_table(rows: list[tuple[str, dict]]) -> None:
         )
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--output-dir", type=Path, default=REPO_ROOT / "outputs" / "demo")
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="mixtral-tune demo", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--output-dir", type=Path, default=Path("outputs/demo"))
     parser.add_argument("--seed", type=int, default=None, help="trainer.seed of both stages (default: the recipes')")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     seed = [] if args.seed is None else [f"trainer.seed={args.seed}"]
     root = args.output_dir
     shutil.rmtree(root, ignore_errors=True)

@@ -1,7 +1,8 @@
 """DPO alignment of the native Mixtral with TRL's DPOTrainer.
 
-    torchrun --nproc_per_node=N train/dpo.py +recipe=NAME [key=value ...]
-    python train/dpo.py +recipe=tiny/dpo model.name_or_path=outputs/tiny-sft/final
+    mixtral-tune dpo +recipe=tiny/dpo model.name_or_path=outputs/tiny-sft/final
+    torchrun --nproc_per_node=N -m mixtral_tune.dpo +recipe=NAME [key=value ...]
+    (also: python -m mixtral_tune dpo ..., python -m mixtral_tune.dpo ..., torchrun train/dpo.py ...)
 
 The reference model is the base with adapters disabled under PEFT, a frozen copy otherwise; the
 policy's router terms (aux and z-loss, with the model config's coefficients) are added to the DPO

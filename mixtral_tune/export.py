@@ -1,6 +1,6 @@
 """Merge a LoRA/QLoRA adapter into its base checkpoint, one safetensors shard at a time.
 
-    python train/export.py OUTPUT_DIR/final EXPORT_DIR [--base PATH] [--dtype bfloat16]
+    mixtral-tune export OUTPUT_DIR/final EXPORT_DIR [--base PATH] [--dtype bfloat16]
 
 The base comes from the adapter's `adapter_config.json` (`base_model_name_or_path`) unless --base is
 given; for a QLoRA adapter that is the original-precision checkpoint it was quantized from at load,
@@ -161,7 +161,7 @@ def copy_metadata(base_dir: Path, adapter_dir: Path, export_dir: Path, dtype: st
 
 
 def main(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="mixtral-tune export", description=__doc__.splitlines()[0])
     parser.add_argument("adapter_dir", type=Path)
     parser.add_argument("export_dir", type=Path)
     parser.add_argument("--base", help="base checkpoint (default: the adapter's base_model_name_or_path)")

@@ -46,7 +46,7 @@ USAGE = """usage: {script} +recipe=NAME|FILE.yaml [deepspeed=NAME|FILE.json] [ke
 def config_from_argv(stage: str, argv: list[str]) -> DictConfig:
     """Compose and validate `configs/<stage>.yaml` with the command-line overrides, or exit with one line."""
     if any(arg in ("-h", "--help") for arg in argv):
-        print(USAGE.format(script=f"train/{stage}.py"))
+        print(USAGE.format(script=f"mixtral-tune {stage}"))
         sys.exit(0)
     print_only, argv = split_print_config_flag(argv)
     try:

@@ -1,7 +1,8 @@
 """Supervised fine-tuning of the native Mixtral with TRL's SFTTrainer.
 
-    torchrun --nproc_per_node=N train/sft.py +recipe=NAME [key=value ...]
-    python train/sft.py +recipe=tiny/sft max_steps=50 output_dir=outputs/try
+    mixtral-tune sft +recipe=tiny/sft max_steps=50 output_dir=outputs/try
+    torchrun --nproc_per_node=N -m mixtral_tune.sft +recipe=NAME [key=value ...]
+    (also: python -m mixtral_tune sft ..., python -m mixtral_tune.sft ..., torchrun train/sft.py ...)
 
 The steps (mixtral_tune/pipeline.py `run`): config (validated) -> tokenizer and data (validated) ->
 trainer arguments and model (+ PEFT, + DeepSpeed MoE wiring) -> train (resumable) ->

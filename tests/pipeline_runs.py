@@ -31,7 +31,10 @@ def free_port() -> int:
 
 
 def run_env() -> dict:
-    return {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    """Offline, one thread, and this checkout's packages first: the entry points import mixtral_tune,
+    and an install of another checkout must not answer for this one."""
+    path = os.pathsep.join(filter(None, (str(REPO), os.environ.get("PYTHONPATH"))))
+    return {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
 
 
 def pipeline_command(stage: str, overrides: list[str], nproc: int = 1) -> list[str]:

@@ -16,7 +16,7 @@ from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
 import mixtral_tune.data as data_module
 from mixtral_model import encode_chat, load_tokenizer
-from mixtral_tune.config import REPO_ROOT, DataConfig, DataSourceConfig
+from mixtral_tune.config import DATA_DIR, DataConfig, DataSourceConfig
 from mixtral_tune.data import (
     IGNORE_INDEX,
     DataError,
@@ -25,6 +25,7 @@ from mixtral_tune.data import (
     prepare_sft_data,
 )
 
+REPO = Path(__file__).resolve().parents[1]
 TEST_DATA = Path(__file__).parent / "data"
 SFT_BAD = TEST_DATA / "sft_bad.jsonl"
 DPO_BAD = TEST_DATA / "dpo_bad.jsonl"
@@ -80,9 +81,9 @@ def assistant_text(tokenizer, labels: list[int]) -> str:
 def test_bundled_demo_data_has_no_bad_rows(tokenizer):
     for kind, prepare in (("sft", prepare_sft_data), ("dpo", prepare_dpo_data)):
         cfg = data_cfg(
-            REPO_ROOT / "data" / f"{kind}_train.jsonl",
+            DATA_DIR / f"{kind}_train.jsonl",
             kind,
-            eval_path=str(REPO_ROOT / "data" / f"{kind}_eval.jsonl"),
+            eval_path=str(DATA_DIR / f"{kind}_eval.jsonl"),
         )
         prepared = prepare(cfg, tokenizer, seed=0)
         assert [report.bad for report in prepared.reports] == [0, 0]
@@ -91,7 +92,7 @@ def test_bundled_demo_data_has_no_bad_rows(tokenizer):
 
 def test_demo_eval_strings_never_appear_in_training():
     def letter_strings(name: str) -> set[str]:
-        rows = [json.loads(line) for line in (REPO_ROOT / "data" / name).read_text().splitlines()]
+        rows = [json.loads(line) for line in (DATA_DIR / name).read_text().splitlines()]
         prompts = [
             row["messages"][0]["content"] if "messages" in row else row["prompt"][0]["content"]
             for row in rows
@@ -148,7 +149,7 @@ def test_no_usable_rows_fail_with_one_line(tokenizer, tmp_path):
 
 def test_sft_file_given_to_dpo_fails_as_missing_fields(tokenizer):
     with pytest.raises(DataError, match="missing field"):
-        prepare_dpo_data(data_cfg(REPO_ROOT / "data" / "sft_eval.jsonl", "dpo"), tokenizer, seed=0)
+        prepare_dpo_data(data_cfg(DATA_DIR / "sft_eval.jsonl", "dpo"), tokenizer, seed=0)
 
 
 @pytest.mark.parametrize("path", ["./no/such/train.jsonl", "/no/such/train.parquet", "missing.json"])
@@ -229,7 +230,7 @@ def padding_free_batch(tokenizer, rows: list[dict]) -> dict:
 
 
 def test_packing_restarts_positions_and_isolates_labels(tokenizer):
-    cfg = data_cfg(REPO_ROOT / "data" / "sft_eval.jsonl", max_length=64)
+    cfg = data_cfg(DATA_DIR / "sft_eval.jsonl", max_length=64)
     unpacked = prepare_sft_data(cfg, tokenizer, seed=0).train.to_list()
     cfg.packing = True
     packed = prepare_sft_data(cfg, tokenizer, seed=0).train.to_list()
@@ -524,11 +525,11 @@ def test_two_ranks_tokenize_the_set_once(tmp_path):
     path = write_jsonl(tmp_path / "rows.jsonl", numbered_rows("row", 50))
     command = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-        f"--master_port={29500 + os.getpid() % 1000}", str(REPO_ROOT / "tests" / "distributed" / "data_once.py"),
+        f"--master_port={29500 + os.getpid() % 1000}", str(REPO / "tests" / "distributed" / "data_once.py"),
         str(path), str(tmp_path / "cache"), str(tmp_path),
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    result = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
     assert [rank["encode_chat_calls"] for rank in ranks] == [50, 0]

@@ -14,6 +14,8 @@ import importlib
 import sys
 from importlib.metadata import PackageNotFoundError, version
 
+from mixtral_tune.shipped import recipe_files
+
 COMMANDS = {
     "sft": "supervised fine-tuning (TRL SFTTrainer): +recipe=NAME|FILE.yaml [key=value ...] [--print-config]",
     "dpo": "DPO alignment (TRL DPOTrainer): +recipe=NAME|FILE.yaml [key=value ...] [--print-config]",
@@ -23,8 +25,6 @@ COMMANDS = {
 
 
 def usage() -> str:
-    from mixtral_tune.config import recipe_files
-
     lines = ["usage: mixtral-tune {sft,dpo,export,demo} [ARGS ...]", ""]
     lines += [f"  {name:<7} {text}" for name, text in COMMANDS.items()]
     lines += [

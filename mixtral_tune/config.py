@@ -2,9 +2,10 @@
 
 The schema below is registered with Hydra's ConfigStore and composed with the groups in `configs/`
 (`model`, `data`, `peft`, `deepspeed`, `trainer`) from the primary configs `configs/sft.yaml` and
-`configs/dpo.yaml`. Struct mode rejects unknown keys and OmegaConf rejects wrong types at compose
-time; `validate` adds the cross-field checks. Both fail before any model is built, with a one-line
-`ConfigError` naming the key and the fix.
+`configs/dpo.yaml` (`mixtral_tune/shipped.py` finds them, installed or in a checkout). Struct mode
+rejects unknown keys and OmegaConf rejects wrong types at compose time; `validate` adds the
+cross-field checks. Both fail before any model is built, with a one-line `ConfigError` naming the
+key and the fix.
 
 Recipes live in `recipes/<model>/<name>.yaml` and are selected with `+recipe=<model>/<name>`, or
 `+recipe=PATH.yaml` for a recipe file anywhere: every recipe file is registered in the ConfigStore as
@@ -40,28 +41,7 @@ from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from mixtral_tune.checkpoints import latest_complete_checkpoint
-
-# The files shipped with the code, by their directory in a checkout -> inside the installed package
-# (pyproject.toml's [tool.setuptools.package-dir] maps one to the other; `data` would shadow the
-# module mixtral_tune.data, hence `demo_data`).
-SHIPPED_DIRS = {"configs": "configs", "recipes": "recipes", "data": "demo_data"}
-
-
-def shipped_dir(name: str) -> Path:
-    """`configs`, `recipes` or `data` (the demo data): inside the installed package (`pip install .`),
-    else at the top of the checkout this package runs from (`pip install -e .`, PYTHONPATH)."""
-    package = Path(__file__).resolve().parent
-    for candidate in (package / SHIPPED_DIRS[name], package.parent / name):
-        if candidate.is_dir():
-            return candidate
-    raise FileNotFoundError(
-        f"{name}/ is neither in {package} nor next to it: reinstall mixtral-tune (pip install .)"
-    )
-
-
-CONFIG_DIR = shipped_dir("configs")
-RECIPE_DIR = shipped_dir("recipes")
-DATA_DIR = shipped_dir("data")
+from mixtral_tune.shipped import CONFIG_DIR, DATA_DIR, recipe_files
 
 STAGES = ("sft", "dpo")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -274,13 +254,6 @@ def normalize_trainer(cfg: DictConfig) -> None:
                 trainer[new] = trainer.pop(old)
         if cfg.get("stage") == "dpo" and isinstance(trainer.get("loss_type"), str):
             trainer.loss_type = [trainer.loss_type]  # DPOConfig's loss_type is a list (losses combine)
-
-
-def recipe_files() -> dict[str, Path]:
-    """Recipe name (`tiny/sft`) -> YAML file, for every recipe shipped in `recipes/`."""
-    return {
-        str(path.relative_to(RECIPE_DIR).with_suffix("")): path for path in sorted(RECIPE_DIR.rglob("*.yaml"))
-    }
 
 
 def compose(config_name: str, overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:

@@ -20,8 +20,9 @@ import transformers
 
 from mixtral_model import MixtralForCausalLM, load_tokenizer
 from mixtral_tune import dpo, sft
-from mixtral_tune.config import DATA_DIR, load_config
+from mixtral_tune.config import load_config
 from mixtral_tune.evaluate import exact_match, preference_metrics, read_jsonl
+from mixtral_tune.shipped import DATA_DIR
 
 SFT_EVAL = DATA_DIR / "sft_eval.jsonl"
 DPO_EVAL = DATA_DIR / "dpo_eval.jsonl"

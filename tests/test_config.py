@@ -9,7 +9,6 @@ from omegaconf import OmegaConf
 from mixtral_tune import config as config_module
 from mixtral_tune.checkpoints import latest_complete_checkpoint, mark_checkpoint_complete
 from mixtral_tune.config import (
-    RECIPE_DIR,
     ConfigError,
     check_architecture_matches,
     compose,
@@ -17,10 +16,10 @@ from mixtral_tune.config import (
     load_config,
     lora_modules_to_save,
     lora_target_modules,
-    recipe_files,
     resume_checkpoint,
     validate,
 )
+from mixtral_tune.shipped import RECIPE_DIR, recipe_files
 
 RECIPES = sorted(recipe_files())
 EXPECTED_RECIPES = {

@@ -16,7 +16,7 @@ from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
 import mixtral_tune.data as data_module
 from mixtral_model import encode_chat, load_tokenizer
-from mixtral_tune.config import DATA_DIR, DataConfig, DataSourceConfig
+from mixtral_tune.config import DataConfig, DataSourceConfig
 from mixtral_tune.data import (
     IGNORE_INDEX,
     DataError,
@@ -24,6 +24,7 @@ from mixtral_tune.data import (
     prepare_dpo_data,
     prepare_sft_data,
 )
+from mixtral_tune.shipped import DATA_DIR
 
 REPO = Path(__file__).resolve().parents[1]
 TEST_DATA = Path(__file__).parent / "data"

@@ -60,7 +60,7 @@ def test_imports_and_shipped_files_come_from_the_installed_package(installed):
     env_dir, purelib, work, env = installed
     probe = (
         "import mixtral_model, mixtral_tune\n"
-        "from mixtral_tune.config import CONFIG_DIR, DATA_DIR, RECIPE_DIR, recipe_files\n"
+        "from mixtral_tune.shipped import CONFIG_DIR, DATA_DIR, RECIPE_DIR, recipe_files\n"
         "print(mixtral_model.__file__, mixtral_tune.__file__, CONFIG_DIR, RECIPE_DIR, DATA_DIR, sep='\\n')\n"
         "print(','.join(recipe_files()))"
     )

@@ -75,9 +75,15 @@ def problem_on_any_rank(problem: str | None) -> str | None:
 
 
 def looks_like_local_path(name_or_path) -> bool:
-    """A hub id is `name` or `namespace/name`; anything else (absolute, ./, ~, deeper) is a local path."""
+    """A hub id is `name` or `namespace/name`; anything else (absolute, ./, ~, deeper, or a data file
+    name: .jsonl/.json/.parquet) is a local path. The one rule for models, tokenizers and datasets."""
     text = str(name_or_path)
-    return not isinstance(name_or_path, str) or text.startswith(("/", ".", "~")) or text.count("/") > 1
+    return (
+        not isinstance(name_or_path, str)
+        or text.startswith(("/", ".", "~"))
+        or text.count("/") > 1
+        or Path(text).suffix in (".jsonl", ".json", ".parquet")
+    )
 
 
 def check_checkpoint_path(name_or_path) -> None:

@@ -40,6 +40,7 @@ from hydra.errors import HydraException
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
+from mixtral_model.checkpoint import looks_like_local_path
 from mixtral_tune.checkpoints import latest_complete_checkpoint
 from mixtral_tune.shipped import CONFIG_DIR, DATA_DIR, recipe_files
 
@@ -222,7 +223,8 @@ def register_file_option(group: str, path: str) -> str:
 
 
 def is_file_option(value: str) -> bool:
-    return value.endswith((".yaml", ".yml", ".json")) or looks_like_local_path(value)
+    """A file path, not a group option name (`tiny/sft`, `zero3`): a YAML/JSON name or an explicit path."""
+    return value.endswith((".yaml", ".yml", ".json")) or value.startswith(("/", ".", "~"))
 
 
 def rewrite_overrides(overrides: list[str] | tuple[str, ...]) -> list[str]:
@@ -395,7 +397,7 @@ def check_model(cfg: DictConfig) -> None:
     if (
         model.name_or_path
         and looks_like_local_path(model.name_or_path)
-        and not Path(model.name_or_path).exists()
+        and not Path(model.name_or_path).expanduser().exists()
     ):
         raise ConfigError(
             f"model.name_or_path={model.name_or_path} does not exist: fix the path, or use a hub name"
@@ -512,7 +514,7 @@ def check_data(cfg: DictConfig) -> None:
 
 
 def require_data_file(key: str, value: str | None) -> None:
-    if value and looks_like_local_path(value) and not Path(value).is_file():
+    if value and looks_like_local_path(value) and not Path(value).expanduser().is_file():
         raise ConfigError(f"{key}={value} is not a file: fix the path, or give a hub dataset name")
 
 
@@ -777,11 +779,6 @@ def lora_modules_to_save(cfg: DictConfig) -> list[str]:
 
 def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def looks_like_local_path(value: str) -> bool:
-    """A path, not a hub name: absolute, relative (./ ../ ~), or ending in a data-file extension."""
-    return value.startswith(("/", "./", "../", "~")) or Path(value).suffix in (".jsonl", ".json", ".parquet")
 
 
 def require_choice(key: str, value: Any, choices: tuple[str, ...]) -> None:

@@ -78,7 +78,7 @@ from trl.data_utils import pack_dataset
 
 import mixtral_model.tokenizer
 from mixtral_model import encode_chat
-from mixtral_tune.config import looks_like_local_path
+from mixtral_model.checkpoint import looks_like_local_path
 
 logger = logging.getLogger(__name__)
 

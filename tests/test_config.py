@@ -2,10 +2,12 @@
 and unknown keys, wrong types and impossible combinations fail with one line naming the key."""
 
 import json
+from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
 
+from mixtral_model.checkpoint import looks_like_local_path
 from mixtral_tune import config as config_module
 from mixtral_tune.checkpoints import latest_complete_checkpoint, mark_checkpoint_complete
 from mixtral_tune.config import (
@@ -415,3 +417,19 @@ def test_a_saved_run_config_is_a_recipe_that_composes_the_same_config(tmp_path):
     OmegaConf.save(cfg, tmp_path / "run_config.yaml", resolve=True)  # as save_final writes it
     again = load_config("dpo", [f"+recipe={tmp_path / 'run_config.yaml'}"])
     assert OmegaConf.to_container(again, resolve=True) == OmegaConf.to_container(cfg, resolve=True)
+
+
+def test_one_rule_tells_local_paths_from_hub_names(rows_file, tmp_path, monkeypatch):
+    """mixtral_model.checkpoint.looks_like_local_path, used for models, tokenizers and data alike."""
+    for hub_name in ("mistralai/Mixtral-8x7B-v0.1", "HuggingFaceH4/ultrachat_200k", "gpt2"):
+        assert not looks_like_local_path(hub_name), hub_name
+    for path in ("/abs/dir", "./dir", "../dir", "~/dir", ".cache/dir", "outputs/tiny-sft/final", "rows.jsonl",
+                 "train.parquet", tmp_path):  # fmt: skip
+        assert looks_like_local_path(path), path
+    # A relative path with no ./ is caught before any model is built, and ~ is expanded.
+    message = config_error("sft", ["+recipe=tiny/sft", "model.name_or_path=outputs/no-such-run/final"])
+    assert message.startswith("model.name_or_path=outputs/no-such-run/final does not exist")
+    rows = Path(rows_file("sft"))
+    monkeypatch.setenv("HOME", str(rows.parent))
+    cfg = load_config("sft", ["+recipe=tiny/sft", f"data.path='~/{rows.name}'", "data.eval_path=null"])
+    assert cfg.data.path == f"~/{rows.name}"

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
 from hydra.core.config_store import ConfigStore
@@ -45,7 +46,7 @@ from mixtral_tune.checkpoints import latest_complete_checkpoint
 from mixtral_tune.shipped import CONFIG_DIR, DATA_DIR, recipe_files
 
 STAGES = ("sft", "dpo")
-DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}  # name -> torch dtype
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
 PEFT_METHODS = ("none", "lora", "qlora")
 QUANT_TYPES = ("nf4", "fp4")
@@ -393,7 +394,7 @@ def resume_checkpoint(cfg: DictConfig) -> bool | str:
 
 def check_model(cfg: DictConfig) -> None:
     model, arch = cfg.model, cfg.model.architecture
-    require_choice("model.dtype", model.dtype, DTYPES)
+    require_choice("model.dtype", model.dtype, tuple(DTYPES))
     if (
         model.name_or_path
         and looks_like_local_path(model.name_or_path)
@@ -464,8 +465,6 @@ def check_attention(cfg: DictConfig) -> None:
     require_choice("model.attn_implementation", implementation, ATTN_IMPLEMENTATIONS)
     if implementation != "flash_attention_2":
         return
-    import torch
-
     if importlib.util.find_spec("flash_attn") is None or not torch.cuda.is_available():
         raise ConfigError(
             "model.attn_implementation=flash_attention_2 needs a CUDA GPU and the flash-attn package "
@@ -535,7 +534,7 @@ def check_peft(cfg: DictConfig) -> None:
 def check_qlora(cfg: DictConfig) -> None:
     quant = cfg.peft.quant
     require_choice("peft.quant.quant_type", quant.quant_type, QUANT_TYPES)
-    require_choice("peft.quant.compute_dtype", quant.compute_dtype, DTYPES)
+    require_choice("peft.quant.compute_dtype", quant.compute_dtype, tuple(DTYPES))
     require_choice("peft.quant.quant_storage", quant.quant_storage, (*DTYPES, "uint8"))
     if importlib.util.find_spec("bitsandbytes") is None:
         raise ConfigError(

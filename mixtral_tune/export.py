@@ -24,7 +24,7 @@ from mixtral_model import quiet  # noqa: F401  (before PEFT: drops start-up mess
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from mixtral_tune.model_factory import DTYPES
+from mixtral_tune.config import DTYPES
 
 ADAPTER_PREFIX = "base_model.model."
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",

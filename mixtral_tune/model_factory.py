@@ -14,9 +14,8 @@ from omegaconf import DictConfig
 from transformers import BitsAndBytesConfig, PreTrainedTokenizerBase
 
 from mixtral_model import MixtralConfig, MixtralForCausalLM
-from mixtral_tune.config import lora_modules_to_save, lora_target_modules, trainer_value
+from mixtral_tune.config import DTYPES, lora_modules_to_save, lora_target_modules, trainer_value
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 NEVER_QUANTIZED = ["gate", "lm_head"]  # the router and the output head stay in the compute dtype
 
 

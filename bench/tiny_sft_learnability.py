@@ -14,8 +14,6 @@ order stay the same, only the initial weights change.
 """
 
 import argparse
-
-import json
 import math
 import random
 import resource
@@ -29,6 +27,7 @@ import transformers
 from mixtral_model import encode_chat, load_tokenizer
 from mixtral_tune.config import load_config
 from mixtral_tune.data import prepare_sft_data
+from mixtral_tune.evaluate import read_jsonl
 from mixtral_tune.model_factory import random_init_config, write_random_init
 
 
@@ -95,11 +94,6 @@ def exact_match(model, tokenizer, conversations: list[list[dict]]) -> float:
         hits += sum(answer.strip() == expected for answer, (_, expected) in zip(answers, items, strict=True))
     model.train()
     return hits / len(conversations)
-
-
-def read_jsonl(path: str) -> list[dict]:
-    with open(path, encoding="utf-8") as handle:
-        return [json.loads(line) for line in handle if line.strip()]
 
 
 def learning_rate_factor(step: int, warmup: int, total: int) -> float:

@@ -411,3 +411,11 @@ def test_evaluate_table_matches_an_independent_computation(tmp_path):
     assert preference_metrics(policy, None, tokenizer, pairs, beta) == pytest.approx(
         {"prefers_chosen": expected["prefers_chosen"]}
     )
+
+
+def test_read_jsonl_keeps_each_row_whole(tmp_path):
+    """UTF-8 whatever the locale; only "\\n" ends a row (JSON text may hold U+2028 unescaped)."""
+    rows = [{"text": "a\u2028b"}, {"text": "caf\u00e9 \u4e2d"}]
+    path = tmp_path / "rows.jsonl"
+    path.write_text("\n".join(json.dumps(row, ensure_ascii=False) for row in rows) + "\n\n", encoding="utf-8")
+    assert read_jsonl(path) == rows

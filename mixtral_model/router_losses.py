@@ -6,8 +6,9 @@ import torch
 import torch.nn.functional as F
 
 
-def _token_weights(attention_mask_BT: torch.Tensor | None, num_tokens: int, device) -> torch.Tensor:
-    """(N,) fp32 weight per token: 1 for real tokens, 0 for padding."""
+def token_weights(attention_mask_BT: torch.Tensor | None, num_tokens: int, device) -> torch.Tensor:
+    """(N,) fp32 weight per routed token: 1 for real tokens, 0 for padding (the losses here and the
+    router statistics weigh tokens by it)."""
     if attention_mask_BT is None:
         return torch.ones(num_tokens, dtype=torch.float32, device=device)
     return attention_mask_BT.reshape(-1).to(device=device, dtype=torch.float32)
@@ -22,7 +23,7 @@ def load_balancing_loss(
     P_e: mean router probability of expert e. Each layer contributes N tokens.
     """
     logits_LNE = torch.stack([logits.float() for logits in router_logits])
-    weight_N = _token_weights(attention_mask_BT, logits_LNE.shape[1], logits_LNE.device)
+    weight_N = token_weights(attention_mask_BT, logits_LNE.shape[1], logits_LNE.device)
     probs_LNE = F.softmax(logits_LNE, dim=-1)
     _, experts_LNK = torch.topk(probs_LNE, top_k, dim=-1)
     assignments_LNE = F.one_hot(experts_LNK, num_experts).sum(dim=2).float()
@@ -35,6 +36,6 @@ def load_balancing_loss(
 def router_z_loss(router_logits: tuple[torch.Tensor, ...], attention_mask_BT=None) -> torch.Tensor:
     """Mean over layers and real tokens of logsumexp(router logits)^2 (ST-MoE, eq. 5)."""
     logits_LNE = torch.stack([logits.float() for logits in router_logits])
-    weight_N = _token_weights(attention_mask_BT, logits_LNE.shape[1], logits_LNE.device)
+    weight_N = token_weights(attention_mask_BT, logits_LNE.shape[1], logits_LNE.device)
     z_squared_LN = torch.logsumexp(logits_LNE, dim=-1).pow(2)
     return (z_squared_LN * weight_N).sum() / (weight_N.sum() * logits_LNE.shape[0])

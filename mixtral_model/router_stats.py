@@ -22,12 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from .moe import expert_capacity, plan_slots
-
-
-def _token_weights(attention_mask_BT, num_tokens: int, device) -> torch.Tensor:
-    if attention_mask_BT is None:
-        return torch.ones(num_tokens, device=device)
-    return attention_mask_BT.reshape(-1).to(device=device, dtype=torch.float32)
+from .router_losses import token_weights
 
 
 def dropped_slots(experts_NK: torch.Tensor, num_experts: int, capacity: int) -> torch.Tensor:
@@ -47,7 +42,7 @@ def router_statistics(
     """Statistics of every layer's routing (see the module docstring for the keys)."""
     logits_LNE = torch.stack([logits.detach().float() for logits in router_logits])
     num_layers, num_tokens, num_experts = logits_LNE.shape
-    weight_N = _token_weights(attention_mask_BT, num_tokens, logits_LNE.device)
+    weight_N = token_weights(attention_mask_BT, num_tokens, logits_LNE.device)
     real_tokens = weight_N.sum().clamp(min=1.0)
 
     probs_LNE = F.softmax(logits_LNE, dim=-1)

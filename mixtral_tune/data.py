@@ -79,12 +79,12 @@ from trl.data_utils import pack_dataset
 import mixtral_model.tokenizer
 from mixtral_model import encode_chat
 from mixtral_model.checkpoint import looks_like_local_path
+from mixtral_model.tokenizer import ROLES, validate_conversation
 
 logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
 LOCAL_FORMATS = {".jsonl": "jsonl", ".json": "json", ".parquet": "parquet"}
-ROLES = ("system", "user", "assistant")
 
 # Outcome of one row (the `__problem` column): kept as is, kept truncated, dropped as long, or bad.
 KEPT, TRUNCATED = "", "truncated"
@@ -737,16 +737,12 @@ def parse_messages(row: dict, key: str) -> list[dict]:
 
 
 def require_conversation(messages: list[dict], what: str) -> None:
-    """Optional system message first, then user/assistant alternating from user."""
-    start = 1 if messages[0]["role"] == "system" else 0
-    for index, message in enumerate(messages):
-        expected = "system" if index < start else ("user", "assistant")[(index - start) % 2]
-        if message["role"] != expected:
-            raise BadRow(
-                "broken alternation",
-                f"{what}: message {index} is {message['role']}, expected {expected} "
-                "(optional system first, then user/assistant alternating)",
-            )
+    """The chat rules of mixtral_model.tokenizer (optional system message first, then user/assistant
+    alternating from user), as a bad row."""
+    try:
+        validate_conversation(messages)
+    except ValueError as error:
+        raise BadRow("broken alternation", f"{what}: {error}") from None
 
 
 def tokenize_sft_example(

@@ -22,6 +22,7 @@ from transformers import AutoTokenizer
 from trl import DPOConfig, DPOTrainer
 
 from mixtral_model.tokenizer import (
+    ROLES,
     SERVING_CHAT_TEMPLATE,
     TEXT_MARK,
     encode_chat,
@@ -252,7 +253,6 @@ LOOKALIKES = [
     f"<<{TEXT_MARK}{TEXT_MARK}s>",
 ]
 SPELLINGS = CONTROL_TOKENS + LOOKALIKES
-ROLES = ("system", "user", "assistant")
 PLACEMENTS = {
     "alone": "{}",
     "start": "{} hello",

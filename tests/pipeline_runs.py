@@ -22,6 +22,19 @@ SMALL_MODEL = [
     "data.eval_path=null",
     "trainer.activation_checkpointing=false",
 ]
+# The tiny SFT and DPO runs of the pipeline and resume tests: the small model, a learning rate that moves it
+SFT = [
+    "+recipe=tiny/sft",
+    *SMALL_MODEL,
+    "trainer.per_device_train_batch_size=8",
+    "trainer.learning_rate=3e-3",
+]
+DPO = [
+    "+recipe=tiny/dpo",
+    *SMALL_MODEL,
+    "trainer.per_device_train_batch_size=4",
+    "trainer.learning_rate=1e-3",
+]
 
 
 def free_port() -> int:
@@ -34,7 +47,13 @@ def run_env() -> dict:
     """Offline, one thread, and this checkout's packages first: the entry points import mixtral_tune,
     and an install of another checkout must not answer for this one."""
     path = os.pathsep.join(filter(None, (str(REPO), os.environ.get("PYTHONPATH"))))
-    return {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
+    return {
+        **os.environ,
+        "WANDB_MODE": "offline",
+        "HF_HUB_OFFLINE": "1",
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": path,
+    }
 
 
 def pipeline_command(stage: str, overrides: list[str], nproc: int = 1) -> list[str]:

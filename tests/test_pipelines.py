@@ -12,8 +12,9 @@ import torch
 import transformers
 from omegaconf import OmegaConf
 from pipeline_runs import (
+    DPO,
     REPO,
-    SMALL_MODEL,
+    SFT,
     log_history,
     run_env,
     run_pipeline,
@@ -23,19 +24,6 @@ from safetensors.torch import load_file
 
 from mixtral_model import MixtralForCausalLM
 from mixtral_tune.checkpoints import latest_complete_checkpoint
-
-SFT = [
-    "+recipe=tiny/sft",
-    *SMALL_MODEL,
-    "trainer.per_device_train_batch_size=8",
-    "trainer.learning_rate=3e-3",
-]
-DPO = [
-    "+recipe=tiny/dpo",
-    *SMALL_MODEL,
-    "trainer.per_device_train_batch_size=4",
-    "trainer.learning_rate=1e-3",
-]
 
 
 def logits(model, seed=0):

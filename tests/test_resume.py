@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from pipeline_runs import SMALL_MODEL, log_history, pipeline_command, run_env, run_pipeline
+from pipeline_runs import DPO, SFT, log_history, pipeline_command, run_env, run_pipeline
 from safetensors.torch import load_file
 
 from mixtral_tune.checkpoints import (
@@ -30,18 +30,6 @@ from mixtral_tune.checkpoints import (
     mark_checkpoint_complete,
 )
 
-SFT = [
-    "+recipe=tiny/sft",
-    *SMALL_MODEL,
-    "trainer.per_device_train_batch_size=8",
-    "trainer.learning_rate=3e-3",
-]
-DPO = [
-    "+recipe=tiny/dpo",
-    *SMALL_MODEL,
-    "trainer.per_device_train_batch_size=4",
-    "trainer.learning_rate=1e-3",
-]
 STAGES = {"sft": SFT, "dpo": DPO}
 EP2 = ["model.expert_parallel_size=2"]
 FP32_REL = 1e-5

@@ -6,7 +6,7 @@
 #   GPU_SUITE_DRY_RUN=1 OUT=/tmp/s bash bench/gpu_suite.sh   # here, on CPU: wheels checked against
 #                                                # Python 3.12 manylinux tags, dry-run check, CUDA tests skip
 #
-# Wheels: every *.whl in .whl/ and .whl_extra/ (what the GPU image lacks or has in another version:
+# Wheels: every *.whl in .whl/ and .whl_extra/, listed in bench/gpu_wheels.txt (what the GPU image lacks or has in another version:
 # transformers 5.24, peft 0.21.2, bitsandbytes, trl, deepspeed, datasets, mistral-common, wandb, ...),
 # installed with --no-deps into the image's own Python environment, so torchrun workers and other
 # subprocesses of the tests see them too (they do not inherit an extended PYTHONPATH: some tests set

@@ -3,8 +3,16 @@
 import bitsandbytes as bnb
 import torch
 import transformers
+from omegaconf import OmegaConf
 
 from mixtral_model import MixtralConfig, MixtralForCausalLM
+from mixtral_tune.shipped import CONFIG_DIR
+
+# Mixtral-8x7B's shape as shipped (configs/model/mixtral-8x7b.yaml): tests that count its parameters and
+# bytes count what the recipes build
+MIXTRAL_8X7B_SHAPE = OmegaConf.to_container(
+    OmegaConf.load(CONFIG_DIR / "model" / "mixtral-8x7b.yaml").architecture
+)
 
 TINY = dict(
     vocab_size=97,

@@ -17,6 +17,7 @@ import pytest
 import torch
 import transformers
 from distributed.estimate_ep import MICRO_BATCH, SEQ_LEN, overrides
+from mixtral_reference import MIXTRAL_8X7B_SHAPE as MIXTRAL_8X7B
 from pipeline_runs import REPO, free_port
 
 from mixtral_model import MixtralConfig, MixtralForCausalLM
@@ -32,11 +33,6 @@ from mixtral_tune.estimate import (
 )
 from mixtral_tune.memory import base_weight_bytes, meta_model
 
-MIXTRAL_8X7B = dict(
-    vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-    num_key_value_heads=8, num_local_experts=8, num_experts_per_tok=2, max_position_embeddings=32768,
-    rope_theta=1e6,
-)  # fmt: skip
 TINY_SHAPES = [  # GQA 1/2/4, 4 or 8 experts, top-1/2/3, an explicit head_dim
     dict(hidden_size=32, intermediate_size=48, num_attention_heads=4, num_key_value_heads=4, num_local_experts=4,
          num_experts_per_tok=2, num_hidden_layers=2),

@@ -3,6 +3,7 @@ base-weight part equals what bitsandbytes really allocates for a tiny model."""
 
 import pytest
 import torch
+from mixtral_reference import MIXTRAL_8X7B_SHAPE
 from transformers import BitsAndBytesConfig
 
 from mixtral_model import MixtralConfig, MixtralForCausalLM
@@ -18,17 +19,7 @@ from mixtral_tune.memory import (
 )
 from mixtral_tune.model_factory import NEVER_QUANTIZED
 
-MIXTRAL_8X7B = MixtralConfig(
-    vocab_size=32000,
-    hidden_size=4096,
-    intermediate_size=14336,
-    num_hidden_layers=32,
-    num_attention_heads=32,
-    num_key_value_heads=8,
-    num_local_experts=8,
-    num_experts_per_tok=2,
-    rope_theta=1e6,
-)
+MIXTRAL_8X7B = MixtralConfig(**MIXTRAL_8X7B_SHAPE)
 
 
 def test_base_weight_count_matches_bitsandbytes(tmp_path):

@@ -85,7 +85,7 @@ class ResumeMixin:
     DeepSpeed ZeRO-1/2 restores the model's parameters from one module-state file written by rank 0
     (rank 0's experts, loaded by every rank: a full fine-tune fails its strict load on the other
     ranks, and with adapters those ranks kept their initial expert LoRA weights for one step, so the
-    first resumed loss was 1e-4 off) and each rank's fp32 master weights from its own optimizer file.
+    first resumed losses drifted) and each rank's fp32 master weights from its own optimizer file.
     So under expert parallelism the module state is loaded leniently and then overwritten by the
     masters (`update_lp_params`, collective), as an optimizer step would. ZeRO-3 restores parameters
     from each rank's own partition and needs nothing.

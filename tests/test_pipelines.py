@@ -265,6 +265,7 @@ def test_expert_parallel_lora_resume_restores_every_ranks_experts(tmp_path, zero
 
 
 @pytest.mark.distributed
+@pytest.mark.slow  # out of CI until a hang seen once in a full-suite run is understood (README, Tests)
 def test_launch_two_nodes_over_loopback(tmp_path):
     port = str(__import__("pipeline_runs").free_port())
     out = tmp_path / "run"
@@ -283,6 +284,12 @@ def test_launch_two_nodes_over_loopback(tmp_path):
         nodes.append(
             subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         )
-    outputs = [node.communicate(timeout=300)[0] for node in nodes]
+    try:
+        outputs = [node.communicate(timeout=300)[0] for node in nodes]
+    except subprocess.TimeoutExpired:  # a hang: stop both nodes and show where each one was
+        for node in nodes:
+            node.kill()
+        outputs = [node.communicate()[0] for node in nodes]
+        pytest.fail(f"two-node run hung: node 0 ...{outputs[0][-3000:]}\nnode 1 ...{outputs[1][-3000:]}")
     assert [node.returncode for node in nodes] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
     assert len(train_losses(out / "final")) == 2

@@ -587,6 +587,10 @@ def grouped_swiglu(
 
     Dropout noise for w2's LoRA input depends only on its shape, so it is drawn with w1's and w3's
     before the hidden state exists, in per_expert's order (w1, w3, w2 per expert)."""
+    if kernel == "grouped_loop":
+        numerics = loop_numerics((w1, w3, w2), x_MD)
+        if numerics is not None and not _emulated_low_precision_cpu(x_MD):
+            return expert_loop((w1, w3, w2), x_MD, counts, numerics)
     lora_x = [lora_input(v, x_MD) if v.lora is not None else None for v in (w1, w3)]
     hidden_dtype = w2.lora.A[0].dtype if w2.lora is not None and w2.lora.cast_input else x_MD.dtype
     hidden_like = torch.empty(0, w2.bases[0].in_features, dtype=hidden_dtype, device=x_MD.device)
@@ -604,3 +608,233 @@ def grouped_swiglu(
     )
     lora_h = lora_input(w2, h_MF) if w2.lora is not None else None
     return projection(w2, h_MF, lora_h, noise2, counts, kernel)
+
+
+# ---------------------------------------------------------------- the expert loop (grouped_loop)
+#
+# What this adds over per_expert (PEFT's modules called per expert) and over the per-projection
+# GroupedLinear above: the whole SwiGLU of every local expert -- w1, w3, silu * mul, w2 and their LoRA
+# adapters -- is one autograd node that works expert by expert, so each expert's (m, F) intermediates
+# are made, used and (in backward) consumed while they are still in cache, no (M, F) tensor of all
+# experts passes through an elementwise op, and only h1 = w1(x) and h3 = w3(x) are kept for backward
+# (per_expert's autograd keeps x's casts, silu(h1), the product and w2's input too). The numbers are
+# PEFT's: the adapter computes in its own dtype (or the autocast dtype), its input cast and dropout as
+# PEFT applies them, its output added the way PEFT's plain or bitsandbytes LoRA layer adds it.
+
+
+@dataclass
+class LoopNumerics:
+    """The dtypes of one fused expert loop, read once per call (`loop_numerics`)."""
+
+    compute: torch.dtype  # x, the base GEMMs, the SwiGLU and the output
+    lora_input: torch.dtype | None  # the adapter's input dtype after PEFT's cast (dropout applies in it)
+    lora_mm: torch.dtype | None  # the adapter GEMMs: the autocast dtype, else the adapter's own
+    bnb: bool  # PEFT's 4-bit layer: the adapter output is cast to the base dtype before the add
+    autocast: bool
+
+
+def _autocast_dtype(device_type: str) -> torch.dtype | None:
+    if not torch.is_autocast_enabled(device_type):
+        return None
+    return torch.get_autocast_dtype(device_type)
+
+
+def loop_numerics(views: Sequence[ProjectionView], x_MD: torch.Tensor) -> LoopNumerics | None:
+    """The loop's dtypes, or None where it does not reproduce PEFT's numbers (the caller then runs the
+    per-projection path): base weights (or 4-bit compute dtype) in x's dtype, under autocast only when
+    that is the autocast dtype; every projection with an adapter or none; one adapter dtype."""
+    autocast = _autocast_dtype(x_MD.device.type)
+    compute = x_MD.dtype
+    if autocast is not None and autocast != compute:
+        return None
+    for view in views:
+        if view.quantized:
+            if any(_compute_dtype(base, x_MD) != compute for base in view.bases):
+                return None
+        elif view.bases[0].weight.dtype != compute:
+            return None
+    loras = [view.lora for view in views]
+    if all(lora is None for lora in loras):
+        return LoopNumerics(compute, None, None, False, autocast is not None)
+    if any(lora is None for lora in loras):
+        return None
+    adapter = {p.dtype for lora in loras for p in (*lora.A, *lora.B)}
+    casts = {lora.cast_input for lora in loras}
+    if len(adapter) != 1 or len(casts) != 1:
+        return None
+    adapter_dtype = adapter.pop()
+    bnb = loras[0].bnb
+    # PEFT's plain LoRA layer casts the adapter input to the adapter dtype; its 4-bit one only without autocast
+    lora_input = adapter_dtype if casts.pop() and not (bnb and autocast is not None) else compute
+    if autocast is None and lora_input != adapter_dtype:
+        return None  # PEFT's F.linear would refuse the mix
+    return LoopNumerics(
+        compute=compute,
+        lora_input=lora_input,
+        lora_mm=autocast or adapter_dtype,
+        bnb=bnb,
+        autocast=autocast is not None,
+    )
+
+
+def _dequantize_one(base: nn.Module, dtype: torch.dtype) -> torch.Tensor:
+    """One expert's 4-bit weight as (O, I) in dtype: bitsandbytes' kernel, or `_dequantize_4bit_cpu`
+    where bitsandbytes 0.50's CPU kernel is wrong (as `_dequantize_all`)."""
+    import bitsandbytes.functional as bnbF
+    from bitsandbytes.nn.modules import fix_4bit_weight_quant_state_from_module
+
+    fix_4bit_weight_quant_state_from_module(base)
+    state = base.weight.quant_state
+    if not base.weight.is_cuda and state.shape[1] < state.blocksize:
+        return _dequantize_4bit_cpu([base.weight.data], [state], dtype)[0]
+    weight = bnbF.dequantize_4bit(base.weight.data, state)
+    return weight if weight.dtype == dtype else weight.to(dtype)
+
+
+def _loop_weight(view: ProjectionView, e: int, dtype: torch.dtype) -> torch.Tensor:
+    base = view.bases[e]
+    return _dequantize_one(base, dtype) if view.quantized else base.weight.detach()
+
+
+def _lora_forward(h_mO, x_mI, noise_mI, a_RI, b_OR, scaling, nm: LoopNumerics) -> torch.Tensor:
+    """PEFT's LoRA on one expert's rows, added in place to its base output h; returns z = A(dropout(x)).
+    In place is bitwise PEFT's out-of-place sum: h + delta computed in their common dtype, rounded to
+    h's (plain layer), or delta rounded to h's dtype first (4-bit layer without autocast)."""
+    dropped = x_mI.to(nm.lora_input)
+    if noise_mI is not None:
+        dropped = dropped * noise_mI
+    z_mR = torch.mm(dropped.to(nm.lora_mm), a_RI.to(nm.lora_mm).t())
+    delta = torch.mm(z_mR, b_OR.to(nm.lora_mm).t()).mul_(scaling)
+    h_mO.add_(delta.to(h_mO.dtype) if nm.bnb and not nm.autocast else delta)
+    return z_mR
+
+
+def _lora_backward(g_mO, x_mI, noise_mI, z_mR, a_RI, b_OR, scaling, nm: LoopNumerics):
+    """Gradients of `_lora_forward`'s output g -> (grad A, grad B, this path's grad of x in x's dtype)."""
+    dropped = x_mI.to(nm.lora_input)
+    if noise_mI is not None:
+        dropped = dropped * noise_mI
+    a, b = a_RI.to(nm.lora_mm), b_OR.to(nm.lora_mm)
+    g_delta = g_mO.to(nm.lora_mm).mul_(scaling) if g_mO.dtype != nm.lora_mm else g_mO * scaling
+    grad_b = torch.mm(g_delta.t(), z_mR)
+    g_z = torch.mm(g_delta, b)
+    grad_a = torch.mm(g_z.t(), dropped.to(nm.lora_mm))
+    g_x = torch.mm(g_z, a).to(nm.lora_input)
+    if noise_mI is not None:
+        g_x = g_x.mul_(noise_mI)
+    return grad_a.to(a_RI.dtype), grad_b.to(b_OR.dtype), g_x.to(x_mI.dtype)
+
+
+class ExpertLoop(torch.autograd.Function):
+    """w2(silu(w1 x) * w3 x) of every local expert on its rows, LoRA included, expert by expert.
+
+    params: (A, B) of w1, w3, w2 per expert when with_lora (A1_0.., B1_0.., A3.., B3.., A2.., B2..), then
+    the base weights w1_0.., w3_0.., w2_0.. when they take gradients. Base weights are read (4-bit:
+    dequantized one expert at a time) in forward and again in backward, never saved."""
+
+    @staticmethod
+    def forward(ctx, x_MD, noises, views, counts, nm, with_lora, train_base, *params):
+        num = len(counts)
+        loras = [params[2 * p * num : (2 * p + 2) * num] for p in range(3)] if with_lora else None
+        ranges = _row_ranges(counts)
+        hidden = views[0].bases[0].out_features
+        h1_MF = x_MD.new_empty(x_MD.shape[0], hidden)
+        h3_MF = x_MD.new_empty(x_MD.shape[0], hidden)
+        out_MD = x_MD.new_empty(x_MD.shape[0], views[2].bases[0].out_features)
+        zs = [[None] * num for _ in range(3)]
+        for e, (start, end) in enumerate(ranges):
+            if start == end:
+                continue
+            x = x_MD[start:end]
+            for p, (view, h_MF) in enumerate(((views[0], h1_MF), (views[1], h3_MF))):
+                h = torch.mm(x, _loop_weight(view, e, nm.compute).t(), out=h_MF[start:end])
+                if with_lora:
+                    noise = noises[p][start:end] if noises[p] is not None else None
+                    a, b = loras[p][e], loras[p][num + e]
+                    zs[p][e] = _lora_forward(h, x, noise, a, b, view.lora.scaling, nm)
+            act = F.silu(h1_MF[start:end]) * h3_MF[start:end]
+            y = torch.mm(act, _loop_weight(views[2], e, nm.compute).t(), out=out_MD[start:end])
+            if with_lora:
+                noise = noises[2][start:end] if noises[2] is not None else None
+                zs[2][e] = _lora_forward(y, act, noise, loras[2][e], loras[2][num + e], views[2].lora.scaling, nm)
+        ctx.views, ctx.counts, ctx.nm, ctx.with_lora, ctx.train_base = views, counts, nm, with_lora, train_base
+        ctx.zs = zs
+        ctx.noises = noises
+        ctx.save_for_backward(x_MD, h1_MF, h3_MF, *(params if with_lora else ()))
+        return out_MD
+
+    @staticmethod
+    def backward(ctx, grad_MD):
+        x_MD, h1_MF, h3_MF, *lora_params = ctx.saved_tensors
+        views, counts, nm, with_lora = ctx.views, ctx.counts, ctx.nm, ctx.with_lora
+        num = len(counts)
+        loras = [lora_params[2 * p * num : (2 * p + 2) * num] for p in range(3)] if with_lora else None
+        grad_MD = grad_MD.contiguous()
+        grad_x = x_MD.new_zeros(x_MD.shape) if ctx.needs_input_grad[0] else None
+        lora_grads = [[None] * (2 * num) for _ in range(3)]
+        base_grads = [[None] * num for _ in range(3)]
+        for e, (start, end) in enumerate(_row_ranges(counts)):
+            x, h1, h3 = x_MD[start:end], h1_MF[start:end], h3_MF[start:end]
+            if start == end:
+                if with_lora:
+                    for p in range(3):
+                        lora_grads[p][e] = torch.zeros_like(loras[p][e])
+                        lora_grads[p][num + e] = torch.zeros_like(loras[p][num + e])
+                if ctx.train_base:
+                    for p in range(3):
+                        base_grads[p][e] = torch.zeros_like(views[p].bases[e].weight)
+                continue
+            g_y = grad_MD[start:end]
+            silu_h1 = F.silu(h1)
+            act = silu_h1 * h3
+            g_act = torch.mm(g_y, _loop_weight(views[2], e, nm.compute))
+            if with_lora:
+                noise = ctx.noises[2][start:end] if ctx.noises[2] is not None else None
+                ga, gb, gx = _lora_backward(
+                    g_y, act, noise, ctx.zs[2][e], loras[2][e], loras[2][num + e], views[2].lora.scaling, nm
+                )
+                lora_grads[2][e], lora_grads[2][num + e] = ga, gb
+                g_act = g_act + gx
+            if ctx.train_base:
+                base_grads[2][e] = torch.mm(g_y.t(), act)
+            g_h1 = torch.ops.aten.silu_backward(g_act * h3, h1)
+            g_h3 = g_act * silu_h1
+            # x's gradient summed in the order autograd sums per_expert's: w3's adapter, w3, w1's adapter, w1
+            for p, g_h in ((1, g_h3), (0, g_h1)):
+                if with_lora:
+                    noise = ctx.noises[p][start:end] if ctx.noises[p] is not None else None
+                    ga, gb, gx = _lora_backward(
+                        g_h, x, noise, ctx.zs[p][e], loras[p][e], loras[p][num + e], views[p].lora.scaling, nm
+                    )
+                    lora_grads[p][e], lora_grads[p][num + e] = ga, gb
+                    if grad_x is not None:
+                        grad_x[start:end] += gx
+                if grad_x is not None:
+                    grad_x[start:end] += torch.mm(g_h, _loop_weight(views[p], e, nm.compute))
+                if ctx.train_base:
+                    base_grads[p][e] = torch.mm(g_h.t(), x)
+        flat_lora = [g for p in range(3) for g in lora_grads[p]] if with_lora else []
+        flat_base = [g for p in range(3) for g in base_grads[p]] if ctx.train_base else []
+        return (grad_x, None, None, None, None, None, None, *flat_lora, *flat_base)
+
+
+def expert_loop(views, x_MD, counts, nm: LoopNumerics) -> torch.Tensor:
+    """The fused loop over (w1, w3, w2) views: PEFT's numbers, dropout drawn in per_expert's order."""
+    w1, w3, w2 = views
+    with_lora = w1.lora is not None
+    noises = (None, None, None)
+    if with_lora:
+        like_x = torch.empty(0, x_MD.shape[1], dtype=nm.lora_input, device=x_MD.device)
+        like_h = torch.empty(0, w2.bases[0].in_features, dtype=nm.lora_input, device=x_MD.device)
+        noises = tuple(draw_dropout((w1, w3, w2), (like_x, like_x, like_h), counts))
+    train_base = not w1.quantized and any(
+        w.requires_grad for view in views for w in projection_weights(view)
+    )
+    params = []
+    if with_lora:
+        for view in (w1, w3, w2):
+            params += [*view.lora.A, *view.lora.B]
+    if train_base:
+        for view in (w1, w3, w2):
+            params += projection_weights(view)
+    return ExpertLoop.apply(x_MD, noises, views, counts, nm, with_lora, train_base, *params)

@@ -132,8 +132,7 @@ def choose_expert_backend(
     """
     if not readable or partitioned:
         return "per_expert"
-    low_precision = dtype in (torch.bfloat16, torch.float16)
-    if device_type == "cpu" and low_precision and not native_low_precision:
+    if device_type == "cpu":
         return "grouped_loop"
     return "per_expert"
 

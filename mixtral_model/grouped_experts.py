@@ -629,8 +629,8 @@ class LoopNumerics:
     compute: torch.dtype  # x, the base GEMMs, the SwiGLU and the output
     lora_input: torch.dtype | None  # the adapter's input dtype after PEFT's cast (dropout applies in it)
     lora_mm: torch.dtype | None  # the adapter GEMMs: the autocast dtype, else the adapter's own
-    bnb: bool  # PEFT's 4-bit layer: the adapter output is cast to the base dtype before the add
-    autocast: bool
+    bnb: bool  # PEFT's 4-bit layer: the adapter output is cast to the base dtype before the add ...
+    bnb_skips_casts: bool  # ... unless it skips its casts (CUDA autocast on)
 
 
 def _autocast_dtype(device_type: str) -> torch.dtype | None:
@@ -655,7 +655,7 @@ def loop_numerics(views: Sequence[ProjectionView], x_MD: torch.Tensor) -> LoopNu
             return None
     loras = [view.lora for view in views]
     if all(lora is None for lora in loras):
-        return LoopNumerics(compute, None, None, False, autocast is not None)
+        return LoopNumerics(compute, None, None, False, False)
     if any(lora is None for lora in loras):
         return None
     adapter = {p.dtype for lora in loras for p in (*lora.A, *lora.B)}
@@ -664,8 +664,10 @@ def loop_numerics(views: Sequence[ProjectionView], x_MD: torch.Tensor) -> LoopNu
         return None
     adapter_dtype = adapter.pop()
     bnb = loras[0].bnb
-    # PEFT's plain LoRA layer casts the adapter input to the adapter dtype; its 4-bit one only without autocast
-    lora_input = adapter_dtype if casts.pop() and not (bnb and autocast is not None) else compute
+    # PEFT's 4-bit LoRA layer skips its casts when `torch.is_autocast_enabled()` (no device: CUDA's
+    # autocast) is on; its plain layer always casts the adapter input to the adapter dtype.
+    bnb_skips_casts = bnb and torch.is_autocast_enabled()
+    lora_input = adapter_dtype if casts.pop() and not bnb_skips_casts else compute
     if autocast is None and lora_input != adapter_dtype:
         return None  # PEFT's F.linear would refuse the mix
     return LoopNumerics(
@@ -673,7 +675,7 @@ def loop_numerics(views: Sequence[ProjectionView], x_MD: torch.Tensor) -> LoopNu
         lora_input=lora_input,
         lora_mm=autocast or adapter_dtype,
         bnb=bnb,
-        autocast=autocast is not None,
+        bnb_skips_casts=bnb_skips_casts,
     )
 
 
@@ -705,7 +707,7 @@ def _lora_forward(h_mO, x_mI, noise_mI, a_RI, b_OR, scaling, nm: LoopNumerics) -
         dropped = dropped * noise_mI
     z_mR = torch.mm(dropped.to(nm.lora_mm), a_RI.to(nm.lora_mm).t())
     delta = torch.mm(z_mR, b_OR.to(nm.lora_mm).t()).mul_(scaling)
-    h_mO.add_(delta.to(h_mO.dtype) if nm.bnb and not nm.autocast else delta)
+    h_mO.add_(delta.to(h_mO.dtype) if nm.bnb and not nm.bnb_skips_casts else delta)
     return z_mR
 
 

@@ -151,13 +151,114 @@ def test_dropout_masks_differ_between_seeds():
 
 
 @pytest.mark.parametrize("kind", ["plain", "lora", "nf4", "qlora"])
-def test_auto_picks_grouped_only_where_bf16_is_emulated(kind, monkeypatch):
+def test_auto_picks_the_expert_loop_on_cpu(kind, monkeypatch):
     _, block = build(kind, torch.bfloat16)
     experts = list(block.experts.values())
-    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
-    assert expert_backend_for(experts) == "per_expert"
-    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
-    assert expert_backend_for(experts) == "grouped_loop"
+    for native in (True, False):
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda native=native: native)
+        assert expert_backend_for(experts) == "grouped_loop"
+
+
+def build_for_loop(kind: str, dtype: torch.dtype, dropout: float):
+    """`build`, plus the layouts users train with: a bf16 base under PEFT's default fp32 adapters
+    ("lora_fp32_adapters"), and 4-bit experts wrapped by PEFT's bitsandbytes LoRA layer (what PEFT
+    picks for a model loaded in 4-bit: "qlora_peft4bit", with bf16 or fp32 adapters)."""
+    if kind == "lora_fp32_adapters":
+        block = random_block().to(dtype)
+        return with_lora(block, dropout, torch.float32), block
+    if kind.startswith("qlora_peft4bit"):
+        block = random_block()
+        quantize_experts_4bit(block, compute_dtype=dtype)
+        block.gate.to(dtype)
+        holder = Holder(block)
+        holder.is_loaded_in_4bit = True  # PEFT then wraps with its bitsandbytes Linear4bit LoRA layer
+        model = with_lora_on(holder, dropout)
+        if not kind.endswith("fp32_adapters"):
+            for name, p in model.named_parameters():
+                if "lora_" in name:
+                    p.data = p.data.to(dtype)
+        assert type(block.experts["0"].w1).__module__ == "peft.tuners.lora.bnb"
+        return model, block
+    return build(kind, dtype, dropout)
+
+
+def with_lora_on(holder: nn.Module, dropout: float):
+    model = get_peft_model(
+        holder, LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules=["w1", "w2", "w3"])
+    )
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.normal_(std=0.3, generator=torch.Generator().manual_seed(hash(name) % 1000))
+    return model
+
+
+LOOP_KINDS = ["plain", "lora", "lora_fp32_adapters", "nf4", "qlora", "qlora_peft4bit", "qlora_peft4bit_fp32_adapters"]
+
+
+@pytest.mark.parametrize(
+    "dtype, autocast",
+    [(torch.float32, "off"), (torch.bfloat16, "off"), (torch.bfloat16, "cpu"), (torch.bfloat16, "cuda_flag")],
+)
+@pytest.mark.parametrize("kind", LOOP_KINDS)
+def test_expert_loop_is_bitwise_per_expert(kind, dtype, autocast, monkeypatch):
+    """The expert loop makes PEFT's numbers in PEFT's order: output, input gradient and every LoRA/base
+    gradient equal per_expert's bit for bit on this CPU, dropout on, with and without bf16 autocast.
+    "cuda_flag": `torch.is_autocast_enabled()` reports on (as under CUDA autocast), which makes PEFT's
+    4-bit layer skip its casts; the loop must follow it."""
+    if autocast == "cuda_flag":
+        real = torch.is_autocast_enabled
+        monkeypatch.setattr(torch, "is_autocast_enabled", lambda *device: real(*device) if device else True)
+    from mixtral_model import grouped_experts
+
+    calls = []
+    loop = grouped_experts.ExpertLoop.apply
+    monkeypatch.setattr(grouped_experts.ExpertLoop, "apply", lambda *a: calls.append(a[4]) or loop(*a))
+    results = {}
+    for backend in ("per_expert", "grouped_loop"):
+        model, block = build_for_loop(kind, dtype, dropout=0.25)
+        block.expert_backend = backend
+        model.train()
+        g = torch.Generator().manual_seed(1)
+        x = torch.randn(2, 9, HIDDEN, generator=g).abs().to(dtype).requires_grad_()
+        upstream = torch.randn(2, 9, HIDDEN, generator=g).to(dtype)
+        torch.manual_seed(7)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast != "off"):
+            out = model(x)
+            (out.float() * upstream.float()).sum().backward()
+        grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+        results[backend] = out.detach(), x.grad, grads
+    assert len(calls) == 1  # the loop ran (not the per-projection fallback)
+    (out, x_grad, grads), (ref_out, ref_x_grad, ref_grads) = results["grouped_loop"], results["per_expert"]
+    assert torch.equal(out, ref_out) and torch.equal(x_grad, ref_x_grad)
+    assert grads.keys() == ref_grads.keys() and grads
+    for name in grads:
+        assert torch.equal(grads[name], ref_grads[name]), name
+    if "lora" in kind:
+        assert calls[0].lora_mm == (torch.bfloat16 if autocast != "off" else next(iter(grads.values())).dtype)
+    assert calls[0].bnb_skips_casts == (kind.startswith("qlora_peft4bit") and autocast == "cuda_flag")
+
+
+def test_expert_loop_keeps_less_for_backward_than_per_expert():
+    """Saved for backward by one LoRA block (bf16 base, PEFT's fp32 adapters): the loop keeps x, w1(x),
+    w3(x) and the adapters' (M, r) products; per_expert's autograd keeps the fp32 casts, silu, the
+    product and w2's input besides."""
+    saved = {}
+    for backend in ("per_expert", "grouped_loop"):
+        model, block = build_for_loop("lora_fp32_adapters", torch.bfloat16, 0.0)
+        block.expert_backend = backend
+        storages = {}
+
+        def pack(t):
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        x = torch.randn(2, 9, HIDDEN).abs().to(torch.bfloat16).requires_grad_()
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model(x)
+        params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        saved[backend] = sum(n for ptr, n in storages.items() if ptr not in params)
+    assert saved["grouped_loop"] < 0.6 * saved["per_expert"], saved
 
 
 def saved_tensor_shapes(kind: str, backend: str) -> list[tuple[int, ...]]:

@@ -22,16 +22,17 @@ Kernels: `grouped_mm` (`torch._grouped_mm` over the base weights as one (E, O, I
 `grouped_loop` (one GEMM per expert slice on the weights in place; on CPUs without native bf16 the
 bf16/fp16 input gradient multiplies by a transposed weight copy, see `_input_grad`).
 
-Stacked storage (`stacked_weights`): the experts keep their own parameters, but frozen plain weights
-(the base of LoRA, the paths users train on) are re-pointed, on the first `grouped_mm` call, at the
-slices of one (E, O, I) tensor, so every later call reads them with no copy and no second copy is
-held. The parameter objects, their values and the hub-keyed state dict stay as they were (PEFT's
-base layers, load_state_dict's in-place copies and transformers' `save_pretrained`, which clones
-disjoint views of one storage, see no difference); anything that replaces their data (`.to()`,
-`load_state_dict(assign=True)`) only makes the next call restack. Trainable weights are not re-pointed
-(ZeRO-1/2 re-points them into its flat buffers, optimizers own them), nor ZeRO-3 partitions (gathered
-anew for every forward): `grouped_mm` stacks a copy of those per call. 4-bit weights are dequantized
-into one (E, O, I) tensor per projection, in forward and again in backward, and freed after use.
+Stacked storage (`stacked_weights`): the experts keep their own parameters, but plain weights are
+re-pointed, on the first `grouped_mm` call, at the slices of one (E, O, I) tensor, so every later call
+reads them with no copy and no second copy is held: frozen ones (the base of LoRA) and trainable ones
+that are all of their storage (full fine-tuning on one device; the optimizer keeps the same parameter
+objects and updates the slices in place). The parameter objects, their values and the hub-keyed state
+dict stay as they were (PEFT's base layers, load_state_dict's in-place copies and transformers'
+`save_pretrained`, which clones disjoint views of one storage, see no difference); anything that
+replaces their data (`.to()`, `load_state_dict(assign=True)`, DeepSpeed flattening them) only makes
+the next call restack or, when the new storage is shared (a ZeRO-1/2 flat buffer), copy. ZeRO-3
+partitions (gathered anew for every forward) are stacked as a copy per call. 4-bit weights are
+dequantized into one (E, O, I) tensor per projection, in forward and again in backward, and freed after use.
 
 Which backend is fastest is measured, not assumed (`moe.choose_expert_backend`,
 bench/results/cpu_2026-11-27.md).
@@ -273,16 +274,22 @@ def _stacked_view(weights: Sequence[torch.Tensor]) -> torch.Tensor | None:
     return first.detach().as_strided((len(weights), *first.shape), (size, *first.stride()))
 
 
+def _owns_storage(w: torch.Tensor) -> bool:
+    """w is all of its storage: no flat buffer (ZeRO-1/2, FSDP) or other tensor aliases it."""
+    return w.storage_offset() == 0 and w.untyped_storage().nbytes() == w.numel() * w.element_size()
+
+
 def _restackable(weights: Sequence[torch.Tensor]) -> bool:
-    """Frozen, plain parameters that nothing else owns the storage of: not trained (ZeRO-1/2 re-points
-    trainable parameters into its flat buffers, optimizers hold them), not ZeRO-3 (`ds_id`: it
-    partitions and re-gathers each one), not meta, not created under inference mode."""
+    """Plain parameters nothing else owns the storage of: frozen ones, or trainable ones that are all of
+    their storage (ZeRO-1/2 re-points trainable parameters into its flat buffers; optimizers hold the
+    parameter objects, which stay); not ZeRO-3 (`ds_id`: it partitions and re-gathers each one), not
+    meta, not created under inference mode."""
     return (
         not torch.is_inference_mode_enabled()
         and not torch.compiler.is_compiling()
         and all(
             type(w) is nn.Parameter
-            and not w.requires_grad
+            and (not w.requires_grad or _owns_storage(w))
             and not hasattr(w, "ds_id")
             and not w.is_meta
             and not w.is_inference()
@@ -307,8 +314,8 @@ def _restack(weights: Sequence[nn.Parameter]) -> torch.Tensor:
 
 def stacked_weights(bases: Sequence[nn.Module]) -> torch.Tensor:
     """The plain base weights as one (E, O, I) tensor: a view when they already share one stacked
-    storage, else made so once (frozen weights: `_restack`), else a copy for this call (trainable or
-    ZeRO-3 weights)."""
+    storage, else made so once (`_restack`), else a copy for this call (ZeRO-3 partitions, weights
+    inside a ZeRO-1/2 flat buffer)."""
     weights = [base.weight for base in bases]
     view = _stacked_view(weights)
     if view is not None:

@@ -476,12 +476,52 @@ def test_grouped_mm_restacks_frozen_weights_once_and_keeps_the_state_dict(tmp_pa
         assert torch.equal(reloaded.state_dict()[key], value), key
 
 
-def test_grouped_mm_leaves_trainable_weights_in_place():
-    """Trainable expert weights (full fine-tuning) are never re-pointed: ZeRO-1/2 and optimizers own
-    their storage. grouped_mm stacks a copy per call instead."""
+def test_grouped_mm_restacks_trainable_weights_and_trains_like_per_expert():
+    """Full fine-tuning on one device: the first grouped_mm call re-points the trainable expert weights
+    at one stacked storage (same parameter objects), later calls read it in place, and SGD steps on it
+    give per_expert's weights and outputs."""
+    models = {}
+    for backend in ("per_expert", "grouped_mm"):
+        model, block = build("plain", torch.float32)
+        block.expert_backend = backend
+        models[backend] = (model, block, torch.optim.SGD(model.parameters(), lr=0.01))
+    x = torch.randn(2, 9, HIDDEN, generator=torch.Generator().manual_seed(1)).abs()
+    _, block, _ = models["grouped_mm"]
+    params_before = list(block.parameters())
+    params_before_values = {n: p.detach().clone() for n, p in block.named_parameters()}
+    for step in range(3):
+        outs = {}
+        for backend, (model, block, optimizer) in models.items():
+            optimizer.zero_grad()
+            out = model(x)
+            out.square().mean().backward()
+            optimizer.step()
+            outs[backend] = out.detach()
+        torch.testing.assert_close(outs["grouped_mm"], outs["per_expert"], rtol=1e-5, atol=1e-6)
+        w1 = [expert.w1.weight for expert in models["grouped_mm"][1].experts.values()]
+        assert stacked_in_one_storage(w1)
+        if step == 0:
+            storage = w1[0].untyped_storage().data_ptr()
+        assert w1[0].untyped_storage().data_ptr() == storage  # read in place after the first call
+    assert list(models["grouped_mm"][1].parameters()) == params_before
+    for (name, a), b in zip(models["per_expert"][1].named_parameters(), models["grouped_mm"][1].parameters()):
+        if not name.startswith("experts.3."):  # expert 3 gets no token (build)
+            assert not torch.equal(b, params_before_values[name]), name  # trained
+        assert max_relative_diff(b.detach(), a.detach()) <= 1e-5, name
+
+
+def test_grouped_mm_leaves_weights_inside_a_flat_buffer_in_place():
+    """Trainable weights that are views into a larger buffer (ZeRO-1/2's flat buffer) are never
+    re-pointed: the buffer owns them. grouped_mm stacks a copy per call instead."""
     model, block = build("plain", torch.float32)
     block.expert_backend = "grouped_mm"
-    pointers = [p.data_ptr() for p in block.parameters()]
+    params = list(block.parameters())
+    flat = torch.cat([p.detach().reshape(-1) for p in params])
+    offset = 0
+    for p in params:
+        p.data = flat[offset : offset + p.numel()].view_as(p)
+        offset += p.numel()
+    pointers = [p.data_ptr() for p in params]
     model(torch.randn(1, 5, HIDDEN)).sum().backward()
     assert [p.data_ptr() for p in block.parameters()] == pointers
-    assert not stacked_in_one_storage([expert.w1.weight for expert in block.experts.values()])
+    assert all(p.untyped_storage().data_ptr() == flat.untyped_storage().data_ptr() for p in params)

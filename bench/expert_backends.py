@@ -3,6 +3,7 @@ LoRA), forward + backward, timed round-robin in one process.
 
     python bench/expert_backends.py --threads 1                 # LoRA and QLoRA, bf16 and fp32
     python bench/expert_backends.py --kinds qlora --dtypes bf16 --rounds 9
+    python bench/expert_backends.py --kinds lora32 qlora32 --dtypes bf16   # PEFT's default fp32 adapters
     OMP_NUM_THREADS=1 python bench/expert_backends.py --threads 1 --clock cpu   # on a shared machine
 
 `--clock cpu` times by process CPU time (see bench/train_step.py). On a GPU, at Mixtral-8x7B's expert
@@ -12,7 +13,8 @@ shapes (wall clock, synchronized):
 
 Block: hidden 512, intermediate 1792, 8 experts top-2, 2048 tokens (the layers of bench/train_step.py).
 Printed per backend: median seconds and the median over rounds of per_expert's time / this one's
-(> 1: faster than per_expert), after one warm-up round.
+(> 1: faster than per_expert), after one warm-up round, and the bytes one forward keeps for backward
+(saved tensors' distinct storages, parameters and the input excluded).
 """
 
 import argparse
@@ -32,6 +34,7 @@ from mixtral_model.moe import SparseMoeBlock
 SHAPE = dict(hidden_size=512, intermediate_size=1792, num_local_experts=8, num_experts_per_tok=2, tokens=2048)
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 BACKENDS = ("per_expert", "grouped_loop", "grouped_mm")
+KINDS = ("lora", "qlora", "lora32", "qlora32")  # *32: adapters in fp32 (PEFT's default), else the block's dtype
 
 
 class Holder(nn.Module):
@@ -68,19 +71,33 @@ def build(kind: str, dtype: torch.dtype, backend: str, shape: dict, device: str)
     for p in block.parameters():
         nn.init.normal_(p, std=0.02)
     block.to(dtype)
-    if kind == "qlora":
+    if kind.startswith("qlora"):
         quantize(block, dtype, device)
     model = get_peft_model(Holder(block), LoraConfig(r=16, lora_alpha=32, target_modules=["w1", "w2", "w3"]))
     for name, p in model.named_parameters():
-        if "lora_" in name:
-            p.data = p.data.to(device, dtype)
+        if "lora_" in name:  # lora32: PEFT's default fp32 adapters over the block's dtype
+            p.data = p.data.to(device, torch.float32 if kind.endswith("32") else dtype)
     block.expert_backend = backend
     return model
 
 
+def saved_for_backward(model: nn.Module, x: torch.Tensor) -> int:
+    """Bytes of the distinct storages one forward keeps for backward, beyond parameters and the input."""
+    storages = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(x)
+    skip = {p.untyped_storage().data_ptr() for p in model.parameters()} | {x.untyped_storage().data_ptr()}
+    return sum(n for ptr, n in storages.items() if ptr not in skip)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--kinds", nargs="+", default=["lora", "qlora"], choices=["lora", "qlora"])
+    parser.add_argument("--kinds", nargs="+", default=["lora", "qlora"], choices=KINDS)
     parser.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
     parser.add_argument("--rounds", type=int, default=7, help="timed rounds after one warm-up")
     parser.add_argument("--tokens", type=int, default=SHAPE["tokens"])
@@ -116,8 +133,8 @@ def main(argv=None) -> None:
         f"{torch.cuda.get_device_name() if cuda else cpu}, {torch.get_num_threads()} torch threads, "
         f"torch {torch.__version__}; block {shape}; {args.clock} clock"
     )
-    print("| block | backend | median s | per_expert / this (median of rounds) | rounds |")
-    print("|---|---|---|---|---|")
+    print("| block | backend | median s | per_expert / this (median of rounds) | rounds | kept for backward, MiB |")
+    print("|---|---|---|---|---|---|")
     for kind in args.kinds:
         for dtype_name in args.dtypes:
             dtype = DTYPES[dtype_name]
@@ -136,7 +153,8 @@ def main(argv=None) -> None:
                 ratios = [a / b for a, b in zip(seconds["per_expert"][1:], seconds[backend][1:], strict=True)]
                 print(
                     f"| {kind} {dtype_name} | {backend} | {statistics.median(seconds[backend][1:]):.3f} | "
-                    f"{statistics.median(ratios):.2f}x | {' '.join(f'{r:.2f}' for r in ratios)} |",
+                    f"{statistics.median(ratios):.2f}x | {' '.join(f'{r:.2f}' for r in ratios)} | "
+                    f"{saved_for_backward(models[backend], x) / 2**20:.1f} |",
                     flush=True,
                 )
     print(subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip())

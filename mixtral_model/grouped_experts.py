@@ -4,23 +4,27 @@ and for ZeRO-3 experts once their block has gathered them (the block is a ZeRO-3
 
 The experts keep their own modules (`experts.E.w1` ...), so state dicts keep the hub keys, PEFT targets
 and saves per-expert adapters under the hub names, bitsandbytes quantizes each projection and ZeRO-3 or
-ZeRO-1/2 own each parameter's storage. This file reads them (and gives frozen plain weights one stacked
-storage, below):
+ZeRO-1/2 own each parameter's storage. This file reads them:
 
     projection(x) = base(x) + lora_B(lora_A(dropout(x))) * scaling      (PEFT's LoRA Linear.forward)
 
-* `GroupedLinear`: one autograd node per projection over all experts, with the LoRA adapter fused
-  in when PEFT's dtype casts are no-ops (`fusable`; else the base node plus PEFT's formula in autograd
-  ops). Base weights are read in forward and again in backward, never saved (4-bit: dequantized for
-  all experts of the projection at once, so a QLoRA model holds at most one projection's dequantized
-  experts at a time). Outputs and input gradients are written into preallocated tensors.
-* LoRA: A (r, I) and B (O, r) products per expert slice, with PEFT's scaling; dropout masks are drawn
-  in PEFT's per-expert order (w1, w3, w2 of expert 0, then expert 1, ...), so a seeded run on CPU draws
-  the very masks `per_expert` draws (`draw_dropout`).
+Two kernels:
 
-Kernels: `grouped_mm` (`torch._grouped_mm` over the base weights as one (E, O, I) tensor) and
-`grouped_loop` (one GEMM per expert slice on the weights in place; on CPUs without native bf16 the
-bf16/fp16 input gradient multiplies by a transposed weight copy, see `_input_grad`).
+* `grouped_loop` (`ExpertLoop`, the end of this file): one autograd node for the whole SwiGLU of every
+  expert, LoRA included, computed expert by expert with PEFT's casts, dropout and additions in PEFT's
+  order, so its output and every gradient equal `per_expert`'s bit for bit (tested, on CPU, for plain,
+  LoRA with bf16 or PEFT's default fp32 adapters, 4-bit experts under PEFT's plain or bitsandbytes LoRA
+  layer, with and without autocast). It keeps x, w1(x), w3(x) and the adapters' (M, r) products for
+  backward (per_expert's autograd also keeps the fp32 casts, silu(w1 x), the product and w2's input:
+  bench/results/cpu_2026-11-27_loop.md) and re-reads (4-bit: re-dequantizes) each expert's weights in
+  backward. Where PEFT's numbers need something it does not reproduce (e.g. bf16 autocast over fp32
+  base weights) and on CPUs without native bf16, it runs the per-projection path below.
+* `grouped_mm` (`GroupedLinear`, one autograd node per projection over all experts): `torch._grouped_mm`
+  over the base weights as one (E, O, I) tensor, the LoRA adapter fused in when PEFT's dtype casts are
+  no-ops (`fusable`; else the base node plus PEFT's formula in autograd ops). 4-bit weights are
+  dequantized for all experts of a projection at once. Dropout masks are drawn in PEFT's per-expert
+  order (w1, w3, w2 of expert 0, then expert 1, ...), so a seeded run on CPU draws the very masks
+  `per_expert` draws (`draw_dropout`); both kernels use it.
 
 Stacked storage (`stacked_weights`): the experts keep their own parameters, but plain weights are
 re-pointed, on the first `grouped_mm` call, at the slices of one (E, O, I) tensor, so every later call

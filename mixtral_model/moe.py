@@ -15,8 +15,10 @@
    module call per expert: works with any layer, hook or adapter), and two grouped ones that read the
    weights of every local expert without module calls (`grouped_experts.py`): `grouped_mm`
    (`torch._grouped_mm`) and `grouped_loop` (one GEMM per expert slice). The grouped backends take
-   plain `nn.Linear`, bitsandbytes 4-bit and single-adapter PEFT LoRA experts (LoRA fused into the
-   grouped product, 4-bit experts dequantized once per layer pass and again in backward), and ZeRO-3
+   plain `nn.Linear`, bitsandbytes 4-bit and single-adapter PEFT LoRA experts (`grouped_loop`: the
+   whole SwiGLU with its adapters as one autograd node, expert by expert, bitwise per_expert's numbers;
+   `grouped_mm`: one grouped product per projection, 4-bit experts dequantized once per layer pass and
+   again in backward), and ZeRO-3
    experts while their block (a ZeRO-3 leaf) holds them gathered; any other case (merged/disabled/
    several adapters, DoRA, hooks on the expert layers, a partitioned weight outside the block's
    forward) runs `per_expert`. Every local expert
@@ -113,22 +115,26 @@ def choose_expert_backend(
     grouped_mm_available: bool,
     native_low_precision: bool = True,
 ) -> str:
-    """The fastest measured backend for these facts (bench/results/cpu_2026-11-27.md, and the H200 run
-    of bench/gpu_check.py): `per_expert`, except `grouped_loop` for readable bf16/fp16 experts (plain,
-    LoRA or 4-bit) on a CPU without native bf16 arithmetic, whose backward multiplies by a transposed
-    weight copy (torch's emulated bf16 GEMM is ~10x slower on two row-major operands: AMD EPYC Zen 3).
+    """The backend for these facts, by measurement (bench/results/cpu_2026-11-27_loop.md, and the H200
+    run of bench/gpu_check.py):
 
-    Measured, not assumed: on a CPU with AVX512-BF16 (one thread) the grouped LoRA/QLoRA block is
-    0.86-0.87x `per_expert` in bf16 (whole-tensor elementwise SwiGLU leaves the cache; per-expert slices
-    stay in it), the LoRA step equal within noise in fp32; on an H200 (torch 2.11) `grouped_mm` was
-    0.77x `per_expert` on the block, 0.89x vs 1.05x transformers on full steps, 1.23x vs 1.43x on LoRA.
-    The grouped backends stay available through `SparseMoeBlock.expert_backend` ("grouped_mm" needs
-    bf16 on CUDA sm90+ for speed; both are held to `per_expert` in tests).
+    * CPU: `grouped_loop`, the expert loop. It computes per_expert's numbers bit for bit and keeps less
+      for backward (a LoRA block with PEFT's fp32 adapters: 40 vs 95 MiB); its speed equals per_expert's
+      within noise (both are GEMM-bound there). On CPUs without native bf16 it runs the per-projection
+      path, whose backward multiplies by a transposed weight copy (torch's emulated bf16 GEMM is ~10x
+      slower on two row-major operands: AMD EPYC Zen 3).
+    * CUDA: `per_expert`. On an H200 (torch 2.11) `grouped_mm` was 0.77x `per_expert` on the block,
+      0.89x vs 1.05x transformers on full steps, 1.23x vs 1.43x on LoRA; the expert loop has not run on
+      a GPU yet (bench/gpu_check.py times it).
+
+    The other backends stay available through `SparseMoeBlock.expert_backend` and are held to
+    `per_expert` in tests.
 
     readable: every w1/w2/w3 is a bias-free `nn.Linear` or bitsandbytes `Linear4bit`, or a PEFT LoRA
     layer over one with a single active, unmerged, vanilla adapter, and nothing hooks them;
     partitioned: some expert weight is a ZeRO-3 partition not gathered at this moment;
-    native_low_precision: the CPU has native bf16 arithmetic (AVX512-BF16/AMX).
+    native_low_precision: the CPU has native bf16 arithmetic (AVX512-BF16/AMX); the expert loop reads
+    it itself (`grouped_experts._emulated_low_precision_cpu`).
     """
     if not readable or partitioned:
         return "per_expert"

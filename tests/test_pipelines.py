@@ -267,9 +267,12 @@ def test_expert_parallel_lora_resume_restores_every_ranks_experts(tmp_path, zero
 @pytest.mark.distributed
 @pytest.mark.slow  # out of CI until a hang seen once in a full-suite run is understood (README, Tests)
 def test_launch_two_nodes_over_loopback(tmp_path):
+    """Each node's output goes to a file, not a pipe read one node after the other (a node that fills
+    its pipe would block while the other waits for it in a collective; the nodes print ~3 KB, even with
+    cold caches, so that was not the hang seen once)."""
     port = str(__import__("pipeline_runs").free_port())
     out = tmp_path / "run"
-    nodes = []
+    nodes, logs = [], []
     for node_rank in ("0", "1"):
         env = {**run_env(), "NNODES": "2", "NODE_RANK": node_rank, "NPROC": "1", "MASTER_ADDR": "127.0.0.1",
                "MASTER_PORT": port, "VIRTUAL_ENV": run_env().get("VIRTUAL_ENV", "ci")}  # fmt: skip
@@ -281,15 +284,18 @@ def test_launch_two_nodes_over_loopback(tmp_path):
             "max_steps=2",
             "trainer.save_steps=2",
         ]
-        nodes.append(
-            subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        )
+        logs.append(tmp_path / f"node{node_rank}.log")
+        with logs[-1].open("w") as log:
+            nodes.append(subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT))
     try:
-        outputs = [node.communicate(timeout=300)[0] for node in nodes]
+        for node in nodes:
+            node.wait(timeout=300)
     except subprocess.TimeoutExpired:  # a hang: stop both nodes and show where each one was
         for node in nodes:
             node.kill()
-        outputs = [node.communicate()[0] for node in nodes]
-        pytest.fail(f"two-node run hung: node 0 ...{outputs[0][-3000:]}\nnode 1 ...{outputs[1][-3000:]}")
+            node.wait()
+        tails = [log.read_text(errors="replace")[-3000:] for log in logs]
+        pytest.fail(f"two-node run hung: node 0 ...{tails[0]}\nnode 1 ...{tails[1]}")
+    outputs = [log.read_text(errors="replace") for log in logs]
     assert [node.returncode for node in nodes] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
     assert len(train_losses(out / "final")) == 2

@@ -709,17 +709,16 @@ def _loop_weight(view: ProjectionView, e: int, dtype: torch.dtype) -> torch.Tens
     return _dequantize_one(base, dtype) if view.quantized else base.weight.detach()
 
 
-def _lora_forward(h_mO, x_mI, noise_mI, a_RI, b_OR, scaling, nm: LoopNumerics) -> torch.Tensor:
-    """PEFT's LoRA on one expert's rows, added in place to its base output h; returns z = A(dropout(x)).
-    In place is bitwise PEFT's out-of-place sum: h + delta computed in their common dtype, rounded to
-    h's (plain layer), or delta rounded to h's dtype first (4-bit layer without autocast)."""
+def _lora_forward(h_mO, x_mI, noise_mI, z_mR, a_RI, b_OR, scaling, nm: LoopNumerics) -> None:
+    """PEFT's LoRA on one expert's rows, added in place to its base output h; z = A(dropout(x)) is
+    written into z_mR. In place is bitwise PEFT's out-of-place sum: h + delta computed in their common
+    dtype, rounded to h's (plain layer), or delta rounded to h's dtype first (4-bit layer without autocast)."""
     dropped = x_mI.to(nm.lora_input)
     if noise_mI is not None:
         dropped = dropped * noise_mI
-    z_mR = torch.mm(dropped.to(nm.lora_mm), a_RI.to(nm.lora_mm).t())
+    torch.mm(dropped.to(nm.lora_mm), a_RI.to(nm.lora_mm).t(), out=z_mR)
     delta = torch.mm(z_mR, b_OR.to(nm.lora_mm).t()).mul_(scaling)
     h_mO.add_(delta.to(h_mO.dtype) if nm.bnb and not nm.bnb_skips_casts else delta)
-    return z_mR
 
 
 def _lora_backward(g_mO, x_mI, noise_mI, z_mR, a_RI, b_OR, scaling, nm: LoopNumerics):
@@ -750,11 +749,12 @@ class ExpertLoop(torch.autograd.Function):
         num = len(counts)
         loras = [params[2 * p * num : (2 * p + 2) * num] for p in range(3)] if with_lora else None
         ranges = _row_ranges(counts)
-        hidden = views[0].bases[0].out_features
-        h1_MF = x_MD.new_empty(x_MD.shape[0], hidden)
-        h3_MF = x_MD.new_empty(x_MD.shape[0], hidden)
-        out_MD = x_MD.new_empty(x_MD.shape[0], views[2].bases[0].out_features)
-        zs = [[None] * num for _ in range(3)]
+        rows = x_MD.shape[0]
+        h1_MF = x_MD.new_empty(rows, views[0].bases[0].out_features)
+        h3_MF = x_MD.new_empty(rows, views[1].bases[0].out_features)
+        out_MD = x_MD.new_empty(rows, views[2].bases[0].out_features)
+        # each projection's A(dropout(x)) for every row, kept for backward: (M, r) in the adapter GEMMs' dtype
+        zs = [x_MD.new_empty(rows, loras[p][0].shape[0], dtype=nm.lora_mm) for p in range(3)] if with_lora else []
         for e, (start, end) in enumerate(ranges):
             if start == end:
                 continue
@@ -764,23 +764,30 @@ class ExpertLoop(torch.autograd.Function):
                 if with_lora:
                     noise = noises[p][start:end] if noises[p] is not None else None
                     a, b = loras[p][e], loras[p][num + e]
-                    zs[p][e] = _lora_forward(h, x, noise, a, b, view.lora.scaling, nm)
+                    _lora_forward(h, x, noise, zs[p][start:end], a, b, view.lora.scaling, nm)
             act = F.silu(h1_MF[start:end]) * h3_MF[start:end]
             y = torch.mm(act, _loop_weight(views[2], e, nm.compute).t(), out=out_MD[start:end])
             if with_lora:
                 noise = noises[2][start:end] if noises[2] is not None else None
-                zs[2][e] = _lora_forward(y, act, noise, loras[2][e], loras[2][num + e], views[2].lora.scaling, nm)
+                a, b = loras[2][e], loras[2][num + e]
+                _lora_forward(y, act, noise, zs[2][start:end], a, b, views[2].lora.scaling, nm)
         ctx.views, ctx.counts, ctx.nm, ctx.with_lora, ctx.train_base = views, counts, nm, with_lora, train_base
-        ctx.zs = zs
-        ctx.noises = noises
-        ctx.save_for_backward(x_MD, h1_MF, h3_MF, *(params if with_lora else ()))
+        # every tensor backward needs goes through save_for_backward, so activation checkpointing's
+        # saved-tensor hooks see (and drop) them
+        ctx.noise_present = [n is not None for n in noises]
+        kept_noises = [n for n in noises if n is not None]
+        ctx.save_for_backward(x_MD, h1_MF, h3_MF, *zs, *kept_noises, *(params if with_lora else ()))
         return out_MD
 
     @staticmethod
     def backward(ctx, grad_MD):
-        x_MD, h1_MF, h3_MF, *lora_params = ctx.saved_tensors
+        x_MD, h1_MF, h3_MF, *rest = ctx.saved_tensors
         views, counts, nm, with_lora = ctx.views, ctx.counts, ctx.nm, ctx.with_lora
         num = len(counts)
+        zs, rest = (rest[:3], rest[3:]) if with_lora else ([None] * 3, rest)
+        kept = iter(rest[: sum(ctx.noise_present)])
+        noises = [next(kept) if present else None for present in ctx.noise_present]
+        lora_params = rest[sum(ctx.noise_present) :]
         loras = [lora_params[2 * p * num : (2 * p + 2) * num] for p in range(3)] if with_lora else None
         grad_MD = grad_MD.contiguous()
         grad_x = x_MD.new_zeros(x_MD.shape) if ctx.needs_input_grad[0] else None
@@ -802,9 +809,9 @@ class ExpertLoop(torch.autograd.Function):
             act = silu_h1 * h3
             g_act = torch.mm(g_y, _loop_weight(views[2], e, nm.compute))
             if with_lora:
-                noise = ctx.noises[2][start:end] if ctx.noises[2] is not None else None
+                noise = noises[2][start:end] if noises[2] is not None else None
                 ga, gb, gx = _lora_backward(
-                    g_y, act, noise, ctx.zs[2][e], loras[2][e], loras[2][num + e], views[2].lora.scaling, nm
+                    g_y, act, noise, zs[2][start:end], loras[2][e], loras[2][num + e], views[2].lora.scaling, nm
                 )
                 lora_grads[2][e], lora_grads[2][num + e] = ga, gb
                 g_act = g_act + gx
@@ -815,9 +822,9 @@ class ExpertLoop(torch.autograd.Function):
             # x's gradient summed in the order autograd sums per_expert's: w3's adapter, w3, w1's adapter, w1
             for p, g_h in ((1, g_h3), (0, g_h1)):
                 if with_lora:
-                    noise = ctx.noises[p][start:end] if ctx.noises[p] is not None else None
+                    noise = noises[p][start:end] if noises[p] is not None else None
                     ga, gb, gx = _lora_backward(
-                        g_h, x, noise, ctx.zs[p][e], loras[p][e], loras[p][num + e], views[p].lora.scaling, nm
+                        g_h, x, noise, zs[p][start:end], loras[p][e], loras[p][num + e], views[p].lora.scaling, nm
                     )
                     lora_grads[p][e], lora_grads[p][num + e] = ga, gb
                     if grad_x is not None:

@@ -525,3 +525,28 @@ def test_grouped_mm_leaves_weights_inside_a_flat_buffer_in_place():
     model(torch.randn(1, 5, HIDDEN)).sum().backward()
     assert [p.data_ptr() for p in block.parameters()] == pointers
     assert all(p.untyped_storage().data_ptr() == flat.untyped_storage().data_ptr() for p in params)
+
+
+def test_expert_loop_keeps_nothing_past_activation_checkpointing():
+    """Under non-reentrant activation checkpointing nothing of the loop outlives the forward: dropout
+    masks and the adapters' products go through save_for_backward (checkpointing's hooks drop them and
+    recompute in backward), not onto the autograd node."""
+    import gc
+
+    from torch.utils.checkpoint import checkpoint
+
+    model, block = build_for_loop("lora_fp32_adapters", torch.bfloat16, dropout=0.25)
+    block.expert_backend = "grouped_loop"
+    model.train()
+    x = torch.randn(2, 9, HIDDEN).abs().to(torch.bfloat16).requires_grad_()
+    rows = 2 * 9 * block.top_k
+    out = checkpoint(model, x, use_reentrant=False)
+    gc.collect()
+    alive = [
+        tuple(t.shape)
+        for t in gc.get_objects()
+        if isinstance(t, torch.Tensor) and t.dtype == torch.float32 and t.dim() == 2 and t.shape[0] == rows
+    ]
+    assert alive == []  # fp32 (M, .) tensors: the masks (M, 64) and (M, 128), the products (M, 4)
+    out.float().sum().backward()
+    assert all(p.grad is not None for n, p in model.named_parameters() if "lora_A" in n and "experts.0." in n)

@@ -3,13 +3,16 @@ this worktree's version against the one at a git revision (default HEAD), in one
 against float64 for accuracy.
 
     OMP_NUM_THREADS=1 PYTHONPATH=$PWD python bench/cross_entropy.py --before HEAD~1 [--rounds 7]
+    OMP_NUM_THREADS=1 PYTHONPATH=$PWD python bench/cross_entropy.py --chunk-kib 256 1024 4096   # sweep
 
-Timing: CPU time (`time.process_time`) of `loss = ce(logits, labels); autograd.grad(loss, logits)`, the
-versions run round-robin, medians. Cases: bf16 and fp32 logits, with no ignored label and with a
-quarter of the rows ignored (a prompt masked in each sequence of 512). Accuracy: max relative
-difference (max |x - x64| / max |x64|, the tests' measure) of loss and gradient against the same
-formula in float64, on randn * 3 logits and on a peaked distribution (the label's logit + 15),
-fp32 logits, and for `F.cross_entropy(logits.float())` as the yardstick.
+Timing: CPU time (`time.process_time`, so page faults of the fresh gradient count) of
+`loss = ce(logits, labels); autograd.grad(loss, logits)`, versions run round-robin, medians. Cases: bf16
+and fp32 logits, with no ignored label and with a quarter of the rows ignored (a prompt of 128 masked in
+each sequence of 512). `--chunk-kib` times this worktree's version at several CPU chunk sizes instead.
+Accuracy, on fp32 logits: loss and gradient against `F.cross_entropy` in float64, as the tests measure
+(max |x - x64| / max |x64|) and elementwise (max |x - x64| / |x64| over nonzero x64), for randn * 3
+logits, the same with each label's logit + 15 (peaked), and randn * 4 + 200 (far from 0);
+`F.cross_entropy(logits.float())` is the yardstick.
 """
 
 import argparse
@@ -62,6 +65,23 @@ def max_relative_diff(actual, expected):
     return ((actual.double() - expected).abs().max() / expected.abs().max()).item()
 
 
+def max_elementwise_relative_diff(actual, expected):
+    nonzero = expected != 0
+    return ((actual.double() - expected)[nonzero].abs() / expected[nonzero].abs()).max().item()
+
+
+def cpu_time(module, logits, labels, divisor):
+    start = time.process_time()
+    fwd_bwd(module, logits, labels, divisor)
+    return time.process_time() - start
+
+
+def median_cell(label, seconds):
+    return (
+        f"{label} {1e3 * statistics.median(seconds):6.1f} [{1e3 * min(seconds):.1f}-{1e3 * max(seconds):.1f}]"
+    )
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--before", default="HEAD", help="git revision of the version to compare against")
@@ -69,6 +89,9 @@ def main():
     parser.add_argument("--vocab", type=int, default=32000)
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--accuracy-rows", type=int, default=256)
+    parser.add_argument(
+        "--chunk-kib", type=int, nargs="*", help="sweep this version's CPU chunk (KiB of fp32)"
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
     lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines()
@@ -81,21 +104,24 @@ def main():
     versions = {"before": load_version(args.before), "after": load_version(None)}
 
     g = torch.Generator().manual_seed(0)
-    print("\naccuracy, fp32 logits, max relative diff against float64 (loss | gradient)")
+    print("\naccuracy against float64, fp32 logits, relative differences")
     rows, vocab = args.accuracy_rows, args.vocab
     labels = torch.randint(0, vocab, (rows,), generator=g)
     labels[: rows // 4] = -100
     logits = torch.randn(rows, vocab, generator=g) * 3
     peaked = logits.clone()
     peaked[torch.arange(rows), labels.clamp(min=0)] += 15
+    far = torch.randn(rows, vocab, generator=g) * 4 + 200
     divisor = float((labels != -100).sum())
-    for name, case in {"randn*3": logits, "peaked": peaked}.items():
+    print("  logits   version                loss     | gradient: max-scaled elementwise")
+    for name, case in {"randn*3": logits, "peaked": peaked, "+200": far}.items():
         loss64, grad64 = reference(case, labels, divisor, torch.float64)
         results = {"F.cross_entropy fp32": reference(case, labels, divisor, torch.float32)}
         results |= {label: fwd_bwd(module, case, labels, divisor) for label, module in versions.items()}
         for label, (loss, grad) in results.items():
             print(
-                f"  {name:8s} {label:22s} {max_relative_diff(loss, loss64):.2e} | {max_relative_diff(grad, grad64):.2e}"
+                f"  {name:8s} {label:22s} {max_relative_diff(loss, loss64):.2e} | "
+                f"{max_relative_diff(grad, grad64):.2e} {max_elementwise_relative_diff(grad, grad64):.2e}"
             )
 
     print(
@@ -114,18 +140,22 @@ def main():
                 float((case_labels != -100).sum()),
             )
     for case, (logits, case_labels, divisor) in cases.items():
+        if args.chunk_kib:
+            after = versions["after"]
+            seconds = {kib: [] for kib in args.chunk_kib}
+            for _ in range(args.rounds):
+                for kib in args.chunk_kib:
+                    after.CHUNK_ELEMENTS["cpu"] = kib * 1024 // 4
+                    seconds[kib].append(cpu_time(after, logits, case_labels, divisor))
+            print(f"  {case:22s} " + "  ".join(median_cell(f"{kib} KiB", s) for kib, s in seconds.items()))
+            continue
         seconds = {label: [] for label in versions}
         for _ in range(args.rounds):
             for label, module in versions.items():
-                start = time.process_time()
-                fwd_bwd(module, logits, case_labels, divisor)
-                seconds[label].append(time.process_time() - start)
-        cells = [
-            f"{label} {1e3 * statistics.median(s):6.1f} [{1e3 * min(s):.1f}-{1e3 * max(s):.1f}]"
-            for label, s in seconds.items()
-        ]
+                seconds[label].append(cpu_time(module, logits, case_labels, divisor))
         ratio = statistics.median(seconds["before"]) / statistics.median(seconds["after"])
-        print(f"  {case:22s} " + "  ".join(cells) + f"  before/after {ratio:.2f}x")
+        cells = "  ".join(median_cell(label, s) for label, s in seconds.items())
+        print(f"  {case:22s} {cells}  before/after {ratio:.2f}x")
         sys.stdout.flush()
 
 

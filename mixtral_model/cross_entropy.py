@@ -7,21 +7,24 @@ The same numbers as `F.cross_entropy(logits.float(), labels, ignore_index=..., r
 (to fp32 rounding), and the same gradient, returned in the logits' dtype as autograd's `.float()`
 backward returns it. What differs is the memory traffic: the fp32 copy of the (N, V) logits, its
 log-softmax and their fp32 gradients are never made whole; each chunk of rows is upcast into one reused
-fp32 buffer, reduced and (in backward) turned into its gradient while it sits in cache. Only the per-row
-logsumexp (N floats) is kept for backward, beside the logits autograd already holds. On CPU, chunks
-whose rows are all ignored (masked prompts) are not computed: their gradient is 0.
+fp32 buffer, reduced and (in backward) turned into its gradient while it sits in cache. Only each row's
+max and log-sum (logsumexp = max + log-sum; 2N floats) are kept for backward, beside the logits autograd
+already holds. On CPU, chunks whose rows are all ignored (masked prompts) are not computed: their
+gradient is 0.
 
-exp(x) is computed as exp2(x * log2(e)): torch's CPU exp2 is ~4x faster than its exp (1 thread, AVX-512);
-the product's rounding adds about one fp32 ulp of x to the exponent, i.e. ~1e-7 * |x| relative to
-each probability, where x = z - max or z - logsumexp (not z itself: the shift is subtracted first).
-Measured, with the accuracy against float64: bench/cross_entropy.py, bench/results/cpu_*.md.
+exp(x) is computed as exp2(x * log2(e)): torch's CPU exp2 is ~4x faster than its exp (1 thread,
+AVX-512). x = z - max is taken in fp32 first (exact near the max, as in torch's log_softmax), so the
+product's rounding costs ~1e-7 * |z - max| relative to each probability, not ~1e-7 * |z|; backward
+subtracts log-sum * log2(e) in the same fused multiply-add, keeping the largest probabilities at fp32
+rounding when the logits themselves are large.
+Measured (time, chunk size, accuracy against float64): bench/cross_entropy.py.
 """
 
 import math
 
 import torch
 
-CHUNK_ELEMENTS = {"cpu": 1 << 20}  # fp32 elements per chunk on CPU: 4 MiB (best of 128 KiB..8 MiB, measured)
+CHUNK_ELEMENTS = {"cpu": 1 << 19}  # fp32 elements per chunk on CPU: 2 MiB, fastest of 256 KiB..8 MiB
 DEFAULT_CHUNK_ELEMENTS = 1 << 24  # accelerators: few, large kernels
 LOG2_E = math.log2(math.e)
 
@@ -31,8 +34,6 @@ class ChunkedCrossEntropy(torch.autograd.Function):
     def forward(ctx, logits_NV: torch.Tensor, labels_N: torch.Tensor, ignore_index: int, divisor):
         kept_N = labels_N != ignore_index
         targets_N = labels_N.masked_fill(~kept_N, 0)
-        # logsumexp(z) = max + log_sum, kept apart as torch's log_softmax keeps them: z - max is exact
-        # near the max, so the largest probabilities stay accurate when the logits themselves are large
         max_N = torch.zeros(labels_N.shape[0], dtype=torch.float32, device=logits_NV.device)
         sum_N = torch.ones_like(max_N)  # log_sum 0 on rows skipped below (all ignored)
         chunks, _, buffer_RV = _row_chunks(logits_NV, kept_N)

@@ -1,7 +1,8 @@
 """The GPU paths, cheaply (marked `cuda`: skipped with a reason without a CUDA GPU, run on one):
 the grouped_mm expert kernel against per_expert in bf16, and a QLoRA model built by the factory's path
 (bitsandbytes NF4 on the GPU, the factory's 4-bit preparation and LoRA) training, its grouped experts
-held to per_expert and its memory account to the bytes of its real tensors. flash-attn against sdpa is
+(the expert loop, and grouped_mm where it runs) held to per_expert and its memory account to the bytes
+of its real tensors. flash-attn against sdpa is
 tests/test_model_config.py::test_flash_attention_matches_sdpa_on_gpu (when flash-attn is installed)."""
 
 import pytest
@@ -84,13 +85,15 @@ def test_qlora_trains_on_cuda_and_its_account_equals_its_tensors(tmp_path):
 
     model.train()
     ref_loss, ref_grads = loss_and_grads("per_expert")
-    # `auto` picks per_expert on CUDA: hold the grouped path to it (grouped_mm needs capability >= 9.0)
-    grouped = "grouped_mm" if torch.cuda.get_device_capability() >= (9, 0) else "grouped_loop"
-    loss, grads = loss_and_grads(grouped)
-    assert torch.isfinite(loss) and grads.keys() == ref_grads.keys() and len(grads) > 0
-    assert max_relative_diff(loss.float(), ref_loss.float()) <= 1e-2
-    for name in grads:
-        assert max_relative_diff(grads[name], ref_grads[name]) <= 5e-2, name
+    # `auto` picks per_expert on CUDA: hold the grouped paths to it (grouped_mm needs capability >= 9.0).
+    # The expert loop makes per_expert's numbers bit for bit on CPU; on CUDA it is held at tolerance.
+    grouped = ["grouped_loop"] + (["grouped_mm"] if torch.cuda.get_device_capability() >= (9, 0) else [])
+    for backend in grouped:
+        loss, grads = loss_and_grads(backend)
+        assert torch.isfinite(loss) and grads.keys() == ref_grads.keys() and len(grads) > 0
+        assert max_relative_diff(loss.float(), ref_loss.float()) <= 1e-2, backend
+        for name in grads:
+            assert max_relative_diff(grads[name], ref_grads[name]) <= 5e-2, (backend, name)
 
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     optimizer.step()

@@ -34,7 +34,12 @@ from mixtral_model.moe import SparseMoeBlock
 SHAPE = dict(hidden_size=512, intermediate_size=1792, num_local_experts=8, num_experts_per_tok=2, tokens=2048)
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 BACKENDS = ("per_expert", "grouped_loop", "grouped_mm")
-KINDS = ("lora", "qlora", "lora32", "qlora32")  # *32: adapters in fp32 (PEFT's default), else the block's dtype
+KINDS = (
+    "lora",
+    "qlora",
+    "lora32",
+    "qlora32",
+)  # *32: adapters in fp32 (PEFT's default), else the block's dtype
 
 
 class Holder(nn.Module):
@@ -133,7 +138,9 @@ def main(argv=None) -> None:
         f"{torch.cuda.get_device_name() if cuda else cpu}, {torch.get_num_threads()} torch threads, "
         f"torch {torch.__version__}; block {shape}; {args.clock} clock"
     )
-    print("| block | backend | median s | per_expert / this (median of rounds) | rounds | kept for backward, MiB |")
+    print(
+        "| block | backend | median s | per_expert / this (median of rounds) | rounds | kept for backward, MiB |"
+    )
     print("|---|---|---|---|---|---|")
     for kind in args.kinds:
         for dtype_name in args.dtypes:

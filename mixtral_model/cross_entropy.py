@@ -12,8 +12,8 @@ max and log-sum (logsumexp = max + log-sum; 2N floats) are kept for backward, be
 already holds. On CPU, chunks whose rows are all ignored (masked prompts) are not computed: their
 gradient is 0.
 
-exp(x) is computed as exp2(x * log2(e)): torch's CPU exp2 is ~4x faster than its exp (1 thread,
-AVX-512). x = z - max is taken in fp32 first (exact near the max, as in torch's log_softmax), so the
+exp(x) is computed as exp2(x * log2(e)): torch's CPU exp2 is much faster than its exp (measured:
+bench/cross_entropy.py). x = z - max is taken in fp32 first (exact near the max, as in torch's log_softmax), so the
 product's rounding costs ~1e-7 * |z - max| relative to each probability, not ~1e-7 * |z|; backward
 subtracts log-sum * log2(e) in the same fused multiply-add, keeping the largest probabilities at fp32
 rounding when the logits themselves are large.
@@ -24,7 +24,9 @@ import math
 
 import torch
 
-CHUNK_ELEMENTS = {"cpu": 1 << 19}  # fp32 elements per chunk on CPU: 2 MiB, fastest of 256 KiB..8 MiB
+CHUNK_ELEMENTS = {
+    "cpu": 1 << 19
+}  # fp32 elements per chunk on CPU (2 MiB), chosen by bench/cross_entropy.py --chunk-kib
 DEFAULT_CHUNK_ELEMENTS = 1 << 24  # accelerators: few, large kernels
 LOG2_E = math.log2(math.e)
 

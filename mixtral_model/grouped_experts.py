@@ -247,7 +247,7 @@ def _absmax(state) -> torch.Tensor:
 def _dequantize_4bit_cpu(packed: Sequence[torch.Tensor], states, dtype: torch.dtype) -> torch.Tensor:
     """bitsandbytes' 4-bit dequantization (NF4 or FP4) of equally shaped weights in one pass of torch
     ops: every byte holds two 4-bit codes (high nibble first), value = code_table[c] * block absmax.
-    Same numbers as `bitsandbytes.functional.dequantize_4bit` where that one is right (and ~10x slower
+    Same numbers as `bitsandbytes.functional.dequantize_4bit` where that one is right (and slower
     than its CPU kernel, one thread); used where it is not: fewer than `blocksize` inputs."""
     first = states[0]
     code = first.code.float().to(packed[0].device)
@@ -754,7 +754,11 @@ class ExpertLoop(torch.autograd.Function):
         h3_MF = x_MD.new_empty(rows, views[1].bases[0].out_features)
         out_MD = x_MD.new_empty(rows, views[2].bases[0].out_features)
         # each projection's A(dropout(x)) for every row, kept for backward: (M, r) in the adapter GEMMs' dtype
-        zs = [x_MD.new_empty(rows, loras[p][0].shape[0], dtype=nm.lora_mm) for p in range(3)] if with_lora else []
+        zs = (
+            [x_MD.new_empty(rows, loras[p][0].shape[0], dtype=nm.lora_mm) for p in range(3)]
+            if with_lora
+            else []
+        )
         for e, (start, end) in enumerate(ranges):
             if start == end:
                 continue
@@ -771,7 +775,13 @@ class ExpertLoop(torch.autograd.Function):
                 noise = noises[2][start:end] if noises[2] is not None else None
                 a, b = loras[2][e], loras[2][num + e]
                 _lora_forward(y, act, noise, zs[2][start:end], a, b, views[2].lora.scaling, nm)
-        ctx.views, ctx.counts, ctx.nm, ctx.with_lora, ctx.train_base = views, counts, nm, with_lora, train_base
+        ctx.views, ctx.counts, ctx.nm, ctx.with_lora, ctx.train_base = (
+            views,
+            counts,
+            nm,
+            with_lora,
+            train_base,
+        )
         # every tensor backward needs goes through save_for_backward, so activation checkpointing's
         # saved-tensor hooks see (and drop) them
         ctx.noise_present = [n is not None for n in noises]
@@ -811,7 +821,14 @@ class ExpertLoop(torch.autograd.Function):
             if with_lora:
                 noise = noises[2][start:end] if noises[2] is not None else None
                 ga, gb, gx = _lora_backward(
-                    g_y, act, noise, zs[2][start:end], loras[2][e], loras[2][num + e], views[2].lora.scaling, nm
+                    g_y,
+                    act,
+                    noise,
+                    zs[2][start:end],
+                    loras[2][e],
+                    loras[2][num + e],
+                    views[2].lora.scaling,
+                    nm,
                 )
                 lora_grads[2][e], lora_grads[2][num + e] = ga, gb
                 g_act = g_act + gx
@@ -824,7 +841,14 @@ class ExpertLoop(torch.autograd.Function):
                 if with_lora:
                     noise = noises[p][start:end] if noises[p] is not None else None
                     ga, gb, gx = _lora_backward(
-                        g_h, x, noise, zs[p][start:end], loras[p][e], loras[p][num + e], views[p].lora.scaling, nm
+                        g_h,
+                        x,
+                        noise,
+                        zs[p][start:end],
+                        loras[p][e],
+                        loras[p][num + e],
+                        views[p].lora.scaling,
+                        nm,
                     )
                     lora_grads[p][e], lora_grads[p][num + e] = ga, gb
                     if grad_x is not None:
@@ -847,9 +871,7 @@ def expert_loop(views, x_MD, counts, nm: LoopNumerics) -> torch.Tensor:
         like_x = torch.empty(0, x_MD.shape[1], dtype=nm.lora_input, device=x_MD.device)
         like_h = torch.empty(0, w2.bases[0].in_features, dtype=nm.lora_input, device=x_MD.device)
         noises = tuple(draw_dropout((w1, w3, w2), (like_x, like_x, like_h), counts))
-    train_base = not w1.quantized and any(
-        w.requires_grad for view in views for w in projection_weights(view)
-    )
+    train_base = not w1.quantized and any(w.requires_grad for view in views for w in projection_weights(view))
     params = []
     if with_lora:
         for view in (w1, w3, w2):

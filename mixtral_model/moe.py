@@ -105,36 +105,22 @@ def plan_slots(experts_NK: torch.Tensor, num_experts: int, capacity: int | None 
     return SlotPlan(slot_order_S[kept_S], tokens_per_expert_E.clamp(max=capacity))
 
 
-def choose_expert_backend(
-    *,
-    readable: bool,
-    partitioned: bool,
-    dtype: torch.dtype,
-    device_type: str,
-    cuda_capability: tuple[int, int] | None,
-    grouped_mm_available: bool,
-    native_low_precision: bool = True,
-) -> str:
-    """The backend for these facts, by measurement (bench/results/cpu_2026-11-27_loop.md, and the H200
-    run of bench/gpu_check.py):
+def choose_expert_backend(*, readable: bool, partitioned: bool, device_type: str) -> str:
+    """The backend for these facts, by measurement (bench/results/cpu_2026-11-27_loop.md and the H200
+    run of bench/gpu_check.py, README "Measured numbers"):
 
-    * CPU: `grouped_loop`, the expert loop. It computes per_expert's numbers bit for bit and keeps less
-      for backward (a LoRA block with PEFT's fp32 adapters: 40 vs 95 MiB); its speed equals per_expert's
-      within noise (both are GEMM-bound there). On CPUs without native bf16 it runs the per-projection
-      path, whose backward multiplies by a transposed weight copy (torch's emulated bf16 GEMM is ~10x
-      slower on two row-major operands: AMD EPYC Zen 3).
-    * CUDA: `per_expert`. On an H200 (torch 2.11) `grouped_mm` was 0.77x `per_expert` on the block,
-      0.89x vs 1.05x transformers on full steps, 1.23x vs 1.43x on LoRA; the expert loop has not run on
-      a GPU yet (bench/gpu_check.py times it).
+    * CPU: `grouped_loop`, the expert loop: per_expert's numbers bit for bit, less kept for backward,
+      per_expert's speed within noise (both are GEMM-bound there). On CPUs without native bf16 it runs
+      the per-projection path, whose backward multiplies by a transposed weight copy.
+    * CUDA: `per_expert`: `grouped_mm` measured slower on an H200; the expert loop has not run on a GPU
+      yet (bench/gpu_check.py times it).
 
     The other backends stay available through `SparseMoeBlock.expert_backend` and are held to
     `per_expert` in tests.
 
     readable: every w1/w2/w3 is a bias-free `nn.Linear` or bitsandbytes `Linear4bit`, or a PEFT LoRA
     layer over one with a single active, unmerged, vanilla adapter, and nothing hooks them;
-    partitioned: some expert weight is a ZeRO-3 partition not gathered at this moment;
-    native_low_precision: the CPU has native bf16 arithmetic (AVX512-BF16/AMX); the expert loop reads
-    it itself (`grouped_experts._emulated_low_precision_cpu`).
+    partitioned: some expert weight is a ZeRO-3 partition not gathered at this moment.
     """
     if not readable or partitioned:
         return "per_expert"
@@ -171,18 +157,10 @@ def expert_backend_for(experts: Sequence[Expert], views=None) -> str:
     """`choose_expert_backend` on the facts of these expert modules (views: `read_experts(experts)`)."""
     views = read_experts(experts) if views is None else views
     weight = expert_layers(experts)[0].weight
-    readable = views is not None and not _global_hooks()
-    compute_dtype = weight.dtype
-    if readable and views[0].quantized:
-        compute_dtype = views[0].bases[0].compute_dtype or torch.float32
     return choose_expert_backend(
-        readable=readable,
+        readable=views is not None and not _global_hooks(),
         partitioned=any(not gathered(p) for p in (p for e in experts for p in e.parameters())),
-        dtype=compute_dtype,
         device_type=weight.device.type,
-        cuda_capability=torch.cuda.get_device_capability(weight.device) if weight.is_cuda else None,
-        grouped_mm_available=hasattr(torch, "_grouped_mm"),
-        native_low_precision=getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)(),
     )
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import peft
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from transformers import BitsAndBytesConfig, PreTrainedTokenizerBase
 
 from mixtral_model import MixtralConfig, MixtralForCausalLM
@@ -20,18 +20,10 @@ NEVER_QUANTIZED = ["gate", "lm_head"]  # the router and the output head stay in 
 
 
 def random_init_config(cfg: DictConfig, tokenizer: PreTrainedTokenizerBase) -> MixtralConfig:
-    arch = cfg.model.architecture
     return MixtralConfig(
-        vocab_size=arch.vocab_size,
-        hidden_size=arch.hidden_size,
-        intermediate_size=arch.intermediate_size,
-        num_hidden_layers=arch.num_hidden_layers,
-        num_attention_heads=arch.num_attention_heads,
-        num_key_value_heads=arch.num_key_value_heads,
-        num_local_experts=arch.num_local_experts,
-        num_experts_per_tok=arch.num_experts_per_tok,
-        max_position_embeddings=arch.max_position_embeddings,
-        rope_theta=arch.rope_theta,
+        **OmegaConf.to_container(
+            cfg.model.architecture
+        ),  # ArchitectureConfig's fields are MixtralConfig's names
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,

@@ -193,7 +193,15 @@ def with_lora_on(holder: nn.Module, dropout: float):
     return model
 
 
-LOOP_KINDS = ["plain", "lora", "lora_fp32_adapters", "nf4", "qlora", "qlora_peft4bit", "qlora_peft4bit_fp32_adapters"]
+LOOP_KINDS = [
+    "plain",
+    "lora",
+    "lora_fp32_adapters",
+    "nf4",
+    "qlora",
+    "qlora_peft4bit",
+    "qlora_peft4bit_fp32_adapters",
+]
 
 
 @pytest.mark.parametrize(
@@ -249,7 +257,7 @@ def test_expert_loop_keeps_less_for_backward_than_per_expert():
         block.expert_backend = backend
         storages = {}
 
-        def pack(t):
+        def pack(t, storages=storages):
             storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
             return t
 
@@ -491,7 +499,7 @@ def test_grouped_mm_restacks_trainable_weights_and_trains_like_per_expert():
     params_before_values = {n: p.detach().clone() for n, p in block.named_parameters()}
     for step in range(3):
         outs = {}
-        for backend, (model, block, optimizer) in models.items():
+        for backend, (model, _, optimizer) in models.items():
             optimizer.zero_grad()
             out = model(x)
             out.square().mean().backward()
@@ -504,7 +512,8 @@ def test_grouped_mm_restacks_trainable_weights_and_trains_like_per_expert():
             storage = w1[0].untyped_storage().data_ptr()
         assert w1[0].untyped_storage().data_ptr() == storage  # read in place after the first call
     assert list(models["grouped_mm"][1].parameters()) == params_before
-    for (name, a), b in zip(models["per_expert"][1].named_parameters(), models["grouped_mm"][1].parameters()):
+    pairs = zip(models["per_expert"][1].named_parameters(), models["grouped_mm"][1].parameters(), strict=True)
+    for (name, a), b in pairs:
         if not name.startswith("experts.3."):  # expert 3 gets no token (build)
             assert not torch.equal(b, params_before_values[name]), name  # trained
         assert max_relative_diff(b.detach(), a.detach()) <= 1e-5, name

@@ -113,32 +113,20 @@ def test_grouped_backends_equal_per_expert(backend, dtype, tol):
 
 
 def facts(**overrides) -> dict:
-    """Readable, unpartitioned bf16 experts on an H100, with overrides."""
-    base = dict(
-        readable=True,
-        partitioned=False,
-        dtype=torch.bfloat16,
-        device_type="cuda",
-        cuda_capability=(9, 0),
-        grouped_mm_available=True,
-    )
-    return base | overrides
+    """Readable, unpartitioned experts on a GPU, with overrides."""
+    return dict(readable=True, partitioned=False, device_type="cuda") | overrides
 
 
-CPU = dict(device_type="cpu", cuda_capability=None)
+CPU = dict(device_type="cpu")
 
 
 @pytest.mark.parametrize(
     "facts, expected",
     [
-        (facts(), "per_expert"),  # H200, torch 2.11: grouped_mm measured 0.77x per_expert
-        (facts(cuda_capability=(8, 0)), "per_expert"),
+        (facts(), "per_expert"),  # H200, torch 2.11: grouped_mm measured slower than per_expert
         (facts(readable=False), "per_expert"),  # merged/disabled/several adapters, DoRA, hooks
         (facts(partitioned=True), "per_expert"),  # ZeRO-3 outside the gathered leaf block
         (facts(**CPU), "grouped_loop"),  # the expert loop: per_expert's numbers, less memory
-        (facts(**CPU, dtype=torch.float32), "grouped_loop"),
-        (facts(**CPU, native_low_precision=False), "grouped_loop"),  # emulated bf16: transposed copy
-        (facts(**CPU, native_low_precision=False, dtype=torch.float16), "grouped_loop"),
         (facts(**CPU, readable=False), "per_expert"),
         (facts(**CPU, partitioned=True), "per_expert"),
     ],

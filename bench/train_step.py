@@ -10,7 +10,10 @@ with one thread on a machine shared by more runnable threads than cores, wall ti
 for a core and CPU time does not (it still counts cache and memory-bandwidth contention).
 
 Scenarios (each one's implementations timed round-robin in this one process, so machine noise hits
-them alike; printed: median seconds per step and the median over rounds of each per-round ratio):
+them alike; printed: median seconds per step and the median over rounds of each per-round ratio, and
+per step the medians of user and system CPU time and of minor page faults (getrusage): system time is
+mostly the kernel handing out fresh pages for large new tensors: torch's CPU allocator keeps no cache,
+and glibc maps such blocks anew on each allocation and unmaps them when they are freed):
 
     lora_{fp32,bf16}   LoRA r=16 on attention (q, k, v, o) and experts: ours (automatic expert backend),
                        ours with `per_expert`, transformers' MixtralForCausalLM under PEFT (LoRA on its
@@ -27,6 +30,7 @@ loads them, so both compute on identical weights; the first step's losses are pr
 """
 
 import argparse
+import resource
 import statistics
 import subprocess
 import tempfile
@@ -169,16 +173,27 @@ def bench(scenario: str, directory: str, shape: dict, repeats: int, r: int, per_
     }
     losses = {name: step(model, input_ids) for name, model in models.items()}  # warm-up and check
     seconds = {name: [] for name in names}
+    usage = {name: [] for name in names}  # (user s, system s, minor page faults) of each timed step
     for _ in range(repeats):
         for name in names:
-            start = clock()
+            start, before = clock(), resource.getrusage(resource.RUSAGE_SELF)
             step(models[name], input_ids)
             seconds[name].append(clock() - start)
+            after = resource.getrusage(resource.RUSAGE_SELF)
+            usage[name].append(
+                (
+                    after.ru_utime - before.ru_utime,
+                    after.ru_stime - before.ru_stime,
+                    after.ru_minflt - before.ru_minflt,
+                )
+            )
     lines = []
     for name in names:
+        user, system, faults = (statistics.median(column) for column in zip(*usage[name], strict=True))
         lines.append(
             f"| {scenario} | {labels[name]} | {statistics.median(seconds[name]):.2f} | "
-            f"{' '.join(f'{s:.2f}' for s in seconds[name])} | loss {losses[name]:.5f} |"
+            f"{' '.join(f'{s:.2f}' for s in seconds[name])} | loss {losses[name]:.5f}; "
+            f"user {user:.2f} s, system {system:.2f} s, {faults:.0f} page faults |"
         )
     reference = names[-1]
     for name in names[:-1]:

@@ -32,7 +32,10 @@ Sections, in order (each one records its error and the script moves on; once the
    4096 tokens: peak memory (per phase of a step, and the allocator's reserved peak) and tokens/s, beside
    a memory account: the persistent tensors sorted into components (mixtral_tune/memory.py's tensor_account,
    and qlora_account computed from the config), the checkpointed layer inputs, and the bytes one layer
-   saves for backward while it is recomputed (saved-tensor hooks on the model cut to one layer).
+   saves for backward while it is recomputed (saved-tensor hooks on the model cut to one layer);
+8. profile: where a LoRA and a QLoRA step's time goes on one Mixtral-shaped layer, per expert backend
+   (auto, grouped_loop, per_expert): GPU kernel time by kind (matmul, dequantize, attention, copy/cast,
+   optimizer, ...), kernels launched per step, the GPU's busy share of the step, the largest kernels.
 
 What a step is: forward (loss = CE + router aux loss, as the pipelines train) + backward; LoRA/QLoRA
 also take an AdamW step on the adapters; full bf16 takes no optimizer step. Gradient checkpointing: off
@@ -1192,6 +1195,111 @@ def mixtral_8x7b_qlora(run: Run, sec: Section) -> None:
                   peak, 32.0)  # fmt: skip
 
 
+# What a kernel's (CUDA) or an op's (CPU dry run) name says it is; the first pattern that matches wins.
+KERNEL_KINDS = (
+    ("dequantize", r"dequant"),
+    ("attention", r"flash|fmha|attention|attn"),
+    ("matmul", r"gemm|cutlass|nvjet|xmma|cublas|aten::(mm|addmm|bmm|matmul|_grouped_mm)$"),
+    ("optimizer", r"adam|multi_tensor|foreach"),
+    ("copy, cast", r"copy|cast|convert|memcpy|memset|fill"),
+    ("index, scatter, sort", r"index|scatter|gather|sort|topk|nonzero|cumsum|histc|bincount"),
+)
+PROFILED_STEPS = 2
+# seconds a section needs on a GPU: the whole model about a minute to build and run 10 steps on an H100
+MIN_SECONDS = {"mixtral_8x7b_qlora": 90, "profile": 30}
+
+
+def kernel_kind(name: str) -> str:
+    return next((kind for kind, pattern in KERNEL_KINDS if re.search(pattern, name, re.I)), "other")
+
+
+def kernel_times(prof, cuda: bool) -> list[tuple[str, int, float]]:
+    """(name, calls, seconds) of each GPU kernel (CUDA), or of each aten op's own CPU time (dry run)."""
+    from torch.autograd import DeviceType
+
+    rows = []
+    for event in prof.key_averages():
+        if cuda and event.device_type == DeviceType.CUDA:
+            rows.append((event.key, event.count, event.self_device_time_total / 1e6))
+        elif not cuda and event.key.startswith("aten::"):
+            rows.append((event.key, event.count, event.self_cpu_time_total / 1e6))
+    return sorted((r for r in rows if r[2] > 0), key=lambda r: -r[2])
+
+
+def profile(run: Run, sec: Section) -> None:
+    """Where a LoRA and a QLoRA step's time goes on one Mixtral-shaped layer, for each expert backend
+    (auto, grouped_loop, per_expert): GPU kernel time by kind, kernels launched and GPU busy share of the
+    step, and the largest kernels. A step with little busy time is bound by launching kernels, not by them."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    s, cuda = run.shapes, run.device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    kinds = [kind for kind, _ in KERNEL_KINDS] + ["other"]
+    input_ids = torch.randint(0, s.model["vocab_size"], (1, s.seq), device=run.device,
+                              generator=torch.Generator(device=run.device).manual_seed(3))  # fmt: skip
+    unit, calls = ("GPU kernel", "kernels/step") if cuda else ("CPU aten op (dry run)", "aten ops/step")
+    sec.lines += [
+        f"One layer, batch 1 x {s.seq} tokens, the training section's step (LoRA/QLoRA configs, gradient "
+        f"checkpointing, AdamW), {PROFILED_STEPS} steps under torch.profiler after the timed ones. ms per step "
+        f"of {unit} time by kind; busy = that time / step time (timed without the profiler).",
+        "",
+        f"| mode | experts | step ms | busy | {calls} | " + " | ".join(kinds) + " |",
+        "|---|---|---|---|---|" + "---|" * len(kinds),
+    ]
+    rows, top = [], {}
+    for mode in ("lora", "qlora"):
+        cfg = peft_cfg(mode)
+        model = build_ours(our_config(s.model, 1), run.device)
+        if mode == "qlora":
+            quantize_nf4_(model, bnb_config(cfg), run.device)
+        model = apply_peft_ours(model, cfg, True)
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+        step = training_step(model, input_ids, optimizer)
+        auto = expert_backend_of(model)
+        for backend in dict.fromkeys([auto, "grouped_loop", "per_expert"]):
+            if run.time_left() < 0:
+                sec.say(f"[{mode}] {backend} skipped: time budget exhausted")
+                continue
+            set_expert_backend(model, "auto" if backend == auto else backend)
+            seconds = statistics.median(time_steps(run, step, s.warmup, s.repeats))
+            with torch_profile(activities=activities) as prof:
+                for _ in range(PROFILED_STEPS):
+                    step()
+                run.synchronize()
+            kernels = kernel_times(prof, cuda)
+            by_kind = dict.fromkeys(kinds, 0.0)
+            for name, _, t in kernels:
+                by_kind[kernel_kind(name)] += t / PROFILED_STEPS
+            busy = sum(by_kind.values())
+            launches = sum(calls for _, calls, _ in kernels) / PROFILED_STEPS
+            label = f"{backend} (auto)" if backend == auto else backend
+            rows.append({"mode": mode, "backend": backend, "auto": backend == auto, "step_ms": 1e3 * seconds,
+                         "busy": busy / seconds, "launches": launches,
+                         "ms_by_kind": {k: 1e3 * v for k, v in by_kind.items()}})  # fmt: skip
+            top[f"{mode}/{backend}"] = [
+                (n, c / PROFILED_STEPS, 1e3 * t / PROFILED_STEPS) for n, c, t in kernels[:10]
+            ]
+            sec.lines.append(
+                f"| {mode} | {label} | {1e3 * seconds:.1f} | {pct(busy / seconds)} | {launches:.0f} | "
+                + " | ".join(f"{1e3 * by_kind[k]:.1f}" for k in kinds)
+                + " |"
+            )
+        set_expert_backend(model, "auto")
+        del model, optimizer, step
+        free_memory(run.device)
+    for key, kernels in top.items():
+        sec.lines += [
+            "",
+            f"Largest by {unit} time, {key} (per step):",
+            "",
+            "| name | calls | ms |",
+            "|---|---|---|",
+        ]
+        sec.lines += [f"| `{name[:90]}` | {calls:.0f} | {ms:.2f} |" for name, calls, ms in kernels]
+    sec.data.update(rows=rows, top=top)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument(
@@ -1209,7 +1317,16 @@ def main(argv=None) -> int:
     if run.dry:
         torch.set_num_threads(min(2, torch.get_num_threads()))
     log(f"gpu_check on {run.gpu}: writing {run.md_path} and {run.json_path}")
-    sections = [environment, nf4_build, attention, experts, training, qlora_memory, mixtral_8x7b_qlora]
+    sections = [
+        environment,
+        nf4_build,
+        attention,
+        experts,
+        training,
+        qlora_memory,
+        mixtral_8x7b_qlora,
+        profile,
+    ]
     only = set(args.only.split(",")) if args.only else {f.__name__ for f in sections}
     unknown = only - {f.__name__ for f in sections}
     if unknown:
@@ -1218,8 +1335,7 @@ def main(argv=None) -> int:
         )
     for fn in sections:
         if fn.__name__ in only:
-            # the whole model needs about a minute to build and run 10 steps on an H100
-            run.section(fn.__name__, fn, min_seconds=90 if fn is mixtral_8x7b_qlora and not run.dry else 0)
+            run.section(fn.__name__, fn, min_seconds=0 if run.dry else MIN_SECONDS.get(fn.__name__, 0))
     failed = [s.name for s in run.sections if s.status in ("error", "checks failed")]
     log(
         f"done in {time.perf_counter() - run.start:.0f} s; {run.md_path}; sections not ok: {failed or 'none'}"

@@ -16,6 +16,7 @@ SECTIONS = [
     "training",
     "qlora_memory",
     "mixtral_8x7b_qlora",
+    "profile",
 ]
 
 
@@ -56,3 +57,11 @@ def test_gpu_check_dry_run_writes_every_section_and_its_checks_pass(tmp_path):
     assert all(r["tokens_per_s"] > 0 for r in rows)
     assert sections["qlora_memory"]["data"]["cpu_estimate_gib"] < 32
     assert sections["mixtral_8x7b_qlora"]["data"]["steps"] == 2
+
+    profiled = sections["profile"]["data"]["rows"]  # CPU: aten ops' own time, by kind
+    assert [(r["mode"], r["backend"]) for r in profiled] == [
+        (mode, backend) for mode in ("lora", "qlora") for backend in ("grouped_loop", "per_expert")
+    ]
+    for row in profiled:
+        assert row["ms_by_kind"]["matmul"] > 0 and row["ms_by_kind"]["attention"] > 0, row
+        assert 0 < row["busy"] <= 1 and row["launches"] > 100, row

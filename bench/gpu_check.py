@@ -1262,12 +1262,19 @@ def profile(run: Run, sec: Section) -> None:
                 sec.say(f"[{mode}] {backend} skipped: time budget exhausted")
                 continue
             set_expert_backend(model, "auto" if backend == auto else backend)
-            seconds = statistics.median(time_steps(run, step, s.warmup, s.repeats))
-            with torch_profile(activities=activities) as prof:
-                for _ in range(PROFILED_STEPS):
-                    step()
-                run.synchronize()
-            kernels = kernel_times(prof, cuda)
+
+            def timed_and_profiled(step=step):
+                seconds = statistics.median(time_steps(run, step, s.warmup, s.repeats))
+                with torch_profile(activities=activities) as prof:
+                    for _ in range(PROFILED_STEPS):
+                        step()
+                    run.synchronize()
+                return seconds, kernel_times(prof, cuda)
+
+            measured = attempt(run, sec, f"profile/{mode}/{backend}", timed_and_profiled)
+            if measured is None:  # recorded; the other backends still run
+                continue
+            seconds, kernels = measured
             by_kind = dict.fromkeys(kinds, 0.0)
             for name, _, t in kernels:
                 by_kind[kernel_kind(name)] += t / PROFILED_STEPS

@@ -5,7 +5,8 @@ Order matters and is the same in both entry points: everything a user can get wr
 files and rows, parallel combination) is checked before a model is built or an output written.
 """
 
-import os  # noqa: I001  (mixtral_model.quiet comes before deepspeed)
+import json  # noqa: I001  (mixtral_model.quiet comes before deepspeed)
+import os
 import sys
 from pathlib import Path
 
@@ -148,8 +149,13 @@ def training_kwargs(cfg: DictConfig) -> dict:
     has_eval_data = bool(cfg.data.eval_path or cfg.data.eval_fraction > 0)
     if not has_eval_data:
         trainer.pop("eval_steps", None)
+    # Key by key: `every_n_layers` or `offload` (transformers' own keys) keep non-reentrant checkpointing.
+    checkpointing = trainer.pop("activation_checkpointing_kwargs", None) or {}
+    if isinstance(checkpointing, str):  # TrainingArguments also takes it as a JSON string
+        checkpointing = json.loads(checkpointing)
+    checkpointing = {"use_reentrant": False} | checkpointing
     defaults = dict(
-        activation_checkpointing_kwargs={"use_reentrant": False},
+        activation_checkpointing_kwargs=checkpointing,
         logging_first_step=True,
         eval_strategy="steps" if trainer.get("eval_steps") is not None else "no",
         save_strategy="steps",

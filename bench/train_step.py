@@ -21,6 +21,8 @@ and glibc maps such blocks anew on each allocation and unmaps them when they are
     qlora_{bf16,fp32}  NF4 experts and attention (bitsandbytes, compute dtype as named) with LoRA r=16 on
                        attention and experts: ours automatic against ours `per_expert`.
     full_{bf16,fp32}   every parameter trained: ours (automatic) against transformers' default.
+    ckpt_bf16          the lora_bf16 step of ours with activation checkpointing on every layer (the
+                       recipes' setting), on every 2nd layer (transformers' `every_n_layers=2`) and off.
     parts_{bf16,fp32}  where a full step's time goes: all MoE blocks (ours, transformers') and the output
                        head + loss, each forward + backward alone at the step's shapes.
 
@@ -72,6 +74,7 @@ SCENARIOS = (
     "full_fp32",
     "parts_bf16",
     "parts_fp32",
+    "ckpt_bf16",
 )
 ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
@@ -137,6 +140,16 @@ def build(scenario: str, directory: str, r: int, per_expert: bool = True) -> dic
             r,
             expert_parameters=["experts.gate_up_proj", "experts.down_proj"],
         )
+        return models
+    if (
+        kind == "ckpt"
+    ):  # activation checkpointing as transformers' every_n_layers sets it; ratios vs every layer
+        models = {}
+        for name, every in (("ours, every 2nd layer", 2), ("ours, off", None), ("ours, every layer", 1)):
+            model = lora(ours(directory, dtype), r, ["w1", "w2", "w3"])
+            if every:
+                model.activation_checkpointing_enable({"use_reentrant": False}, every_n_layers=every)
+            models[name] = model
         return models
     if kind == "qlora":
         return {

@@ -46,7 +46,11 @@ from mixtral_tune.checkpoints import latest_complete_checkpoint
 from mixtral_tune.shipped import CONFIG_DIR, DATA_DIR, recipe_files
 
 STAGES = ("sft", "dpo")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}  # name -> torch dtype
+DTYPES = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}  # name -> torch dtype
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
 PEFT_METHODS = ("none", "lora", "qlora")
 QUANT_TYPES = ("nf4", "fp4")
@@ -297,7 +301,9 @@ def describe_composition_error(error: Exception) -> str:
             return f"unknown key '{key}'{suggest_key(key)}: check its spelling against mixtral_tune/config.py"
         if "Missing mandatory value" in problem:
             return f"'{key}' must be set: pass {key}=... or pick a recipe that sets it"
-        return f"bad value for '{key}': {problem}; pass a value of the type declared in mixtral_tune/config.py"
+        return (
+            f"bad value for '{key}': {problem}; pass a value of the type declared in mixtral_tune/config.py"
+        )
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     if "Could not find 'recipe/" in lines[0]:
         return f"{lines[0]}; available recipes: {', '.join(recipe_files())}"
@@ -611,6 +617,18 @@ def trainer_value(cfg: DictConfig, key: str) -> Any:
         return cfg.trainer[key]
     default = next(f for f in dataclasses.fields(trl_config_class(cfg.stage)) if f.name == key).default
     return None if default is dataclasses.MISSING else default
+
+
+def activation_checkpointing_kwargs(trainer: dict | DictConfig) -> dict:
+    """`trainer.activation_checkpointing_kwargs` (a mapping, or the JSON string TrainingArguments also takes)
+    over the pipelines' non-reentrant default, key by key: transformers' `every_n_layers` and `offload`,
+    and torch.utils.checkpoint's own keys."""
+    value = trainer.get("activation_checkpointing_kwargs") or {}
+    if isinstance(value, str):
+        value = json.loads(value)
+    if isinstance(value, DictConfig):
+        value = OmegaConf.to_container(value, resolve=True)
+    return {"use_reentrant": False} | dict(value)
 
 
 def report_to(cfg: DictConfig) -> list[str]:

@@ -24,7 +24,10 @@ Memory (bytes on one GPU):
 - activations with gradient checkpointing: each layer's input (T x hidden) kept for the backward, plus
   one layer's working set recomputed at a time (attention projections; the T*k expert rows through
   w1, w3, SwiGLU and w2; under EP the dispatched and combined rows); without checkpointing every
-  layer's working set is kept. T = micro-batch x sequence length tokens (x2 under DPO: chosen and
+  layer's working set is kept, and with transformers' `every_n_layers` (trainer.activation_checkpointing_kwargs)
+  that of every layer it leaves out. This working set is a lower bound: PEFT's fp32 adapter inputs, dropout
+  masks and the norms' fp32 copies are not in it (README, "Memory back for speed", has a GPU measurement).
+  T = micro-batch x sequence length tokens (x2 under DPO: chosen and
   rejected). The logits: one fp32 tile of TRL's fused LM head (up to 32768 tokens) and its gradient;
 - not counted: DeepSpeed's communication buckets, CUDA context and allocator fragmentation.
 
@@ -43,11 +46,12 @@ Communication (bytes each rank sends per optimizer step, = bytes it receives; ri
 """
 
 import argparse
+import math
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from mixtral_tune.config import LORA_TARGET_MODULES
+from mixtral_tune.config import LORA_TARGET_MODULES, activation_checkpointing_kwargs
 from mixtral_tune.memory import (
     nf4_bytes,  # bitsandbytes NF4 with double quantization, held to bitsandbytes there
 )
@@ -195,10 +199,12 @@ def estimate_layout(
     optimizer: str = "adamw",
     offload_optimizer: bool = False,
     activation_checkpointing: bool = True,
+    checkpoint_every: int = 1,
     stage: str = "sft",
 ) -> Estimate:
     """Per-GPU memory and per-step communication of one rank (see the module docstring for what is
-    counted and how). `dtype` is the training (compute) dtype; `optimizer` adamw or adamw_8bit."""
+    counted and how). `dtype` is the training (compute) dtype; `optimizer` adamw or adamw_8bit;
+    `checkpoint_every` is transformers' `every_n_layers` (layers 0, n, 2n, ... are checkpointed)."""
     s = Shape.of(model_config)
     W, n = world_size, expert_parallel_size
     if peft not in PEFT_METHODS or optimizer not in OPTIMIZER_MOMENT_BYTES or stage not in ("sft", "dpo"):
@@ -261,10 +267,12 @@ def estimate_layout(
     expert_work = tokens * s.top_k * (3 * s.intermediate + 2 * s.hidden) * b
     dispatch_buffers = 2 * tokens * s.top_k * s.hidden * b if n > 1 else 0
     layer_work = attention_work + expert_work + dispatch_buffers
-    if activation_checkpointing:
-        memory["activations"] = s.layers * tokens * s.hidden * b + layer_work
-    else:
-        memory["activations"] = s.layers * layer_work
+    checkpointed = checkpointed_layers(s.layers, checkpoint_every) if activation_checkpointing else 0
+    # a checkpointed layer keeps its input and works once more in backward; the others keep their work
+    memory["activations"] = (
+        checkpointed * tokens * s.hidden * b + (s.layers - checkpointed) * layer_work
+        + (layer_work if checkpointed else 0)
+    )  # fmt: skip
     memory["logits_tile"] = min(tokens, LOGITS_TILE) * s.vocab * 4 * 2
 
     # ---- communication, bytes each rank sends per optimizer step
@@ -280,16 +288,18 @@ def estimate_layout(
         "gradient_reduce": grads * grad_accum if zero_stage >= 2 else 2 * grads,
         "updated_weight_all_gather": grads if zero_stage in (1, 2) else 0,
     }
-    exchanges = 2 * (forwards + int(activation_checkpointing)) + 2  # per MoE layer: forwards, then backward
+    # per MoE layer: dispatch and combine in each forward and the recomputation, then in backward
+    exchanges = s.layers * (2 * forwards + 2) + 2 * checkpointed
     row_bytes = tokens * s.top_k * s.hidden * b
     communication["expert_token_all_to_all"] = (
-        s.layers * exchanges * row_bytes * (n - 1) / n * grad_accum if n > 1 else 0
+        exchanges * row_bytes * (n - 1) / n * grad_accum if n > 1 else 0
     )
     layout = dict(
         world_size=W, expert_parallel_size=n, zero_stage=zero_stage, peft=peft, lora_r=lora_r,
         lora_targets=lora_targets, micro_batch=micro_batch, seq_len=seq_len, grad_accum=grad_accum,
         dtype=dtype, optimizer=optimizer, offload_optimizer=offload_optimizer,
-        activation_checkpointing=activation_checkpointing, stage=stage,
+        activation_checkpointing=activation_checkpointing, checkpoint_every=checkpoint_every,
+        checkpointed_layers=checkpointed, stage=stage,
     )  # fmt: skip
     return Estimate(
         layout=layout,
@@ -317,6 +327,13 @@ def qlora_base_bytes(s: Shape, counts: dict[str, int], b: int, n: int) -> tuple[
 OPTIMIZERS = {"adamw_8bit": "adamw_8bit", "paged_adamw_8bit": "adamw_8bit", "adamw_bnb_8bit": "adamw_8bit"}
 
 
+def checkpointed_layers(layers: int, every_n_layers: int) -> int:
+    """How many of `layers` decoder layers transformers checkpoints for `every_n_layers`."""
+    if every_n_layers < 1:
+        raise ValueError(f"every_n_layers={every_n_layers}: must be 1 or more")
+    return math.ceil(layers / every_n_layers)
+
+
 def layout_of(cfg, world_size: int, **changes) -> dict:
     """estimate_layout's keyword arguments for a composed pipeline config run on `world_size` ranks;
     `changes` override any of them (e.g. expert_parallel_size=1, zero_stage=3)."""
@@ -338,6 +355,7 @@ def layout_of(cfg, world_size: int, **changes) -> dict:
         optimizer=OPTIMIZERS.get(trainer.get("optim", "adamw_torch"), "adamw"),
         offload_optimizer=offload,
         activation_checkpointing=bool(trainer.activation_checkpointing),
+        checkpoint_every=int(activation_checkpointing_kwargs(trainer).get("every_n_layers", 1)),
         stage=cfg.stage,
     )
     return {**layout, **changes}

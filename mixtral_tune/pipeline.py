@@ -5,8 +5,7 @@ Order matters and is the same in both entry points: everything a user can get wr
 files and rows, parallel combination) is checked before a model is built or an output written.
 """
 
-import json  # noqa: I001  (mixtral_model.quiet comes before deepspeed)
-import os
+import os  # noqa: I001  (mixtral_model.quiet comes before deepspeed)
 import sys
 from pathlib import Path
 
@@ -28,6 +27,7 @@ from mixtral_tune.callbacks import RunSummaryCallback, use_lean_console
 from mixtral_tune.checkpoints import latest_complete_checkpoint
 from mixtral_tune.config import (
     ConfigError,
+    activation_checkpointing_kwargs,
     check_architecture_matches,
     deepspeed_dict,
     load_config,
@@ -145,17 +145,13 @@ def training_kwargs(cfg: DictConfig) -> dict:
     """Arguments for TRL's SFTConfig/DPOConfig: the `trainer` section as it is (TRL's names) over
     the pipelines' defaults, then what is set from the rest of the config (never from `trainer`)."""
     trainer = OmegaConf.to_container(cfg.trainer, resolve=True)
+    trainer.pop("activation_checkpointing_kwargs", None)  # in `defaults`, joined with ours
     compute_dtype = cfg.peft.quant.compute_dtype if cfg.peft.method == "qlora" else cfg.model.dtype
     has_eval_data = bool(cfg.data.eval_path or cfg.data.eval_fraction > 0)
     if not has_eval_data:
         trainer.pop("eval_steps", None)
-    # Key by key: `every_n_layers` or `offload` (transformers' own keys) keep non-reentrant checkpointing.
-    checkpointing = trainer.pop("activation_checkpointing_kwargs", None) or {}
-    if isinstance(checkpointing, str):  # TrainingArguments also takes it as a JSON string
-        checkpointing = json.loads(checkpointing)
-    checkpointing = {"use_reentrant": False} | checkpointing
     defaults = dict(
-        activation_checkpointing_kwargs=checkpointing,
+        activation_checkpointing_kwargs=activation_checkpointing_kwargs(cfg.trainer),
         logging_first_step=True,
         eval_strategy="steps" if trainer.get("eval_steps") is not None else "no",
         save_strategy="steps",

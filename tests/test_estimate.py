@@ -24,6 +24,7 @@ from mixtral_model import MixtralConfig, MixtralForCausalLM
 from mixtral_tune.config import LORA_TARGET_MODULES, compose, recipe_files
 from mixtral_tune.estimate import (
     GIB,
+    checkpointed_layers,
     estimate_layout,
     estimate_run,
     layout_of,
@@ -258,3 +259,23 @@ def test_zero3_weight_gathers_and_gradient_reduce_scatters_are_what_the_estimate
     assert per_step["all_gather"] == pytest.approx(
         estimate.communication["zero3_weight_all_gather"], rel=1e-2
     )
+
+
+@pytest.mark.parametrize("every", [1, 2, 3, 5, 6])
+def test_checkpointed_layers_are_those_transformers_every_n_layers_checkpoints(every):
+    model = MixtralForCausalLM(tiny(**{**TINY_SHAPES[0], "num_hidden_layers": 5}))
+    model.activation_checkpointing_enable(every_n_layers=every)
+    flagged = sum(bool(layer.gradient_checkpointing) for layer in model.model.layers)
+    assert checkpointed_layers(5, every) == flagged
+
+
+def test_a_recipe_with_every_n_layers_is_estimated_with_that_many_checkpointed_layers():
+    recipe = ["+recipe=mixtral-8x7b/sft_qlora"]
+    cfg = compose("sft", [*recipe, "+trainer.activation_checkpointing_kwargs={every_n_layers: 2}"])
+    halves = estimate_layout(cfg.model.architecture, **layout_of(cfg, world_size=1))
+    every = estimate_run(recipe, world_size=1)
+    assert (halves.layout["checkpoint_every"], halves.layout["checkpointed_layers"]) == (2, 16)
+    assert (every.layout["checkpoint_every"], every.layout["checkpointed_layers"]) == (1, 32)
+    # 16 layers keep their working set instead of their input: the activations grow, nothing else
+    grown = {k for k in every.memory if halves.memory[k] != every.memory[k]}
+    assert grown == {"activations"} and halves.memory["activations"] > every.memory["activations"]

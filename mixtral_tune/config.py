@@ -625,10 +625,17 @@ def activation_checkpointing_kwargs(trainer: dict | DictConfig) -> dict:
     and torch.utils.checkpoint's own keys."""
     value = trainer.get("activation_checkpointing_kwargs") or {}
     if isinstance(value, str):
-        value = json.loads(value)
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as error:
+            raise ConfigError(f"trainer.activation_checkpointing_kwargs is not JSON: {error}") from None
     if isinstance(value, DictConfig):
         value = OmegaConf.to_container(value, resolve=True)
-    return {"use_reentrant": False} | dict(value)
+    if not isinstance(value, dict):
+        raise ConfigError(
+            f"trainer.activation_checkpointing_kwargs={value!r}: give a mapping, e.g. '{{every_n_layers: 2}}'"
+        )
+    return {"use_reentrant": False} | value
 
 
 def report_to(cfg: DictConfig) -> list[str]:
@@ -672,6 +679,12 @@ def check_trainer(cfg: DictConfig) -> None:
     for key in ("save_total_limit", "eval_steps"):
         if value(key) is not None:
             require_positive(f"trainer.{key}", value(key))
+    every = activation_checkpointing_kwargs(cfg.trainer).get("every_n_layers", 1)
+    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+        raise ConfigError(
+            f"trainer.activation_checkpointing_kwargs.every_n_layers={every!r} must be a whole number >= 1 "
+            "(1 checkpoints every layer, 2 every 2nd, ...)"
+        )
     check_evaluation(cfg)
     check_report_to(cfg)
     if cfg.stage == "dpo":

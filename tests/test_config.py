@@ -170,6 +170,15 @@ def test_wrong_type_fails_naming_the_key(override, key):
     assert key in config_error("sft", ["+recipe=tiny/sft", override])
 
 
+@pytest.mark.parametrize("value", ["0", "-1", "1.5", "two"])
+def test_every_n_layers_must_be_a_whole_number_from_1(value):
+    """transformers checkpoints the layers whose index % every_n_layers == 0, at the first training step:
+    0 divides by zero there, "two" fails there, and -1 or 1.5 pick layers that are not every n-th."""
+    override = f"+trainer.activation_checkpointing_kwargs={{every_n_layers: {value}}}"
+    message = config_error("sft", ["+recipe=tiny/sft", override])
+    assert "trainer.activation_checkpointing_kwargs.every_n_layers" in message, message
+
+
 def test_unknown_key_suggests_the_closest_schema_key():
     message = config_error("sft", ["+recipe=tiny/sft", "trainer.learning_rat=1e-4"])
     assert "did you mean 'trainer.learning_rate'" in message

@@ -25,8 +25,8 @@ Memory (bytes on one GPU):
   one layer's working set recomputed at a time (attention projections; the T*k expert rows through
   w1, w3, SwiGLU and w2; under EP the dispatched and combined rows); without checkpointing every
   layer's working set is kept, and with transformers' `every_n_layers` (trainer.activation_checkpointing_kwargs)
-  that of every layer it leaves out. This working set is a lower bound: PEFT's fp32 adapter inputs, dropout
-  masks and the norms' fp32 copies are not in it (README, "Memory back for speed", has a GPU measurement).
+  that of every layer it leaves out. This working set is a lower bound: PEFT's fp32 adapter inputs and the norms'
+  fp32 copies are not in it (README, "Memory back for speed", has a GPU measurement).
   T = micro-batch x sequence length tokens (x2 under DPO: chosen and
   rejected). The logits: one fp32 tile of TRL's fused LM head (up to 32768 tokens) and its gradient;
 - not counted: DeepSpeed's communication buckets, CUDA context and allocator fragmentation.

@@ -1226,15 +1226,26 @@ def kernel_times(prof, cuda: bool) -> list[tuple[str, int, float]]:
     return sorted((r for r in rows if r[2] > 0), key=lambda r: -r[2])
 
 
+def timed_and_profiled(run: Run, step) -> tuple[float, list[tuple[str, int, float]]]:
+    """Median seconds of `step` (timed without the profiler), then its kernels over PROFILED_STEPS steps."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    cuda = run.device.type == "cuda"
+    seconds = statistics.median(time_steps(run, step, run.shapes.warmup, run.shapes.repeats))
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with torch_profile(activities=activities) as prof:
+        for _ in range(PROFILED_STEPS):
+            step()
+        run.synchronize()
+    return seconds, kernel_times(prof, cuda)
+
+
 def profile(run: Run, sec: Section) -> None:
     """Where a LoRA and a QLoRA step's time goes on one Mixtral-shaped layer, for each expert backend
     (auto, grouped_loop, per_expert): GPU kernel time by kind, kernels launched and GPU busy share of the
     step, and the largest kernels. A step with little busy time is bound by launching kernels, not by them."""
-    from torch.profiler import ProfilerActivity
-    from torch.profiler import profile as torch_profile
-
     s, cuda = run.shapes, run.device.type == "cuda"
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     kinds = [kind for kind, _ in KERNEL_KINDS] + ["other"]
     input_ids = torch.randint(0, s.model["vocab_size"], (1, s.seq), device=run.device,
                               generator=torch.Generator(device=run.device).manual_seed(3))  # fmt: skip
@@ -1262,16 +1273,7 @@ def profile(run: Run, sec: Section) -> None:
                 sec.say(f"[{mode}] {backend} skipped: time budget exhausted")
                 continue
             set_expert_backend(model, "auto" if backend == auto else backend)
-
-            def timed_and_profiled(step=step):
-                seconds = statistics.median(time_steps(run, step, s.warmup, s.repeats))
-                with torch_profile(activities=activities) as prof:
-                    for _ in range(PROFILED_STEPS):
-                        step()
-                    run.synchronize()
-                return seconds, kernel_times(prof, cuda)
-
-            measured = attempt(run, sec, f"profile/{mode}/{backend}", timed_and_profiled)
+            measured = attempt(run, sec, f"profile/{mode}/{backend}", partial(timed_and_profiled, run, step))
             if measured is None:  # recorded; the other backends still run
                 continue
             seconds, kernels = measured

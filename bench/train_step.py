@@ -11,9 +11,9 @@ for a core and CPU time does not (it still counts cache and memory-bandwidth con
 
 Scenarios (each one's implementations timed round-robin in this one process, so machine noise hits
 them alike; printed: median seconds per step and the median over rounds of each per-round ratio, and
-per step the medians of user and system CPU time and of minor page faults (getrusage): system time is
-mostly the kernel handing out fresh pages for large new tensors: torch's CPU allocator keeps no cache,
-and glibc maps such blocks anew on each allocation and unmaps them when they are freed):
+per step the medians of user and system CPU time and of minor page faults (getrusage): system time
+rises with the page faults of large new tensors, since torch's CPU allocator keeps no cache and glibc
+maps such blocks anew on each allocation and unmaps them when they are freed):
 
     lora_{fp32,bf16}   LoRA r=16 on attention (q, k, v, o) and experts: ours (automatic expert backend),
                        ours with `per_expert`, transformers' MixtralForCausalLM under PEFT (LoRA on its
@@ -141,9 +141,8 @@ def build(scenario: str, directory: str, r: int, per_expert: bool = True) -> dic
             expert_parameters=["experts.gate_up_proj", "experts.down_proj"],
         )
         return models
-    if (
-        kind == "ckpt"
-    ):  # activation checkpointing as transformers' every_n_layers sets it; ratios vs every layer
+    if kind == "ckpt":
+        # activation checkpointing as transformers' every_n_layers sets it; ratios against every layer
         models = {}
         for name, every in (("ours, every 2nd layer", 2), ("ours, off", None), ("ours, every layer", 1)):
             model = lora(ours(directory, dtype), r, ["w1", "w2", "w3"])

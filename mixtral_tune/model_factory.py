@@ -20,10 +20,9 @@ NEVER_QUANTIZED = ["gate", "lm_head"]  # the router and the output head stay in 
 
 
 def random_init_config(cfg: DictConfig, tokenizer: PreTrainedTokenizerBase) -> MixtralConfig:
+    # ArchitectureConfig's fields are MixtralConfig's names
     return MixtralConfig(
-        **OmegaConf.to_container(
-            cfg.model.architecture
-        ),  # ArchitectureConfig's fields are MixtralConfig's names
+        **OmegaConf.to_container(cfg.model.architecture),
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,

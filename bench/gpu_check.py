@@ -5,7 +5,7 @@
     python bench/gpu_check.py --only training,qlora_memory   # a subset of the sections below
 
 It needs torch (CUDA), transformers >= 5.24, peft, bitsandbytes, sentencepiece (imported by
-`mixtral_model`), hydra-core/omegaconf (imported by mixtral_tune/model_factory.py); flash-attn is optional.
+`mixtral_model`), hydra-core/omegaconf (imported by mixtral_tune/training/model_factory.py); flash-attn is optional.
 
 Sections, in order (each one records its error and the script moves on; once the time budget
 `--budget-s` is spent the remaining sections are skipped; the files are rewritten after every section):
@@ -13,13 +13,13 @@ Sections, in order (each one records its error and the script moves on; once the
 1. environment: GPU, versions, the expert backend `auto` picks for plain bf16 experts;
 2. nf4_build: the in-memory NF4 quantization used below (a model built on the GPU and quantized
    module by module) gives the same 4-bit weights and logits as `from_pretrained(quantization_config=
-   mixtral_tune.model_factory.quantization_config(...))`, the factory's path;
+   mixtral_tune.training.model_factory.quantization_config(...))`, the factory's path;
 3. attention: flash-attn 2 (if importable) and sdpa against an fp32 eager reference (outputs and q/k/v
    gradients; causal, sliding window, packed sequences with a window) and their fwd+bwd speed;
 4. experts: our SparseMoeBlock's `grouped_mm`, `grouped_loop` (and `auto`) against `per_expert`: output, input and every
    parameter gradient in bf16, and fwd+bwd speed;
 5. training: Mixtral-8x7B-shaped layers (hidden 4096, intermediate 14336, 8 experts top-2, GQA 32/8,
-   vocab 32000, batch 1 x 4096 tokens) for full bf16, LoRA and QLoRA (mixtral_tune.model_factory.apply_peft on
+   vocab 32000, batch 1 x 4096 tokens) for full bf16, LoRA and QLoRA (mixtral_tune.training.model_factory.apply_peft on
    configs/peft/{lora,qlora}.yaml), ours (`auto` and `per_expert` experts) against transformers'
    MixtralForCausalLM (+PEFT LoRA on its fused experts via `target_parameters`, +bitsandbytes) holding
    the same weights: tokens/s, MFU, peak memory, and auto-vs-per_expert parity of loss and gradients;
@@ -46,7 +46,7 @@ QLoRA (frozen weights need no weight gradient); N_active counts the attention pr
 top-k experts and lm_head (not the embedding lookup); 6 L T d_attn is causal attention (QK^T and PV,
 forward + backward, half of the T x T square); recomputation and LoRA adapter FLOPs are not counted.
 
-QLoRA: ours goes through the factory (`mixtral_tune.model_factory.prepare_4bit_for_training`: frozen, unquantized
+QLoRA: ours goes through the factory (`mixtral_tune.training.model_factory.prepare_4bit_for_training`: frozen, unquantized
 weights kept bf16); transformers' through `peft.prepare_model_for_kbit_training` (what TRL does for a 4-bit
 model): every non-4-bit bf16 parameter becomes fp32, so its activations flow in fp32, and its fused
 experts, which bitsandbytes does not quantize, are trained around in fp32. PEFT's
@@ -425,7 +425,7 @@ def peft_cfg(method: str):
 
 def bnb_config(cfg):
     """The factory's BitsAndBytesConfig for this peft config."""
-    from mixtral_tune.model_factory import quantization_config
+    from mixtral_tune.training.model_factory import quantization_config
 
     return quantization_config(cfg)
 
@@ -462,7 +462,7 @@ def quantized(model, quant, device: torch.device):
 
 
 def apply_peft_ours(model, cfg, gradient_checkpointing: bool):
-    from mixtral_tune.model_factory import apply_peft
+    from mixtral_tune.training.model_factory import apply_peft
 
     return apply_peft(model, cfg, gradient_checkpointing)
 

@@ -37,7 +37,7 @@ def peft_upcast(model, gradient_checkpointing: bool) -> None:
 
 
 def one_layer_saved(backend: str, autocast: bool, upcast: bool = False) -> dict[str, float]:
-    import mixtral_tune.model_factory as factory
+    import mixtral_tune.training.model_factory as factory
 
     if upcast:
         original, factory.prepare_4bit_for_training = factory.prepare_4bit_for_training, peft_upcast

@@ -28,7 +28,7 @@ from mixtral_model import encode_chat, load_tokenizer
 from mixtral_tune.config import load_config
 from mixtral_tune.data import prepare_sft_data
 from mixtral_tune.evaluate import read_jsonl
-from mixtral_tune.model_factory import random_init_config, write_random_init
+from mixtral_tune.training.model_factory import random_init_config, write_random_init
 
 
 def cpu_seconds() -> float:

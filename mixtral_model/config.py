@@ -46,7 +46,7 @@ class MixtralConfig(PreTrainedConfig):
         if kwargs.pop("expert_parallel_size", 1) != 1:  # a field of older versions: now a launch choice
             raise ValueError(
                 "expert_parallel_size is not a model config field: pass it to from_pretrained, or apply "
-                "mixtral_model.parallel.parallelize_experts to the built model"
+                "mixtral_parallel.expert_parallel.parallelize_experts to the built model"
             )
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads

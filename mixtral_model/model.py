@@ -18,10 +18,10 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
 
 from .attention import ATTENTION_BACKENDS, Attention
-from .checkpoint import CheckpointLoadingMixin
 from .config import MixtralConfig
 from .cross_entropy import cross_entropy_sum
 from .flash_attention import check_flash_attention_available
+from .hub_weights import CheckpointLoadingMixin
 from .masks import AttentionLayout, packed_sequence_ids
 from .moe import Expert, Router, SparseMoeBlock
 from .norm import RMSNorm
@@ -193,7 +193,7 @@ class MixtralForCausalLM(MixtralPreTrainedModel, GenerationMixin):
         """(router_aux_loss_coef * aux + router_z_loss_coef * z, aux, z): the router terms of the
         training objective, with the config's coefficients. The one place they are weighted: this
         model's forward(labels=...) adds them to its LM loss, and the SFT/DPO trainers to theirs
-        (mixtral_tune/objective.py)."""
+        (mixtral_tune/training/objective.py)."""
         aux_loss, z_loss = self.router_losses(router_logits, attention_mask)
         weighted = self.config.router_aux_loss_coef * aux_loss
         if z_loss is not None:

@@ -41,9 +41,9 @@ from hydra.errors import HydraException
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
-from mixtral_model.checkpoint import looks_like_local_path
-from mixtral_tune.checkpoints import latest_complete_checkpoint
+from mixtral_model.hub_weights import looks_like_local_path
 from mixtral_tune.shipped import CONFIG_DIR, DATA_DIR, recipe_files
+from mixtral_tune.training.resume import latest_complete_checkpoint
 
 STAGES = ("sft", "dpo")
 DTYPES = {
@@ -450,7 +450,7 @@ def check_architecture_matches(cfg: DictConfig, model_config: Any) -> None:
 def check_expert_parallel(cfg: DictConfig) -> None:
     """The EP layout (checked where the model code checks it, named by its config key), then what a
     launch with expert parallelism needs."""
-    from mixtral_model.parallel import validate_expert_parallel
+    from mixtral_parallel.expert_parallel import validate_expert_parallel
 
     size = cfg.model.expert_parallel_size
     try:

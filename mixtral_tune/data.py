@@ -78,7 +78,7 @@ from trl.data_utils import pack_dataset
 
 import mixtral_model.tokenizer
 from mixtral_model import encode_chat
-from mixtral_model.checkpoint import looks_like_local_path
+from mixtral_model.hub_weights import looks_like_local_path
 from mixtral_model.tokenizer import ROLES, validate_conversation
 
 logger = logging.getLogger(__name__)

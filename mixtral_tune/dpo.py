@@ -6,7 +6,7 @@
 
 The reference model is the base with adapters disabled under PEFT, a frozen copy otherwise; the
 policy's router terms (aux and z-loss, with the model config's coefficients) are added to the DPO
-loss by mixtral_tune/objective.py and the reference forward carries none.
+loss by mixtral_tune/training/objective.py and the reference forward carries none.
 """
 
 import sys  # noqa: I001  (mixtral_model.quiet is imported first)
@@ -14,24 +14,13 @@ import sys  # noqa: I001  (mixtral_model.quiet is imported first)
 from mixtral_model import quiet  # noqa: F401  (before TRL: drops start-up messages nobody can act on)
 from trl import DPOConfig, DPOTrainer
 
-from mixtral_model.zero import DeepSpeedMoETrainerMixin
 from mixtral_tune import pipeline
-from mixtral_tune.callbacks import RouterStatsLoggingMixin
-from mixtral_tune.checkpoints import ResumeMixin
+from mixtral_tune.training.trainers import mixtral_trainer
 from mixtral_tune.data import prepare_dpo_data
-from mixtral_tune.model_factory import build_frozen_reference
-from mixtral_tune.objective import RouterObjectiveMixin
+from mixtral_tune.training.model_factory import build_frozen_reference
 
 
-class MixtralDPOTrainer(
-    ResumeMixin,
-    pipeline.ExpertParallelSaveMixin,
-    RouterStatsLoggingMixin,
-    RouterObjectiveMixin,
-    DeepSpeedMoETrainerMixin,
-    DPOTrainer,
-):
-    pass
+MixtralDPOTrainer = mixtral_trainer(DPOTrainer)
 
 
 def dpo_arguments(cfg) -> DPOConfig:

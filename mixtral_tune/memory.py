@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from mixtral_model import MixtralConfig, MixtralForCausalLM
-from mixtral_tune.model_factory import NEVER_QUANTIZED
+from mixtral_tune.training.model_factory import NEVER_QUANTIZED
 
 GB = 1024**3
 NF4_BLOCK, NESTED_BLOCK = 64, 256

@@ -15,16 +15,12 @@ import torch
 import transformers
 from huggingface_hub import HfApi
 from omegaconf import DictConfig, OmegaConf
-from peft import PeftModel
-from transformers.trainer import TRAINING_ARGS_NAME
 
 from mixtral_model import MixtralConfig, load_tokenizer
-from mixtral_model.checkpoint import save_expert_parallel_adapter
-from mixtral_model.parallel import expert_parallel_of
 from mixtral_model.tokenizer import save_for_serving
-from mixtral_model.zero import check_parallel_combination, gathered_state_dict, prepare_for_deepspeed
-from mixtral_tune.callbacks import RunSummaryCallback, use_lean_console
-from mixtral_tune.checkpoints import latest_complete_checkpoint
+from mixtral_parallel.deepspeed_moe import check_parallel_combination, prepare_for_deepspeed
+from mixtral_tune.training.reporting import RunSummaryCallback, use_lean_console
+from mixtral_tune.training.resume import latest_complete_checkpoint
 from mixtral_tune.config import (
     ConfigError,
     activation_checkpointing_kwargs,
@@ -38,7 +34,7 @@ from mixtral_tune.config import (
 )
 from mixtral_tune.data import DataError
 from mixtral_tune.model_card import write_generation_config, write_model_card
-from mixtral_tune.model_factory import build_model, write_random_init
+from mixtral_tune.training.model_factory import build_model, write_random_init
 
 USAGE = """usage: {script} +recipe=NAME|FILE.yaml [deepspeed=NAME|FILE.json] [key=value ...] [--print-config]
   --print-config (or --cfg job): print the resolved, validated config and exit (see README: CLI)"""
@@ -231,27 +227,6 @@ def report_data(prepared, max_examples: int) -> None:
     for report in prepared.reports:
         if report.bad or report.truncated or report.dropped:
             print(report.summary(max_examples), flush=True)
-
-
-class ExpertParallelSaveMixin:
-    """Put first in a trainer's bases. Under expert parallelism every rank holds different experts:
-    each save (checkpoints and the final model) gathers them into one complete hub checkpoint
-    through the model's collective save_pretrained -- or, for a PEFT model, into one complete
-    adapter holding every expert's lora_A/lora_B -- instead of rank 0 writing only its own."""
-
-    def save_model(self, output_dir=None, _internal_call=False):
-        model = self.accelerator.unwrap_model(self.model)
-        if expert_parallel_of(model) is None:
-            return super().save_model(output_dir, _internal_call)
-        output_dir = output_dir or self.args.output_dir
-        if isinstance(model, PeftModel):
-            save_expert_parallel_adapter(model, output_dir, gathered_state_dict(model, trainable_only=True))
-        else:
-            model.save_pretrained(output_dir, state_dict=gathered_state_dict(model))
-        if self.args.should_save:  # what HF Trainer._save writes beside the weights
-            torch.save(self.args, Path(output_dir) / TRAINING_ARGS_NAME)
-            if self.processing_class is not None:
-                self.processing_class.save_pretrained(output_dir)
 
 
 def save_final(trainer, cfg: DictConfig, tokenizer) -> str:

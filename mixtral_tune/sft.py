@@ -14,23 +14,12 @@ import sys  # noqa: I001  (mixtral_model.quiet is imported first)
 from mixtral_model import quiet  # noqa: F401  (before TRL: drops start-up messages nobody can act on)
 from trl import SFTConfig, SFTTrainer
 
-from mixtral_model.zero import DeepSpeedMoETrainerMixin
 from mixtral_tune import pipeline
-from mixtral_tune.callbacks import RouterStatsLoggingMixin
-from mixtral_tune.checkpoints import ResumeMixin
+from mixtral_tune.training.trainers import mixtral_trainer
 from mixtral_tune.data import prepare_sft_data
-from mixtral_tune.objective import RouterObjectiveMixin
 
 
-class MixtralSFTTrainer(
-    ResumeMixin,
-    pipeline.ExpertParallelSaveMixin,
-    RouterStatsLoggingMixin,
-    RouterObjectiveMixin,
-    DeepSpeedMoETrainerMixin,
-    SFTTrainer,
-):
-    pass
+MixtralSFTTrainer = mixtral_trainer(SFTTrainer)
 
 
 def sft_arguments(cfg) -> SFTConfig:

@@ -7,9 +7,8 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from mixtral_model.checkpoint import looks_like_local_path
+from mixtral_model.hub_weights import looks_like_local_path
 from mixtral_tune import config as config_module
-from mixtral_tune.checkpoints import latest_complete_checkpoint, mark_checkpoint_complete
 from mixtral_tune.config import (
     ConfigError,
     check_architecture_matches,
@@ -22,6 +21,7 @@ from mixtral_tune.config import (
     validate,
 )
 from mixtral_tune.shipped import RECIPE_DIR, recipe_files
+from mixtral_tune.training.resume import latest_complete_checkpoint, mark_checkpoint_complete
 
 RECIPES = sorted(recipe_files())
 EXPECTED_RECIPES = {
@@ -416,7 +416,7 @@ def test_trl_only_options_reach_the_trainer_arguments(tmp_path):
         )  # fmt: skip
     )
     assert (dpo.loss_type, dpo.loss_weights, dpo.label_smoothing) == (["exo_pair", "sft"], [1.0, 0.5], 1e-3)
-    # The aux coefficient reaches the loss by one road, the model config (mixtral_tune/objective.py): TRL's
+    # The aux coefficient reaches the loss by one road, the model config (mixtral_tune/training/objective.py): TRL's
     # own copy stays unset, or the objective mixin refuses the run.
     assert (dpo.beta, dpo.router_aux_loss_coef, dpo.max_length) == (0.1, None, 64)
 
@@ -429,7 +429,7 @@ def test_a_saved_run_config_is_a_recipe_that_composes_the_same_config(tmp_path):
 
 
 def test_one_rule_tells_local_paths_from_hub_names(rows_file, tmp_path, monkeypatch):
-    """mixtral_model.checkpoint.looks_like_local_path, used for models, tokenizers and data alike."""
+    """mixtral_model.hub_weights.looks_like_local_path, used for models, tokenizers and data alike."""
     for hub_name in ("mistralai/Mixtral-8x7B-v0.1", "HuggingFaceH4/ultrachat_200k", "gpt2"):
         assert not looks_like_local_path(hub_name), hub_name
     for path in ("/abs/dir", "./dir", "../dir", "~/dir", ".cache/dir", "outputs/tiny-sft/final", "rows.jsonl",

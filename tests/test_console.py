@@ -6,7 +6,7 @@ import math
 import torch
 
 from mixtral_model.router_stats import router_statistics
-from mixtral_tune.callbacks import ConsoleLogCallback
+from mixtral_tune.training.reporting import ConsoleLogCallback
 
 
 def test_moe_line_summarises_router_statistics_and_shows_drops_only_when_there_are_some():

@@ -56,7 +56,7 @@ def test_qlora_trains_on_cuda_and_its_account_equals_its_tensors(tmp_path):
 
     from mixtral_tune.config import LORA_TARGET_MODULES
     from mixtral_tune.memory import qlora_account, tensor_account
-    from mixtral_tune.model_factory import apply_peft, quantization_config
+    from mixtral_tune.training.model_factory import apply_peft, quantization_config
 
     torch.manual_seed(0)
     config = MixtralConfig(**tiny_config(hidden_size=128, intermediate_size=256, output_router_logits=True))

@@ -1,4 +1,4 @@
-"""DeepSpeed wiring (`mixtral_model/zero.py`): the gradient rule under ZeRO 0-3, with and without
+"""DeepSpeed wiring (`mixtral_parallel/deepspeed_moe.py`): the gradient rule under ZeRO 0-3, with and without
 expert parallelism, on gloo ranks on CPU.
 
 Each distributed test launches `torchrun` on a worker in tests/distributed/ (a free port, a timeout, so
@@ -28,7 +28,7 @@ from safetensors.torch import load_file
 
 from mixtral_model import MixtralConfig, MixtralForCausalLM
 from mixtral_model.moe import SparseMoeBlock
-from mixtral_model.zero import (
+from mixtral_parallel.deepspeed_moe import (
     check_parallel_combination,
     check_zero_config_for_moe,
     mark_expert_parameters,

@@ -15,7 +15,7 @@ import torch
 from mixtral_reference import tiny_config
 
 from mixtral_model import MixtralConfig, MixtralForCausalLM
-from mixtral_model.parallel import (
+from mixtral_parallel.expert_parallel import (
     ExpertParallelGroups,
     expert_parallel_of,
     expert_parallel_ranks,

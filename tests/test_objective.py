@@ -1,4 +1,4 @@
-"""The objective the pipelines train (mixtral_tune/objective.py), held to the model's own forward(labels=...):
+"""The objective the pipelines train (mixtral_tune/training/objective.py), held to the model's own forward(labels=...):
 LM loss, router aux loss and router z-loss, under SFT and DPO, weighted by the model config's
 coefficients only and logged as trained. Pipelines run in-process on a small model. And the TRL/PEFT
 internals we lean on: a version without them fails loudly."""
@@ -11,12 +11,12 @@ import torch
 import trl
 from pipeline_runs import SMALL_MODEL, log_history
 
+from mixtral_compat.peft import skip_peft_target_rewrite_for_native_mixtral
 from mixtral_model import MixtralForCausalLM
-from mixtral_model.peft_compat import skip_peft_target_rewrite_for_native_mixtral
 from mixtral_tune import dpo, pipeline, sft
 from mixtral_tune.data import prepare_dpo_data, prepare_sft_data
-from mixtral_tune.model_factory import build_frozen_reference
-from mixtral_tune.objective import RouterObjectiveMixin
+from mixtral_tune.training.model_factory import build_frozen_reference
+from mixtral_tune.training.objective import RouterObjectiveMixin
 
 Z = 0.1  # router_z_loss_coef when on: z ~ 2 here, so the term is ~0.2, far above fp32 noise
 STAGES = {

@@ -23,7 +23,7 @@ from pipeline_runs import (
 from safetensors.torch import load_file
 
 from mixtral_model import MixtralForCausalLM
-from mixtral_tune.checkpoints import latest_complete_checkpoint
+from mixtral_tune.training.resume import latest_complete_checkpoint
 
 
 def logits(model, seed=0):

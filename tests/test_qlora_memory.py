@@ -17,7 +17,7 @@ from mixtral_tune.memory import (
     saved_bytes_by_module,
     tensor_account,
 )
-from mixtral_tune.model_factory import NEVER_QUANTIZED
+from mixtral_tune.training.model_factory import NEVER_QUANTIZED
 
 MIXTRAL_8X7B = MixtralConfig(**MIXTRAL_8X7B_SHAPE)
 
@@ -80,7 +80,7 @@ def tiny_qlora(prepare=None, optimizer_name="adamw"):
     storage, LoRA on attention and experts), one training step taken."""
     from omegaconf import OmegaConf
 
-    from mixtral_tune.model_factory import apply_peft, quantization_config
+    from mixtral_tune.training.model_factory import apply_peft, quantization_config
 
     torch.manual_seed(0)
     config = MixtralConfig(

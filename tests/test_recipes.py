@@ -33,7 +33,7 @@ from safetensors.torch import load_file
 from mixtral_model import MixtralConfig, MixtralForCausalLM, load_tokenizer
 from mixtral_tune.config import compose, load_config, recipe_files
 from mixtral_tune.evaluate import exact_match, preference_metrics, read_jsonl
-from mixtral_tune.model_factory import load_model, quantization_config, write_random_init
+from mixtral_tune.training.model_factory import load_model, quantization_config, write_random_init
 
 DATA = REPO / "tests" / "data"
 TINY = {

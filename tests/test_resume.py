@@ -23,7 +23,7 @@ import torch
 from pipeline_runs import DPO, SFT, log_history, pipeline_command, run_env, run_pipeline
 from safetensors.torch import load_file
 
-from mixtral_tune.checkpoints import (
+from mixtral_tune.training.resume import (
     COMPLETE_MARKER,
     checkpoint_problem,
     latest_complete_checkpoint,

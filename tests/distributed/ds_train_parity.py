@@ -27,10 +27,10 @@ sys.path[:0] = [str(Path(__file__).resolve().parents[2]), str(Path(__file__).res
 from mixtral_reference import tiny_config  # noqa: E402
 
 from mixtral_model import MixtralConfig, MixtralForCausalLM, moe  # noqa: E402
-from mixtral_model.checkpoint import load_expert_parallel_adapter, save_expert_parallel_adapter  # noqa: E402
 from mixtral_model.moe import Router  # noqa: E402
-from mixtral_model.parallel import new_expert_parallel_groups, parallelize_experts  # noqa: E402
-from mixtral_model.zero import gathered_state_dict, prepare_for_deepspeed  # noqa: E402
+from mixtral_parallel.deepspeed_moe import gathered_state_dict, prepare_for_deepspeed  # noqa: E402
+from mixtral_parallel.expert_parallel import new_expert_parallel_groups, parallelize_experts  # noqa: E402
+from mixtral_parallel.expert_state import load_expert_parallel_adapter, save_expert_parallel_adapter  # noqa: E402
 
 MICRO_BATCH, SEQ = 2, 16
 SKEW_BIAS = 30.0

@@ -24,11 +24,8 @@ sys.path[:0] = [str(Path(__file__).resolve().parents[2]), str(Path(__file__).res
 
 from ds_train_parity import CLIP_NORM, build_models, compare, local_parameters, merge_ranks  # noqa: E402
 
-from mixtral_model.zero import (  # noqa: E402
-    DeepSpeedMoETrainerMixin,
-    gathered_state_dict,
-    prepare_for_deepspeed,
-)
+from mixtral_parallel.deepspeed_moe import gathered_state_dict, prepare_for_deepspeed  # noqa: E402
+from mixtral_tune.training.trainers import DeepSpeedMoETrainerMixin  # noqa: E402
 
 GLOBAL_BATCH, SEQ, LR, LR_ADAMW = 4, 16, 0.5, 1e-2
 

@@ -14,7 +14,7 @@ import torch.distributed as dist
 
 sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parents[2])]
 
-from mixtral_model.parallel import new_expert_parallel_groups  # noqa: E402
+from mixtral_parallel.expert_parallel import new_expert_parallel_groups  # noqa: E402
 
 
 def construction_error(expert_parallel_size: int) -> str | None:

@@ -2,7 +2,7 @@
 
     torchrun --nproc_per_node 2 tests/distributed/estimate_ep.py WORKDIR OUT.json
 
-Every rank builds the pipelines' model (mixtral_tune.model_factory.build_model: tiny config, EP=2, LoRA on
+Every rank builds the pipelines' model (mixtral_tune.training.model_factory.build_model: tiny config, EP=2, LoRA on
 attention and experts, fp32) and records the parameters it holds, by kind (dense / expert, base / LoRA).
 Then one forward and backward of a micro-batch with activation checkpointing runs with
 torch.distributed.all_to_all_single wrapped: the bytes of every token buffer (2-D tensors; the 1-D
@@ -20,9 +20,9 @@ import torch.distributed as dist
 sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parents[2])]
 
 from mixtral_model import load_tokenizer  # noqa: E402
-from mixtral_model.parallel import is_expert_param  # noqa: E402
+from mixtral_parallel.expert_parallel import is_expert_param  # noqa: E402
 from mixtral_tune.config import compose  # noqa: E402
-from mixtral_tune.model_factory import build_model, write_random_init  # noqa: E402
+from mixtral_tune.training.model_factory import build_model, write_random_init  # noqa: E402
 
 MICRO_BATCH, SEQ_LEN = 2, 12
 

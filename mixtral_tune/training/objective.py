@@ -34,7 +34,7 @@ SUPPORTED = "trl>=1.16,<1.17"
 
 def _unsupported(trainer, what: str) -> RuntimeError:
     return RuntimeError(
-        f"trl {trl.__version__}: {type(trainer).__name__} {what}; mixtral_tune/objective.py is written for {SUPPORTED}"
+        f"trl {trl.__version__}: {type(trainer).__name__} {what}; mixtral_tune/training/objective.py is written for {SUPPORTED}"
     )
 
 

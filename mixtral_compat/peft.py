@@ -15,7 +15,7 @@ SUPPORTED = "peft>=0.21.2,<0.22"
 
 
 def _is_native_mixtral(model) -> bool:
-    from .model import MixtralPreTrainedModel
+    from mixtral_model.model import MixtralPreTrainedModel
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     return isinstance(base, MixtralPreTrainedModel)
@@ -38,12 +38,12 @@ def skip_peft_target_rewrite_for_native_mixtral() -> None:
     except (ImportError, AttributeError) as error:
         raise ImportError(
             f"peft {peft.__version__} has no peft.utils.transformers_weight_conversion."
-            f"convert_peft_config_for_transformers to wrap; mixtral_model/peft_compat.py is written for {SUPPORTED}"
+            f"convert_peft_config_for_transformers to wrap; mixtral_compat/peft.py is written for {SUPPORTED}"
         ) from error
     if hasattr(tuners_utils, "convert_peft_config_for_transformers"):
         raise ImportError(
             f"peft {peft.__version__} binds convert_peft_config_for_transformers in peft.tuners.tuners_utils, "
-            f"where wrapping its module would not reach; mixtral_model/peft_compat.py is written for {SUPPORTED}"
+            f"where wrapping its module would not reach; mixtral_compat/peft.py is written for {SUPPORTED}"
         )
     if getattr(original, "_skips_native_mixtral", False):
         return

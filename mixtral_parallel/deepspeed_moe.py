@@ -35,7 +35,7 @@ model the step time is the same within the noise of a shared machine.
 
 Use (see `prepare_for_deepspeed`): check the combination before building the model, prepare the model
 before `deepspeed.initialize` / `Trainer(...)`, and pass the returned parameter groups (or use
-`DeepSpeedMoETrainerMixin` with HF Trainer).
+`mixtral_tune.training.trainers.DeepSpeedMoETrainerMixin` with HF Trainer).
 """
 
 import inspect
@@ -49,8 +49,8 @@ from deepspeed.utils import groups, set_z3_leaf_modules
 from torch import distributed as dist
 from torch import nn
 
-from .moe import SparseMoeBlock
-from .parallel import (
+from mixtral_model.moe import SparseMoeBlock
+from mixtral_parallel.expert_parallel import (
     ExpertParallelGroups,
     expert_parallel_of,
     expert_parallel_ranks,
@@ -288,15 +288,6 @@ def moe_optimizer(optimizer):
     accepted = inspect.signature(type(optimizer).__init__).parameters
     defaults = {key: value for key, value in optimizer.defaults.items() if key in accepted}
     return type(optimizer)(moe_param_groups(param_groups), **defaults)
-
-
-class DeepSpeedMoETrainerMixin:
-    """Put first in a Trainer's bases (`class SFT(DeepSpeedMoETrainerMixin, SFTTrainer)`): the optimizer
-    the Trainer builds for DeepSpeed (no `optimizer` block in the DeepSpeed config) gets MoE groups."""
-
-    def create_optimizer(self, model=None):
-        self.optimizer = moe_optimizer(super().create_optimizer(model))
-        return self.optimizer
 
 
 def gathered_state_dict(model: nn.Module, trainable_only: bool = False) -> dict[str, torch.Tensor]:

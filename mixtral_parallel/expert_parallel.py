@@ -39,7 +39,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .moe import SparseMoeBlock
+from mixtral_model.moe import SparseMoeBlock
 
 EXPERT_PARAM_PATTERN = re.compile(r"(^|\.)block_sparse_moe\.experts\.\d+\.")
 

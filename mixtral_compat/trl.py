@@ -1,0 +1,9 @@
+"""Every use of trl internals (private or undocumented names) in this project, in one place.
+
+CHECKED is the range of trl versions these were checked against; `mixtral_compat.check_versions()`
+refuses others at start-up with one line. Code elsewhere calls the functions here, never the
+internals themselves.
+"""
+
+PACKAGE = "trl"
+CHECKED = ">=1.16,<1.17"

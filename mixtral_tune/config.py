@@ -42,10 +42,13 @@ from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from mixtral_model.hub_weights import looks_like_local_path
+from mixtral_tune.chat_template import ChatTemplateError, template_text, template_tokens
+from mixtral_tune.cli import COMMANDS
 from mixtral_tune.shipped import CONFIG_DIR, DATA_DIR, recipe_files
 from mixtral_tune.training.resume import latest_complete_checkpoint
 
-STAGES = ("sft", "dpo")
+# The pipelines: the commands of `mixtral-tune` (mixtral_tune/cli.py) that have a primary config.
+STAGES = tuple(command for command in COMMANDS if (CONFIG_DIR / f"{command}.yaml").is_file())
 DTYPES = {
     "float32": torch.float32,
     "bfloat16": torch.bfloat16,
@@ -136,6 +139,10 @@ class DataConfig:
     num_proc: int | None = None  # preparation worker processes; null = the CPUs this process may use (<= 32)
     cache_dir: str | None = None  # prepared datasets; null = $HF_DATASETS_CACHE/mixtral_tune_prepared
     prepare_on: str = "local_main"  # local_main: local rank 0 of each node prepares | global_main: rank 0
+    # null = Mixtral-Instruct's format | chatml | zephyr | a Jinja file | an inline Jinja string
+    # (mixtral_tune/chat_template.py); assistant-only loss from its {% generation %} marks
+    chat_template: str | None = None
+    chat_template_tokens: list[str] | None = None  # tokens to add for the template; null = a shipped one's own
 
 
 @dataclass
@@ -362,11 +369,17 @@ def check_required_values(cfg: DictConfig) -> None:
 
 def check_stage(cfg: DictConfig) -> None:
     require_choice("stage", cfg.stage, STAGES)
-    if cfg.data.kind != cfg.stage:
-        raise ConfigError(
-            f"data.kind={cfg.data.kind} does not fit the {cfg.stage} pipeline: use data.kind={cfg.stage} "
-            f"with {cfg.stage.upper()} rows, or run the {cfg.data.kind} pipeline"
-        )
+    if cfg.data.kind == cfg.stage:
+        return
+    other = (
+        f"or run the {cfg.data.kind} pipeline (mixtral-tune {cfg.data.kind})"
+        if cfg.data.kind in STAGES
+        else f"there is no {cfg.data.kind} pipeline (pipelines: {', '.join(STAGES)})"
+    )
+    raise ConfigError(
+        f"data.kind={cfg.data.kind} does not fit the {cfg.stage} pipeline: use data.kind={cfg.stage} "
+        f"with {cfg.stage.upper()} rows; {other}"
+    )
 
 
 def check_steps_and_resume(cfg: DictConfig) -> None:
@@ -439,6 +452,10 @@ def check_architecture_matches(cfg: DictConfig, model_config: Any) -> None:
     found["rope_theta"] = (getattr(model_config, "rope_parameters", None) or {}).get(
         "rope_theta", found["rope_theta"]
     )
+    # A checkpoint trained with a template's added tokens (data.chat_template_tokens) has them in its vocabulary.
+    added = len(template_tokens(cfg.data)) if cfg.data.chat_template else 0
+    if found["vocab_size"] is not None and 0 <= found["vocab_size"] - expected["vocab_size"] <= added:
+        found["vocab_size"] = expected["vocab_size"]
     for key, value in expected.items():
         if found[key] is not None and found[key] != value:
             raise ConfigError(
@@ -505,6 +522,7 @@ def check_data(cfg: DictConfig) -> None:
         raise ConfigError(
             "data.path and data.mixture: set exactly one of them (data.path=null when data.mixture lists the sources)"
         )
+    check_chat_template(data)
     for key in ("path", "eval_path"):
         require_data_file(f"data.{key}", data[key])
     for number, source in enumerate(data.mixture):
@@ -516,6 +534,31 @@ def check_data(cfg: DictConfig) -> None:
             )
         for column, target in source.columns.items():
             require_choice(f"data.mixture[{number}].columns.{column}", target, DATA_FIELDS)
+
+
+def check_chat_template(data: DictConfig) -> None:
+    """data.chat_template names a template that exists; SFT's loss mask needs its {% generation %} marks."""
+    from trl.chat_template_utils import has_generation_markers
+
+    if data.chat_template is None:
+        if data.chat_template_tokens:
+            raise ConfigError(
+                "data.chat_template_tokens is set but data.chat_template is null (Mixtral-Instruct's format "
+                "needs no new tokens): set data.chat_template, or drop data.chat_template_tokens"
+            )
+        return
+    try:
+        text = template_text(data.chat_template)
+    except ChatTemplateError as error:
+        raise ConfigError(str(error)) from None
+    if data.kind == "sft" and not has_generation_markers(text):
+        raise ConfigError(
+            "data.chat_template has no {% generation %} ... {% endgeneration %} marks around the assistant "
+            "text (TRL's convention): add them, so the SFT loss knows which tokens to train on"
+        )
+    for token in data.chat_template_tokens or []:
+        if not token or token != token.strip():
+            raise ConfigError(f"data.chat_template_tokens: {token!r} is empty or has surrounding whitespace")
 
 
 def require_data_file(key: str, value: str | None) -> None:

@@ -77,9 +77,8 @@ from transformers import PreTrainedTokenizerBase
 from trl.data_utils import pack_dataset
 
 import mixtral_model.tokenizer
-from mixtral_model import encode_chat
 from mixtral_model.hub_weights import looks_like_local_path
-from mixtral_model.tokenizer import ROLES, validate_conversation
+from mixtral_model.tokenizer import ROLES, encode_conversation, validate_conversation
 
 logger = logging.getLogger(__name__)
 
@@ -752,18 +751,18 @@ def tokenize_sft_example(
     completion_only: bool,
     truncation: str = "truncate",
 ) -> tuple[list[int], list[int], str]:
-    """(input_ids, labels, outcome) of one conversation, encoded by `encode_chat`.
+    """(input_ids, labels, outcome) of one conversation, encoded by `encode_conversation` (the run's template).
 
     The prompt is everything before the first assistant token (before the completion for
     prompt/completion rows). A longer row than max_length is cut after max_length tokens
     (truncate: the prompt stays whole, or the row is dropped when the prompt alone fills
     max_length) or dropped (drop); a dropped row comes back with no tokens.
     """
-    encoded = encode_chat(tokenizer, example.messages)
+    encoded = encode_conversation(tokenizer, example.messages)
     input_ids, trained = encoded["input_ids"], encoded["assistant_mask"]
     if example.num_prompt_messages is not None:
         prompt_length = len(
-            encode_chat(tokenizer, example.messages[: example.num_prompt_messages])["input_ids"]
+            encode_conversation(tokenizer, example.messages[: example.num_prompt_messages])["input_ids"]
         )
         trained = [0] * prompt_length + trained[prompt_length:]
     else:
@@ -789,7 +788,7 @@ def dpo_length_outcome(
 ) -> str:
     """KEPT, TRUNCATED (TRL's collator will cut it with `truncation_mode`) or a long-row drop."""
     longest = max(
-        len(encode_chat(tokenizer, example.prompt + c)["input_ids"])
+        len(encode_conversation(tokenizer, example.prompt + c)["input_ids"])
         for c in (example.chosen, example.rejected)
     )
     if longest <= max_length:
@@ -798,7 +797,7 @@ def dpo_length_outcome(
         return TOO_LONG
     if (
         truncation_mode == "keep_start"
-        and len(encode_chat(tokenizer, example.prompt)["input_ids"]) >= max_length
+        and len(encode_conversation(tokenizer, example.prompt)["input_ids"]) >= max_length
     ):
         return PROMPT_TOO_LONG  # TRL drops it too: keep_start would leave no completion token
     return TRUNCATED
@@ -807,7 +806,7 @@ def dpo_length_outcome(
 def check_chat_template_matches_encode_chat(tokenizer: PreTrainedTokenizerBase, row: dict) -> None:
     """DPOTrainer tokenizes with the chat template; it must give the ids SFT trained on (encode_chat)."""
     conversation = row["prompt"] + row["chosen"]
-    expected = encode_chat(tokenizer, conversation)["input_ids"]
+    expected = encode_conversation(tokenizer, conversation)["input_ids"]
     try:
         rendered = tokenizer.apply_chat_template(conversation, tokenize=True, return_dict=True)["input_ids"]
     except ValueError as error:

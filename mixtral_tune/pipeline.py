@@ -32,6 +32,7 @@ from mixtral_tune.config import (
     trainer_value,
     zero_stage,
 )
+from mixtral_tune.chat_template import ChatTemplateError, use_chat_template
 from mixtral_tune.data import DataError
 from mixtral_tune.model_card import write_generation_config, write_model_card
 from mixtral_tune.training.model_factory import build_model, write_random_init
@@ -208,19 +209,19 @@ def build_model_and_args(cfg: DictConfig, tokenizer, make_args, build):
         args = make_args()
         _ = args.device  # torch.distributed up (torchrun without DeepSpeed) before rank 0 writes the base
         prepare_base_checkpoint(cfg, tokenizer)
-        return wire_deepspeed(build_seeded(build, cfg), cfg), args
+        return wire_deepspeed(build_seeded(build, cfg, tokenizer), cfg), args
     prepare_base_checkpoint(cfg, tokenizer)
-    model = wire_deepspeed(build_seeded(build, cfg), cfg)
+    model = wire_deepspeed(build_seeded(build, cfg, tokenizer), cfg)
     return model, make_args()
 
 
-def build_seeded(build, cfg: DictConfig):
+def build_seeded(build, cfg: DictConfig, tokenizer):
     """The model built from trainer.seed on every rank: new LoRA adapters start the same in every run.
     (DeepSpeed's start-up broadcast copies rank 0's dense parameters to the other ranks, but under
     expert parallelism each rank keeps its own experts' adapters, so their init must not depend on
     the RNG state a rank happens to be in.)"""
     transformers.set_seed(cfg.trainer.seed)
-    return build(cfg)
+    return build(cfg, tokenizer)
 
 
 def report_data(prepared, max_examples: int) -> None:
@@ -271,11 +272,16 @@ def build_trainer(stage: str, argv: list[str], prepare_data, make_args, trainer_
     """The trainer `run` trains, with its composed config and tokenizer (steps before training)."""
     cfg = config_from_argv(stage, argv)
     tokenizer = load_tokenizer(cfg.model.tokenizer)
+    try:
+        use_chat_template(tokenizer, cfg.data)
+    except ChatTemplateError as error:
+        fail(error)
     data = load_data_or_exit(prepare_data, cfg.data, tokenizer, cfg.trainer.seed)
     report_data(data, cfg.data.max_reported_bad_rows)
     configure_wandb(cfg)
     model, args = build_model_and_args(cfg, tokenizer, lambda: make_args(cfg), build_model)
-    extra = {"ref_model": reference_model(cfg)} if reference_model else {}
+    # Seeded as the policy was: a vocabulary grown for a chat template gets the same new rows in both.
+    extra = {"ref_model": build_seeded(reference_model, cfg, tokenizer)} if reference_model else {}
     trainer = trainer_class(
         model=model,
         args=args,

@@ -14,19 +14,25 @@ from omegaconf import DictConfig, OmegaConf
 from transformers import BitsAndBytesConfig, PreTrainedTokenizerBase
 
 from mixtral_model import MixtralConfig, MixtralForCausalLM
+from mixtral_tune.chat_template import template_tokens
 from mixtral_tune.config import DTYPES, lora_modules_to_save, lora_target_modules, trainer_value
 
 NEVER_QUANTIZED = ["gate", "lm_head"]  # the router and the output head stay in the compute dtype
 
 
 def random_init_config(cfg: DictConfig, tokenizer: PreTrainedTokenizerBase) -> MixtralConfig:
-    # ArchitectureConfig's fields are MixtralConfig's names
-    return MixtralConfig(
-        **OmegaConf.to_container(cfg.model.architecture),
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
+    # ArchitectureConfig's fields are MixtralConfig's names. Ids of tokens a chat template added lie past the
+    # base vocabulary: the base has none of them (build_model grows the vocabulary and sets eos).
+    architecture = OmegaConf.to_container(cfg.model.architecture)
+    in_base = {
+        f"{name}_token_id": token_id if token_id is not None and token_id < architecture["vocab_size"] else None
+        for name, token_id in (
+            ("pad", tokenizer.pad_token_id),
+            ("bos", tokenizer.bos_token_id),
+            ("eos", tokenizer.eos_token_id),
+        )
+    }
+    return MixtralConfig(**architecture, **in_base)
 
 
 def write_random_init(
@@ -111,8 +117,23 @@ def prepare_4bit_for_training(model: MixtralForCausalLM, gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
-def apply_peft(model: MixtralForCausalLM, cfg: DictConfig, gradient_checkpointing: bool):
-    """LoRA (or QLoRA) adapters on the configured targets; the router is never wrapped."""
+def fit_vocabulary(model: MixtralForCausalLM, tokenizer: PreTrainedTokenizerBase | None) -> None:
+    """Embeddings and output head grown to the tokenizer when a chat template added tokens
+    (transformers' `resize_token_embeddings`: new rows drawn around the old rows' mean), and the
+    model's eos the tokenizer's."""
+    if tokenizer is not None and len(tokenizer) > model.config.vocab_size:
+        model.resize_token_embeddings(len(tokenizer))
+        model.config.eos_token_id = tokenizer.eos_token_id  # the template's end of turn, as TRL's clone_chat_template
+
+
+def apply_peft(model: MixtralForCausalLM, cfg: DictConfig, gradient_checkpointing: bool, new_tokens=()):
+    """LoRA (or QLoRA) adapters on the configured targets; the router is never wrapped.
+
+    `new_tokens` (ids a chat template added): their embedding rows are trained and saved with the
+    adapter (PEFT's `trainable_token_indices`; the other rows stay frozen), and the output head is
+    trained and saved whole (PEFT's `modules_to_save`): TRL's fused LM-head loss reads the head's
+    `weight` directly, which PEFT's trainable-tokens wrapper would bypass, and a full copy it does not.
+    """
     if cfg.peft.method == "none":
         return model
     if cfg.peft.method == "qlora":
@@ -122,7 +143,8 @@ def apply_peft(model: MixtralForCausalLM, cfg: DictConfig, gradient_checkpointin
         lora_alpha=cfg.peft.alpha,
         lora_dropout=cfg.peft.dropout,
         target_modules=lora_target_modules(cfg),
-        modules_to_save=lora_modules_to_save(cfg) or None,
+        modules_to_save=lora_modules_to_save(cfg) + (["lm_head"] if new_tokens else []) or None,
+        trainable_token_indices={"embed_tokens": list(new_tokens)} if new_tokens else None,
         task_type="CAUSAL_LM",
     )
     model = peft.get_peft_model(model, lora)
@@ -138,16 +160,20 @@ def base_model_path(cfg: DictConfig) -> str:
     return cfg.model.name_or_path or str(Path(cfg.output_dir).resolve() / "base")
 
 
-def build_model(cfg: DictConfig):
-    """The trainable model: checkpoint (or random init written to OUTPUT_DIR/base) + PEFT."""
+def build_model(cfg: DictConfig, tokenizer: PreTrainedTokenizerBase | None = None):
+    """The trainable model: checkpoint (or random init written to OUTPUT_DIR/base), its vocabulary
+    fitted to `tokenizer` (a chat template's added tokens), + PEFT."""
     model = load_model(cfg, base_model_path(cfg))
-    return apply_peft(model, cfg, trainer_value(cfg, "activation_checkpointing"))
+    fit_vocabulary(model, tokenizer)
+    new_tokens = tokenizer.convert_tokens_to_ids(template_tokens(cfg.data)) if cfg.data.chat_template else []
+    return apply_peft(model, cfg, trainer_value(cfg, "activation_checkpointing"), new_tokens)
 
 
-def build_frozen_reference(cfg: DictConfig) -> MixtralForCausalLM | None:
+def build_frozen_reference(cfg: DictConfig, tokenizer: PreTrainedTokenizerBase | None = None):
     """DPO reference: None under PEFT (the base with adapters disabled), else a frozen copy of the base."""
     if cfg.peft.method != "none":
         return None
     reference = load_model(cfg, base_model_path(cfg))
+    fit_vocabulary(reference, tokenizer)
     reference.requires_grad_(False)
     return reference.eval()

@@ -33,6 +33,7 @@ from mixtral_tune.config import (
     zero_stage,
 )
 from mixtral_tune.chat_template import ChatTemplateError, use_chat_template
+from mixtral_tune.command_help import help_text
 from mixtral_tune.data import DataError
 from mixtral_tune.model_card import write_generation_config, write_model_card
 from mixtral_tune.training.model_factory import build_model, write_random_init
@@ -44,7 +45,7 @@ USAGE = """usage: {script} +recipe=NAME|FILE.yaml [deepspeed=NAME|FILE.json] [ke
 def config_from_argv(stage: str, argv: list[str]) -> DictConfig:
     """Compose and validate `configs/<stage>.yaml` with the command-line overrides, or exit with one line."""
     if any(arg in ("-h", "--help") for arg in argv):
-        print(USAGE.format(script=f"mixtral-tune {stage}"))
+        print(help_text(stage, USAGE.format(script=f"mixtral-tune {stage}")))
         sys.exit(0)
     print_only, argv = split_print_config_flag(argv)
     try:

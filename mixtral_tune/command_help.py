@@ -105,7 +105,11 @@ def help_text(stage: str, usage: str) -> str:
     ]
     for key, example in main_keys(stage).items():
         value = OmegaConf.select(cfg, key, default=None)
-        shown = "null" if value is None else str(OmegaConf.to_container(value) if OmegaConf.is_config(value) else value)
+        shown = (
+            "null"
+            if value is None
+            else str(OmegaConf.to_container(value) if OmegaConf.is_config(value) else value)
+        )
         lines.append(shorten(f"  {key:<36} {shown:<14} e.g. {example}", 110))
     lines += [
         "",

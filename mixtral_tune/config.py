@@ -142,7 +142,9 @@ class DataConfig:
     # null = Mixtral-Instruct's format | chatml | zephyr | a Jinja file | an inline Jinja string
     # (mixtral_tune/chat_template.py); assistant-only loss from its {% generation %} marks
     chat_template: str | None = None
-    chat_template_tokens: list[str] | None = None  # tokens to add for the template; null = a shipped one's own
+    chat_template_tokens: list[str] | None = (
+        None  # tokens to add for the template; null = a shipped one's own
+    )
 
 
 @dataclass

@@ -57,7 +57,12 @@ CONVERSATIONS = [
         {"role": "assistant", "content": "7"},
     ],
 ]
-SFT = ["+recipe=tiny/sft", *SMALL_MODEL, "trainer.per_device_train_batch_size=8", "trainer.learning_rate=3e-3"]
+SFT = [
+    "+recipe=tiny/sft",
+    *SMALL_MODEL,
+    "trainer.per_device_train_batch_size=8",
+    "trainer.learning_rate=3e-3",
+]
 
 
 def data_cfg(template, tokens=None):
@@ -78,7 +83,10 @@ def test_shipped_templates_render_as_published_after_bos(name, generation_prompt
         if generation_prompt:
             conversation = conversation[:-1]
         published = tokenizer.apply_chat_template(
-            conversation, chat_template=PUBLISHED[name], tokenize=False, add_generation_prompt=generation_prompt
+            conversation,
+            chat_template=PUBLISHED[name],
+            tokenize=False,
+            add_generation_prompt=generation_prompt,
         )
         for template in (tokenizer.chat_template, serving_template(tokenizer.chat_template)):
             ours = tokenizer.apply_chat_template(
@@ -118,10 +126,17 @@ def test_prepared_sft_rows_are_apply_chat_template_ids_and_assistant_masks(name,
     rows = [json.loads(line) for line in (DATA_DIR / "sft_train.jsonl").read_text().splitlines()[:40]]
     for row, prepared_row in zip(rows, prepared.train, strict=False):
         encoded = reference.apply_chat_template(
-            row["messages"], chat_template=text, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+            row["messages"],
+            chat_template=text,
+            tokenize=True,
+            return_dict=True,
+            return_assistant_tokens_mask=True,
         )
         assert prepared_row["input_ids"] == encoded["input_ids"]
-        labels = [t if m else IGNORE_INDEX for t, m in zip(encoded["input_ids"], encoded["assistant_masks"])]
+        labels = [
+            t if m else IGNORE_INDEX
+            for t, m in zip(encoded["input_ids"], encoded["assistant_masks"], strict=True)
+        ]
         assert prepared_row["labels"] == labels
         trained = [t for t in prepared_row["labels"] if t != IGNORE_INDEX]
         assert tokenizer.decode(trained) == row["messages"][-1]["content"] + tokenizer.eos_token
@@ -135,7 +150,10 @@ def test_mixtral_instruct_stays_encode_chat(tmp_path):
 
 
 def test_a_template_whose_trained_span_misses_the_end_of_turn_is_refused():
-    no_stop = CUSTOM.replace("m['content'] + eos_token }}{%- endgeneration %}", "m['content'] }}{%- endgeneration %}{{- eos_token }}")
+    no_stop = CUSTOM.replace(
+        "m['content'] + eos_token }}{%- endgeneration %}",
+        "m['content'] }}{%- endgeneration %}{{- eos_token }}",
+    )
     with pytest.raises(ChatTemplateError, match="never learns to stop"):
         run_tokenizer(no_stop)
 
@@ -209,9 +227,14 @@ def test_chatml_lora_run_saves_what_transformers_and_peft_load(tmp_path):
     base_head = MixtralForCausalLM.from_pretrained(out / "base").lm_head.weight
     assert not torch.equal(head[:32000], base_head), "the output head was not trained"
 
-    ids = torch.tensor([served.apply_chat_template(CONVERSATIONS[1], tokenize=True, return_dict=True)["input_ids"]])
+    ids = torch.tensor(
+        [served.apply_chat_template(CONVERSATIONS[1], tokenize=True, return_dict=True)["input_ids"]]
+    )
     logits = {}
-    for name, base_class in (("ours", MixtralForCausalLM), ("transformers", transformers.AutoModelForCausalLM)):
+    for name, base_class in (
+        ("ours", MixtralForCausalLM),
+        ("transformers", transformers.AutoModelForCausalLM),
+    ):
         model, caught = load_adapter(base_class, out / "base", final, len(served))
         embedding = model.get_input_embeddings()
         torch.testing.assert_close(embedding(torch.tensor([32000, 32001])), new_rows.float())
@@ -255,7 +278,10 @@ def test_chatml_full_sft_then_dpo_from_it(tmp_path):
          f"output_dir={tmp_path / 'dpo'}", f"data.cache_dir={tmp_path / 'cache'}"],
         prepare_dpo_data, dpo.dpo_arguments, dpo.MixtralDPOTrainer, build_frozen_reference,
     )  # fmt: skip
-    row, raw = trainer.train_dataset[0], json.loads((DATA_DIR / "dpo_train.jsonl").read_text().splitlines()[0])
+    row, raw = (
+        trainer.train_dataset[0],
+        json.loads((DATA_DIR / "dpo_train.jsonl").read_text().splitlines()[0]),
+    )
     expected = tokenizer.apply_chat_template(raw["prompt"] + raw["chosen"], tokenize=True, return_dict=True)
     assert row["prompt_ids"] + row["chosen_ids"] == expected["input_ids"]
     assert row["prompt_ids"][1] == 32000

@@ -25,7 +25,9 @@ def random_init_config(cfg: DictConfig, tokenizer: PreTrainedTokenizerBase) -> M
     # base vocabulary: the base has none of them (build_model grows the vocabulary and sets eos).
     architecture = OmegaConf.to_container(cfg.model.architecture)
     in_base = {
-        f"{name}_token_id": token_id if token_id is not None and token_id < architecture["vocab_size"] else None
+        f"{name}_token_id": token_id
+        if token_id is not None and token_id < architecture["vocab_size"]
+        else None
         for name, token_id in (
             ("pad", tokenizer.pad_token_id),
             ("bos", tokenizer.bos_token_id),
@@ -123,7 +125,9 @@ def fit_vocabulary(model: MixtralForCausalLM, tokenizer: PreTrainedTokenizerBase
     model's eos the tokenizer's."""
     if tokenizer is not None and len(tokenizer) > model.config.vocab_size:
         model.resize_token_embeddings(len(tokenizer))
-        model.config.eos_token_id = tokenizer.eos_token_id  # the template's end of turn, as TRL's clone_chat_template
+        model.config.eos_token_id = (
+            tokenizer.eos_token_id
+        )  # the template's end of turn, as TRL's clone_chat_template
 
 
 def apply_peft(model: MixtralForCausalLM, cfg: DictConfig, gradient_checkpointing: bool, new_tokens=()):

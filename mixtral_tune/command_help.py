@@ -34,6 +34,8 @@ MAIN_KEYS = {
     "trainer.gradient_accumulation_steps": "trainer.gradient_accumulation_steps=8",
     "trainer.eval_steps": "trainer.eval_steps=100",
     "trainer.report_to": "trainer.report_to=none",
+    "evaluation.sample_prompts": "evaluation.sample_prompts=4",
+    "evaluation.early_stopping_patience": "evaluation.early_stopping_patience=3",
 }
 STAGE_EXAMPLES = {
     "sft": {"data.packing": "data.packing=true"},

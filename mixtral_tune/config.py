@@ -167,6 +167,20 @@ class PeftConfig:
 
 
 @dataclass
+class EvaluationConfig:
+    """What runs at each evaluation besides TRL's metrics (evaluation needs trainer.eval_steps and eval data)."""
+
+    sample_prompts: int = (
+        0  # greedy completions of this many eval prompts, on the console and trackers; 0 = off
+    )
+    sample_max_new_tokens: int = 64
+    # stop after this many evaluations without improving trainer.metric_for_best_model (transformers'
+    # EarlyStoppingCallback; needs trainer.load_best_model_at_end=true); null = off
+    early_stopping_patience: int | None = None
+    early_stopping_threshold: float = 0.0  # the least improvement that counts
+
+
+@dataclass
 class TrainConfig:
     stage: str = MISSING  # sft | dpo: which pipeline this config is for
     output_dir: str = MISSING
@@ -175,6 +189,7 @@ class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     peft: PeftConfig = field(default_factory=PeftConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     deepspeed: dict[str, Any] = field(default_factory=dict)  # DeepSpeed JSON as a dict; {} = off
     trainer: dict[str, Any] = field(default_factory=dict)  # SFTConfig / DPOConfig fields, by TRL's names
 
@@ -747,6 +762,51 @@ def check_evaluation(cfg: DictConfig) -> None:
         )
     if strategy == "steps" and trainer_value(cfg, "eval_steps") is None:
         raise ConfigError("trainer.eval_strategy=steps needs trainer.eval_steps=N")
+    check_evaluation_extras(cfg)
+
+
+def evaluates(cfg: DictConfig) -> bool:
+    """Whether the run evaluates: eval data and an eval schedule (as pipeline.training_kwargs sets it)."""
+    has_data = bool(cfg.data.eval_path or cfg.data.eval_fraction > 0)
+    strategy = cfg.trainer.get("eval_strategy") or (
+        "steps" if cfg.trainer.get("eval_steps") is not None else "no"
+    )
+    return has_data and strategy != "no"
+
+
+def check_evaluation_extras(cfg: DictConfig) -> None:
+    """evaluation.*: sample generations and early stopping need evaluations; early stopping also needs
+    transformers' best-model tracking (EarlyStoppingCallback asserts it once training starts)."""
+    extras = cfg.evaluation
+    if extras.sample_prompts < 0:
+        raise ConfigError(f"evaluation.sample_prompts={extras.sample_prompts}: use a count >= 0 (0 = off)")
+    require_positive("evaluation.sample_max_new_tokens", extras.sample_max_new_tokens)
+    wanted = [key for key, on in (("sample_prompts", extras.sample_prompts > 0),
+                                  ("early_stopping_patience", extras.early_stopping_patience is not None)) if on]  # fmt: skip
+    if wanted and not evaluates(cfg):
+        raise ConfigError(
+            f"evaluation.{wanted[0]} acts at each evaluation, but this run does not evaluate: set "
+            "trainer.eval_steps=N and eval data (data.eval_path or data.eval_fraction)"
+        )
+    if extras.sample_prompts > 0 and cfg.stage == "sft" and not cfg.data.completion_only:
+        raise ConfigError(
+            "evaluation.sample_prompts needs data.completion_only=true: a prompt is the tokens before a row's "
+            "first trained token"
+        )
+    if extras.early_stopping_patience is None:
+        return
+    require_positive("evaluation.early_stopping_patience", extras.early_stopping_patience)
+    if not trainer_value(cfg, "load_best_model_at_end"):
+        raise ConfigError(
+            "evaluation.early_stopping_patience needs trainer.load_best_model_at_end=true (and "
+            "trainer.metric_for_best_model, default eval loss): add them"
+        )
+    eval_steps, save_steps = trainer_value(cfg, "eval_steps"), trainer_value(cfg, "save_steps")
+    if cfg.trainer.get("eval_strategy", "steps") == "steps" and save_steps % eval_steps:
+        raise ConfigError(
+            f"trainer.load_best_model_at_end needs trainer.save_steps ({save_steps}) to be a multiple of "
+            f"trainer.eval_steps ({eval_steps}): checkpoints must exist at evaluations"
+        )
 
 
 def check_report_to(cfg: DictConfig) -> None:

@@ -14,12 +14,14 @@ import deepspeed
 import torch
 import transformers
 from huggingface_hub import HfApi
+from transformers import EarlyStoppingCallback
 from omegaconf import DictConfig, OmegaConf
 
 from mixtral_model import MixtralConfig, load_tokenizer
 from mixtral_model.tokenizer import save_for_serving
 from mixtral_parallel.deepspeed_moe import check_parallel_combination, prepare_for_deepspeed
 from mixtral_tune.training.reporting import RunSummaryCallback, use_lean_console
+from mixtral_tune.training.samples import SampleGenerationsCallback
 from mixtral_tune.training.resume import latest_complete_checkpoint
 from mixtral_tune.config import (
     ConfigError,
@@ -269,6 +271,22 @@ def run(stage: str, argv: list[str], prepare_data, make_args, trainer_class, ref
     return save_final(trainer, cfg, tokenizer)
 
 
+def add_evaluation_callbacks(trainer, cfg: DictConfig) -> None:
+    """evaluation.*: sample generations at each evaluation; early stopping (transformers' callback)."""
+    extras = cfg.evaluation
+    if extras.sample_prompts > 0:
+        trainer.add_callback(
+            SampleGenerationsCallback(trainer, extras.sample_prompts, extras.sample_max_new_tokens)
+        )
+    if extras.early_stopping_patience is not None:
+        trainer.add_callback(
+            EarlyStoppingCallback(
+                early_stopping_patience=extras.early_stopping_patience,
+                early_stopping_threshold=extras.early_stopping_threshold,
+            )
+        )
+
+
 def build_trainer(stage: str, argv: list[str], prepare_data, make_args, trainer_class, reference_model=None):
     """The trainer `run` trains, with its composed config and tokenizer (steps before training)."""
     cfg = config_from_argv(stage, argv)
@@ -294,4 +312,5 @@ def build_trainer(stage: str, argv: list[str], prepare_data, make_args, trainer_
     )
     trainer.enable_router_stats(model)
     use_lean_console(trainer)
+    add_evaluation_callbacks(trainer, cfg)
     return trainer, cfg, tokenizer

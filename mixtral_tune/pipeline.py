@@ -255,6 +255,16 @@ def save_final(trainer, cfg: DictConfig, tokenizer) -> str:
     return final
 
 
+def tokenizer_for(cfg: DictConfig):
+    """The run's tokenizer: model.tokenizer (or Mixtral's) in data.chat_template's format, or exit with one line."""
+    tokenizer = load_tokenizer(cfg.model.tokenizer)
+    try:
+        use_chat_template(tokenizer, cfg.data)
+    except ChatTemplateError as error:
+        fail(error)
+    return tokenizer
+
+
 def load_data_or_exit(prepare, data_cfg, tokenizer, seed: int):
     try:
         return prepare(data_cfg, tokenizer, seed)
@@ -294,11 +304,7 @@ def add_evaluation_callbacks(trainer, cfg: DictConfig) -> None:
 def build_trainer(stage: str, argv: list[str], prepare_data, make_args, trainer_class, reference_model=None):
     """The trainer `run` trains, with its composed config and tokenizer (steps before training)."""
     cfg = config_from_argv(stage, argv)
-    tokenizer = load_tokenizer(cfg.model.tokenizer)
-    try:
-        use_chat_template(tokenizer, cfg.data)
-    except ChatTemplateError as error:
-        fail(error)
+    tokenizer = tokenizer_for(cfg)
     data = load_data_or_exit(prepare_data, cfg.data, tokenizer, cfg.trainer.seed)
     report_data(data, cfg.data.max_reported_bad_rows)
     configure_wandb(cfg)

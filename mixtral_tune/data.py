@@ -487,7 +487,7 @@ def build_entry(
 
 
 def total_tokens(dataset: datasets.Dataset) -> int:
-    return int(pc.sum(dataset.data.column(NUM_TOKENS)).as_py() or 0)
+    return int(pc.sum(dataset.with_format("arrow")[NUM_TOKENS]).as_py() or 0)  # through the indices mapping
 
 
 def mixed_text_and_chat(reports: list[RowReport]) -> str | None:

@@ -299,7 +299,9 @@ def drop_eval_of_replaced_data(cfg: DictConfig, data_group: str | None, override
     eval source is still the group's, it is dropped (eval then comes from data.eval_fraction, or
     nowhere), unless the command line names data.eval_path itself."""
     group_file = CONFIG_DIR / "data" / f"{data_group}.yaml"
-    if not cfg.get("data") or not cfg.data.get("eval_path") or not group_file.is_file():
+    if "data" not in cfg or OmegaConf.is_missing(cfg.data, "path") or not group_file.is_file():
+        return
+    if not cfg.data.eval_path:
         return
     if any(override.lstrip("+").startswith("data.eval_path=") for override in overrides):
         return

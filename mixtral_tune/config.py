@@ -125,19 +125,13 @@ class DataConfig:
     # dataset name; null with mixture
     path: str | None = MISSING
     kind: str = MISSING  # the pipeline the rows are for: sft | dpo
-    format: str = (
-        "auto"  # auto (each row's format from its columns) | a format name: mixtral_tune/data.py FORMATS
-    )
-    columns: dict[str, str] = field(
-        default_factory=dict
-    )  # rename: source column -> format column, every source
+    format: str = "auto"  # auto (each row's own, from its columns) | a name of mixtral_tune/data.py FORMATS
+    columns: dict[str, str] = field(default_factory=dict)  # rename: source column -> format column
     split: str = "train"  # hub datasets and directories with splits
     config: str | None = None  # hub dataset config (subset) name
     revision: str | None = None  # hub dataset revision (branch, tag or commit)
     mixture: list[DataSourceConfig] = field(default_factory=list)  # several sources instead of `path`
-    eval_path: str | None = (
-        None  # eval rows from this source (as path); a data group's is dropped with its data
-    )
+    eval_path: str | None = None  # eval source (as path); a data group's is dropped with the group's data
     eval_split: str = "test"  # split of eval_path (hub datasets and directories with splits)
     eval_fraction: float = 0.0  # held out from the training rows (path or mixture) when no eval_path
     max_length: int = 2048

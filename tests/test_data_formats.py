@@ -135,6 +135,8 @@ def test_messages_from_a_save_to_disk_directory_as_datasets_reads_them(tokenizer
     )
     reference = datasets.load_from_disk(str(tmp_path / "saved"))
     assert_rows_are(tokenizer, prepared, reference["train"]["messages"])
+    eval_tokens = len(chat_labels(tokenizer, SHAREGPT_EXPECTED[0])[0])
+    assert data_plan(prepared)[-1] == f"[data] eval: {tmp_path / 'saved'}: 1 rows, {eval_tokens} tokens"
     assert prepared.eval.to_list() == [
         dict(zip(("input_ids", "labels"), chat_labels(tokenizer, SHAREGPT_EXPECTED[0]), strict=True))
     ]
@@ -222,6 +224,23 @@ def test_explicit_prompt_preference_rows_keep_trl_prompt_and_completions(tokeniz
     ]  # fmt: skip
     path = write_jsonl(tmp_path / "prefs.jsonl", rows)
     assert prepare_dpo_data(data_cfg(path, "dpo"), tokenizer, seed=0).train.to_list() == rows
+
+
+def test_a_hub_source_reaches_load_dataset_with_its_config_split_and_revision(tokenizer, monkeypatch):
+    """The eval split of the same hub dataset is read with the same config and revision."""
+    calls = []
+
+    def load_dataset(path, name=None, *, split, revision):
+        calls.append((path, name, split, revision))
+        return datasets.Dataset.from_list([{"messages": SHAREGPT_EXPECTED[0]}] * 2)
+
+    monkeypatch.setattr(data_module.datasets, "load_dataset", load_dataset)
+    cfg = data_cfg(
+        "org/set", config="en", revision="v1", split="train_sft", eval_path="org/set", eval_split="test_sft"
+    )
+    prepared = prepare_sft_data(cfg, tokenizer, seed=0)
+    assert calls == [("org/set", "en", "train_sft", "v1"), ("org/set", "en", "test_sft", "v1")]
+    assert [report.source for report in prepared.reports] == ["org/set/en[train_sft]", "org/set/en[test_sft]"]
 
 
 # --- errors, data.format, data.columns -------------------------------------------------------------

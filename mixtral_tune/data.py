@@ -218,7 +218,8 @@ class TextExample:
 
 @dataclass(frozen=True)
 class Source:
-    """One data source: a local file or a hub dataset split, with a column renaming and a weight."""
+    """One data source: a local file, a local directory or a hub dataset (its split), with a column
+    renaming and a weight."""
 
     path: str
     split: str = "train"
@@ -230,7 +231,7 @@ class Source:
     @property
     def name(self) -> str:
         if is_local(self.path):
-            return self.path
+            return f"{self.path}[{self.split}]" if Path(self.path).expanduser().is_dir() else self.path
         return f"{self.path}{f'/{self.config}' if self.config else ''}[{self.split}]"
 
 

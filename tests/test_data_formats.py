@@ -136,7 +136,7 @@ def test_messages_from_a_save_to_disk_directory_as_datasets_reads_them(tokenizer
     reference = datasets.load_from_disk(str(tmp_path / "saved"))
     assert_rows_are(tokenizer, prepared, reference["train"]["messages"])
     eval_tokens = len(chat_labels(tokenizer, SHAREGPT_EXPECTED[0])[0])
-    assert data_plan(prepared)[-1] == f"[data] eval: {tmp_path / 'saved'}: 1 rows, {eval_tokens} tokens"
+    assert data_plan(prepared)[-1] == f"[data] eval: {tmp_path / 'saved'}[test]: 1 rows, {eval_tokens} tokens"
     assert prepared.eval.to_list() == [
         dict(zip(("input_ids", "labels"), chat_labels(tokenizer, SHAREGPT_EXPECTED[0]), strict=True))
     ]
@@ -400,7 +400,8 @@ def test_each_format_trains_two_steps_and_prints_its_data_plan(tmp_path, stage, 
     assert len(train_losses(out / "final")) == 2
     plan = [line for line in result.stdout.splitlines() if line.startswith("[data] ")]
     rows = {"preference_folder": 8, "preference.jsonl": 8}.get(source, 12)
-    assert plan[0].startswith(f"[data] {path}: {rows} rows ({rows} {row_format}), ")
+    name = f"{path}[train]" if path.is_dir() else str(path)
+    assert plan[0].startswith(f"[data] {name}: {rows} rows ({rows} {row_format}), ")
     assert plan[1].startswith(f"[data] train: {rows} rows, ")
     assert plan[2] == "[data] eval: none (set data.eval_path or data.eval_fraction to evaluate)"
     assert len(plan) == 3

@@ -315,8 +315,10 @@ def checked_resume_path(cfg: DictConfig) -> str | None:
         return None
     route_checkpoint_engine_loads(load_checkpoint_file)
     problem = checkpoint_problem_on_any_rank(path)
-    if problem:
-        fail(ConfigError(f"resume: {problem}"))
+    if problem:  # every rank found it (gathered): rank 0 says so, all exit 2 before any file is loaded
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"error: resume: {problem}", file=sys.stderr, flush=True)
+        sys.exit(2)
     return path
 
 

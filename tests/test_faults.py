@@ -23,6 +23,7 @@ from mixtral_tune import run_dir
 from mixtral_tune.config import load_config
 from mixtral_tune.training.resume import mark_checkpoint_complete
 from mixtral_tune.training.safe_load import (
+    UnsafeCheckpointFile,
     checkpoint_problem_on_any_rank,
     load_checkpoint_file,
 )
@@ -323,3 +324,38 @@ def test_kill_9_during_the_final_save_leaves_no_final_and_readers_refuse(tmp_pat
     assert [e["step"] for e in log_history(out / "final") if "loss" in e] == [1, 2]  # nothing trained twice
     leftovers = [p for p in out.rglob("*") if p.name.startswith(run_dir.STAGING_NAME) or ".tmp" in p.name]
     assert leftovers == []
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_a_payload_planted_in_a_deepspeed_checkpoint_does_not_run(tmp_path):
+    """A real 2-rank ZeRO-2 checkpoint: a payload in rank 1's optimizer states runs under DeepSpeed's
+    own checkpoint engine as shipped (torch.load(weights_only=False)); routed through our loader it
+    does not, and resume=true refuses the checkpoint naming the file, on every rank."""
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+    from mixtral_compat.deepspeed import route_checkpoint_engine_loads
+
+    out = tmp_path / "run"
+    layout = [*SFT, "deepspeed=zero2", "trainer.save_steps=1"]
+    run_pipeline("sft", [*layout, "max_steps=1", f"output_dir={out}"], nproc=2)
+    shard = out / "checkpoint-1" / "global_step1" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    marker = tmp_path / "payload-ran"
+    state = load_checkpoint_file(shard)  # every type a real shard holds is on the allow-list
+    torch.save({**state, "x": Payload(marker)}, shard)
+    mark_checkpoint_complete(out / "checkpoint-1")
+
+    route_checkpoint_engine_loads(load_checkpoint_file)
+    with pytest.raises(UnsafeCheckpointFile, match="makedirs"):
+        TorchCheckpointEngine().load(str(shard))
+    assert not marker.exists()
+
+    result = run_pipeline(
+        "sft", [*layout, "max_steps=2", f"output_dir={out}", "resume=true"], nproc=2, check=False
+    )
+    assert result.returncode != 0
+    lines = error_lines(result.stderr)
+    assert lines and all(line == lines[0] for line in lines) and str(shard) in lines[0], result.stderr[-3000:]
+    assert not marker.exists() and not (out / "checkpoint-2").exists() and not (out / "final").exists()
+    torch.load(shard, weights_only=False)  # DeepSpeed's own load, as shipped: the payload runs
+    assert marker.exists()

@@ -84,6 +84,7 @@ def split_print_config_flag(argv: list[str]) -> tuple[bool, list[str]]:
 
 def fail(error: Exception) -> None:
     print(f"error: {error}", file=sys.stderr)
+    run_dir.release_every_output_dir()
     sys.exit(2)
 
 
@@ -318,6 +319,7 @@ def checked_resume_path(cfg: DictConfig) -> str | None:
     if problem:  # every rank found it (gathered): rank 0 says so, all exit 2 before any file is loaded
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"error: resume: {problem}", file=sys.stderr, flush=True)
+        run_dir.release_every_output_dir()
         sys.exit(2)
     return path
 
@@ -337,6 +339,7 @@ def stop_if_diverged(trainer, cfg: DictConfig) -> None:
             file=sys.stderr,
             flush=True,
         )
+    run_dir.release_every_output_dir()
     sys.exit(1)
 
 

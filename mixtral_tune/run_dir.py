@@ -2,7 +2,7 @@
 
 * `take_output_dir(cfg)`: an exclusive `fcntl.flock` on `OUTPUT_DIR/.mixtral-tune.lock`, held for
   the run's life (the OS drops it when the process dies, so a lock left by a killed run is free
-  again); the file names the holder (pid, host, start). A second run into the same directory
+  again); the file names the holder (pid, host, start) and is removed when the run ends. A second run into the same directory
   refuses at once naming the holder. Under torchrun rank 0 takes it; the other ranks on its node
   wait until the file names their own launch (they go on) or another live run (they refuse with
   the same line), so every rank of a refused launch exits before any collective.
@@ -29,7 +29,9 @@ FINAL_MARKER = "final_complete.json"
 BASE_RECORD = "random_init.json"
 WAIT_FOR_RANK_0_S = 300
 
-_held: dict[Path, int] = {}  # output_dir -> the open lock file descriptor
+_held: dict[
+    Path, tuple[int, bool]
+] = {}  # output_dir -> (open lock file descriptor, whether this run made the dir)
 
 
 class OutputDirError(ValueError):
@@ -63,14 +65,19 @@ def take_output_dir(output_dir: str | Path) -> None:
         if os.environ.get("GROUP_RANK", "0") == "0":  # rank 0's node: its file is visible here
             wait_for_rank_0(output / LOCK_NAME)
         return
+    made = not output.exists()
     output.mkdir(parents=True, exist_ok=True)
-    fd = os.open(output / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        holder = read_holder(output / LOCK_NAME) or {}
-        raise OutputDirError(in_use_message(output, holder)) from None
+    while True:
+        fd = os.open(output / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            holder = read_holder(output / LOCK_NAME) or {}
+            raise OutputDirError(in_use_message(output, holder)) from None
+        if same_file(fd, output / LOCK_NAME):
+            break
+        os.close(fd)  # its holder removed it as this run locked it: lock the file at that path now
     record = {
         "pid": os.getpid(),
         "host": socket.gethostname(),
@@ -79,7 +86,14 @@ def take_output_dir(output_dir: str | Path) -> None:
     }
     os.ftruncate(fd, 0)
     os.pwrite(fd, json.dumps(record).encode(), 0)
-    _held[output.resolve()] = fd
+    _held[output.resolve()] = (fd, made)
+
+
+def same_file(fd: int, path: Path) -> bool:
+    try:
+        return os.fstat(fd).st_ino == os.stat(path).st_ino
+    except FileNotFoundError:
+        return False
 
 
 def in_use_message(output: Path, holder: dict) -> str:
@@ -117,12 +131,23 @@ def pid_alive(pid) -> bool:
 
 
 def release_output_dir(output_dir: str | Path) -> None:
-    """Give OUTPUT_DIR back: the lock file is emptied (no holder named), then unlocked."""
-    fd = _held.pop(Path(output_dir).resolve(), None)
-    if fd is not None:
-        os.ftruncate(fd, 0)
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        os.close(fd)
+    """Give OUTPUT_DIR back: the lock file is removed (while still locked), then unlocked; a directory
+    this run made and left empty (a run refused before it wrote anything) is removed too."""
+    output = Path(output_dir).resolve()
+    fd, made = _held.pop(output, (None, False))
+    if fd is None:
+        return
+    (output / LOCK_NAME).unlink(missing_ok=True)
+    fcntl.flock(fd, fcntl.LOCK_UN)
+    os.close(fd)
+    if made and not any(output.iterdir()):
+        output.rmdir()
+
+
+def release_every_output_dir() -> None:
+    """On the way out of a refused run: nothing of this run stays behind in any output_dir."""
+    for output in list(_held):
+        release_output_dir(output)
 
 
 # --- OUTPUT_DIR/base: the random init ---
@@ -222,7 +247,8 @@ def final_problem(path: str | Path) -> str | None:
     if path.name.startswith(STAGING_NAME):
         return f"{path} is the staging directory of a final save that did not finish"
     ours = (path / "run_config.yaml").exists() or (path / FINAL_MARKER).exists()
-    if not ours and not (path.name == "final" and (path.parent / LOCK_NAME).exists()):
+    beside_a_run = (path.parent / "base").is_dir() or any(path.parent.glob("checkpoint-*"))
+    if not ours and not (path.name == "final" and beside_a_run):
         return None
     try:
         files = json.loads((path / FINAL_MARKER).read_text())["files"]

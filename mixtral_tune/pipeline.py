@@ -268,10 +268,9 @@ def save_final(trainer, cfg: DictConfig, tokenizer) -> str:
         is_adapter = (staged / "adapter_config.json").exists()
         write_model_card(staged, cfg, trainer.state.log_history, is_adapter)
         run_dir.put_final_in_place(staged, final)
-        final = str(final)
         if trainer.args.push_to_hub:
             HfApi().upload_folder(
-                repo_id=trainer.hub_model_id, folder_path=final, commit_message="final model"
+                repo_id=trainer.hub_model_id, folder_path=str(final), commit_message="final model"
             )
     return str(final)
 

@@ -343,6 +343,7 @@ def test_a_payload_planted_in_a_deepspeed_checkpoint_does_not_run(tmp_path):
     state = load_checkpoint_file(shard)  # every type a real shard holds is on the allow-list
     torch.save({**state, "x": Payload(marker)}, shard)
     mark_checkpoint_complete(out / "checkpoint-1")
+    final_marker = (out / "final" / run_dir.FINAL_MARKER).read_text()  # the 1-step run's final/
 
     route_checkpoint_engine_loads(load_checkpoint_file)
     with pytest.raises(UnsafeCheckpointFile, match="makedirs"):
@@ -355,6 +356,7 @@ def test_a_payload_planted_in_a_deepspeed_checkpoint_does_not_run(tmp_path):
     assert result.returncode != 0
     lines = error_lines(result.stderr)
     assert lines and all(line == lines[0] for line in lines) and str(shard) in lines[0], result.stderr[-3000:]
-    assert not marker.exists() and not (out / "checkpoint-2").exists() and not (out / "final").exists()
+    assert not marker.exists() and not (out / "checkpoint-2").exists()
+    assert (out / "final" / run_dir.FINAL_MARKER).read_text() == final_marker
     torch.load(shard, weights_only=False)  # DeepSpeed's own load, as shipped: the payload runs
     assert marker.exists()

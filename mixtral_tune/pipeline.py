@@ -39,6 +39,7 @@ from mixtral_tune.config import (
     trainer_keys_read_from_env,
     resume_checkpoint,
     trainer_value,
+    uses_adapters,
     zero_stage,
 )
 from mixtral_tune.data import DataError
@@ -60,7 +61,7 @@ def config_from_argv(stage: str, argv: list[str]) -> DictConfig:
         if print_only:
             print(OmegaConf.to_yaml(cfg, resolve=True), end="")
             sys.exit(0)
-        check_parallel_combination(zero_stage(cfg), cfg.model.expert_parallel_size, cfg.peft.method != "none")
+        check_parallel_combination(zero_stage(cfg), cfg.model.expert_parallel_size, uses_adapters(cfg))
         check_checkpoint_architecture(cfg)
         check_output_dir(cfg)
         check_hub_access(cfg)
@@ -265,6 +266,8 @@ def save_final(trainer, cfg: DictConfig, tokenizer) -> str:
         keep_environment_out_of_saved_args(trainer.args, cfg, staged)
         trainer.state.save_to_json(str(staged / "trainer_state.json"))
         write_generation_config(staged, tokenizer)
+        if cfg.peft.esft_selection:  # which experts were trained, beside the weights
+            shutil.copyfile(cfg.peft.esft_selection, staged / "esft_selection.json")
         is_adapter = (staged / "adapter_config.json").exists()
         write_model_card(staged, cfg, trainer.state.log_history, is_adapter)
         run_dir.put_final_in_place(staged, final)

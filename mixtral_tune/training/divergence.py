@@ -23,20 +23,21 @@ from transformers import TrainerCallback
 from mixtral_compat.deepspeed import local_parameter_data
 
 
-def nonfinite_trainable_elements(model: torch.nn.Module) -> int:
-    """How many elements of the trainable parameters are NaN or infinite, summed over every rank."""
+def trainable_weights_finite(model: torch.nn.Module) -> bool:
+    """Whether every trainable parameter value on every rank is finite: one float32 sum per parameter
+    (a NaN or inf makes it non-finite; no copy of the parameter is made), summed over the ranks."""
     per_device = {}  # one sum per device, read back once each
     for param in model.parameters():
         data = local_parameter_data(param)
         if param.requires_grad and data.numel():
-            count = (~torch.isfinite(data.detach())).sum()
-            per_device[count.device] = per_device.get(count.device, 0) + count
-    total = sum((count.cpu() for count in per_device.values()), torch.zeros((), dtype=torch.long))
+            total = data.detach().sum(dtype=torch.float32)
+            per_device[total.device] = per_device.get(total.device, 0) + total
+    total = sum((value.cpu() for value in per_device.values()), torch.zeros(()))
     if torch.distributed.is_initialized():
         if torch.distributed.get_backend() == "nccl":
             total = total.cuda()
         torch.distributed.all_reduce(total)
-    return int(total.item())
+    return bool(torch.isfinite(total))
 
 
 def is_finite_number(value) -> bool:
@@ -54,10 +55,9 @@ class DivergenceCallback(TrainerCallback):
         self.weights_step: int | None = None
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
-        bad = nonfinite_trainable_elements(model)
-        if bad:
+        if not trainable_weights_finite(model):
             self.weights_step = state.global_step
-            self.stopped = f"step {state.global_step}: {bad} trainable weight values are NaN or infinite"
+            self.stopped = f"step {state.global_step}: the trainable weights are no longer all finite"
             control.should_log = True  # the step's loss and gradient norm go to the console and log history
             self.stop(control)
         return control

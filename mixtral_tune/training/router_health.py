@@ -15,7 +15,7 @@ the step boundary of global-batch load balancing. Settings: the `router` section
   as `eval_router_drift/...` and written into the model card. The base: under PEFT the
   adapter-disabled model, run at each evaluation on the same batches; under full fine-tuning the
   routing of the model at step 0 of the run, recorded once on the eval set when training starts
-  (router log-probabilities on the CPU: layers x experts floats per eval token). A resumed full
+  (fp32 router logits on the CPU: layers x experts floats per eval token). A resumed full
   fine-tune has no step-0 routing: drift is then not measured, and one line says so.
 - `GlobalBatchStepCallback`: starts a new step of accumulated load fractions at every optimizer step.
 """
@@ -122,7 +122,7 @@ class RoutingDrift:
 
     def __init__(self, trainer, is_peft: bool):
         self.trainer, self.is_peft = trainer, is_peft
-        self.recorded: list[tuple[torch.Tensor, ...]] | None = None  # full fine-tuning: step-0 log-probs
+        self.recorded: list[tuple[torch.Tensor, ...]] | None = None  # full fine-tuning: step-0 logits
         self.unavailable: str | None = None
 
     def backbone(self):
@@ -148,8 +148,7 @@ class RoutingDrift:
         training = self.trainer.model.training
         self.trainer.model.eval()
         self.recorded = [
-            tuple(logits.float().log_softmax(-1).cpu() for logits in self.router_logits(batch))
-            for batch in self.batches()
+            tuple(logits.float().cpu() for logits in self.router_logits(batch)) for batch in self.batches()
         ]
         self.trainer.model.train(training)
 

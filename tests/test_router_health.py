@@ -12,6 +12,7 @@ from mixtral_tune import pipeline, sft
 from mixtral_tune.config import load_config
 from mixtral_tune.data import prepare_sft_data
 from mixtral_tune.training.model_factory import write_random_init
+from mixtral_tune.training.router_health import RouterWatch
 
 EVAL = ["data.eval_path=${data_dir:}/sft_eval.jsonl", "trainer.per_device_eval_batch_size=16"]
 
@@ -62,6 +63,9 @@ def test_alert_stays_quiet_at_defaults_and_drift_reaches_log_and_card(tmp_path):
     assert "router alert" not in result.stdout + result.stderr
     history = log_history(out / "final")
     assert [entry["router/alerts"] for entry in history if "loss" in entry] == [0, 0, 0, 0]
+    defaults = load_config("sft", [*SFT, f"output_dir={out}"]).router
+    watch = RouterWatch(defaults.min_load, defaults.max_load, defaults.min_entropy, defaults.patience)
+    assert all(watch.conditions(entry) == {} for entry in history if "loss" in entry)  # not even one step
     drift = [entry for entry in history if "eval_loss" in entry]
     assert len(drift) == 2 and all(0 < entry["eval_router_drift/kl"] for entry in drift)
     card = (out / "final" / "README.md").read_text()

@@ -3,13 +3,14 @@ made to collapse (warn and stop) and stays quiet on the small tiny run at defaul
 drift is exactly zero for an untrained model (PEFT and full fine-tuning) and, when one layer's router
 rows are swapped, equals the count and KL computed here from transformers' Mixtral's router logits."""
 
+import pytest
 import torch
 import transformers
 from pipeline_runs import SFT, log_history, run_pipeline
 
 from mixtral_model import MixtralForCausalLM, load_tokenizer
 from mixtral_tune import pipeline, sft
-from mixtral_tune.config import load_config
+from mixtral_tune.config import ConfigError, load_config
 from mixtral_tune.data import prepare_sft_data
 from mixtral_tune.training.model_factory import write_random_init
 from mixtral_tune.training.router_health import RouterWatch
@@ -127,3 +128,21 @@ def test_drift_counts_the_tokens_a_swapped_router_moves(tmp_path):
     share = torch.tensor(moved) / torch.tensor(tokens)  # fp32, as the sums are kept
     assert drift["eval_router_drift/layer_1/top_k_changed"] == share.item()
     torch.testing.assert_close(drift["eval_router_drift/layer_1/kl"], kl / tokens, rtol=1e-4, atol=0)
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("model.router_balance=global", "model.router_balance"),
+        ("router.alert=loud", "router.alert"),
+        ("router.min_load=1.5", "router.min_load"),
+        ("router.max_load=0.5", "router.max_load"),
+        ("router.min_entropy=1", "router.min_entropy"),
+        ("router.patience=0", "router.patience"),
+    ],
+)
+def test_router_settings_are_checked_before_anything_is_built(override, key):
+    with pytest.raises(ConfigError) as error:
+        load_config("sft", ["+recipe=tiny/sft", override])
+    message = str(error.value)
+    assert message.startswith(f"{key}=") and "\n" not in message

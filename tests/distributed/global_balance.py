@@ -203,7 +203,7 @@ def case_ep(rank: int, data) -> dict:
     }
 
 
-def cost(rank: int, data, repeats: int = 30) -> dict:
+def cost(rank: int, data, repeats: int = 50) -> dict:
     """Medians in milliseconds: the all-reduce of 2E+1 floats alone; forward + aux backward per mode."""
     buffer = torch.zeros(2 * E + 1)
     timings = {"all_reduce_ms": [], "micro_batch_step_ms": [], "global_batch_step_ms": []}
@@ -224,6 +224,7 @@ def cost(rank: int, data, repeats: int = 30) -> dict:
             input_ids, mask = data[rank]
             out = model(input_ids=input_ids, attention_mask=mask, labels=input_ids, output_router_logits=True)
             out.loss.backward()
+            dist.barrier()  # both modes timed to the slower rank (global mode waits for it in forward)
             timings[f"{mode}_step_ms"].append((time.perf_counter() - start) * 1e3)
     return {k: statistics.median(v) for k, v in timings.items()}
 

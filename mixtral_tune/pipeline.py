@@ -24,6 +24,7 @@ from mixtral_model.tokenizer import save_for_serving
 from mixtral_parallel.deepspeed_moe import check_parallel_combination, prepare_for_deepspeed
 from mixtral_tune.training.divergence import DivergenceCallback
 from mixtral_tune.training.reporting import RunSummaryCallback, use_lean_console
+from mixtral_tune.training.router_health import add_router_callbacks
 from mixtral_tune.training.safe_load import checkpoint_problem_on_any_rank, load_checkpoint_file
 from mixtral_compat.deepspeed import route_checkpoint_engine_loads
 from mixtral_tune import run_dir
@@ -42,7 +43,7 @@ from mixtral_tune.config import (
     uses_adapters,
     zero_stage,
 )
-from mixtral_tune.data import DataError
+from mixtral_tune.data import DataError, data_plan
 from mixtral_tune.model_card import write_generation_config, write_model_card
 from mixtral_tune.training.model_factory import build_model, write_random_init
 
@@ -247,10 +248,16 @@ def build_seeded(build, cfg: DictConfig):
     return build(cfg)
 
 
-def report_data(prepared, max_examples: int) -> None:
+def report_data(prepared, cfg: DictConfig) -> None:
+    """The data plan, then the bad and long rows of each source (rank 0); text rows switch packing on."""
+    if prepared.packed and not cfg.data.packing:
+        cfg.data.packing = True  # SFTConfig(padding_free=...) follows; run_config.yaml records it
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    print("\n".join(data_plan(prepared)), flush=True)
     for report in prepared.reports:
         if report.bad or report.truncated or report.dropped:
-            print(report.summary(max_examples), flush=True)
+            print(report.summary(cfg.data.max_reported_bad_rows), flush=True)
 
 
 def save_final(trainer, cfg: DictConfig, tokenizer) -> str:
@@ -304,6 +311,14 @@ def run(stage: str, argv: list[str], prepare_data, make_args, trainer_class, ref
     )
     trainer.train(resume_from_checkpoint=checked_resume_path(cfg))
     stop_if_diverged(trainer, cfg)
+    alerts = getattr(trainer, "router_alerts", None)
+    if alerts is not None and alerts.stopped:
+        if trainer.is_world_process_zero():
+            print(
+                f"error: {alerts.stopped}; router.alert=stop ended training (no final model)", file=sys.stderr
+            )
+        run_dir.release_every_output_dir()
+        sys.exit(3)
     final = save_final(trainer, cfg, tokenizer)
     run_dir.release_output_dir(cfg.output_dir)
     return final
@@ -350,7 +365,7 @@ def build_trainer(stage: str, argv: list[str], prepare_data, make_args, trainer_
     cfg = config_from_argv(stage, argv)
     tokenizer = load_tokenizer(cfg.model.tokenizer)
     data = load_data_or_exit(prepare_data, cfg.data, tokenizer, cfg.trainer.seed)
-    report_data(data, cfg.data.max_reported_bad_rows)
+    report_data(data, cfg)
     configure_wandb(cfg)
     model, args = build_model_and_args(cfg, tokenizer, lambda: make_args(cfg), build_model)
     extra = {"ref_model": reference_model(cfg)} if reference_model else {}
@@ -364,5 +379,6 @@ def build_trainer(stage: str, argv: list[str], prepare_data, make_args, trainer_
         **extra,
     )
     trainer.enable_router_stats(model)
+    add_router_callbacks(trainer, cfg, model)
     use_lean_console(trainer)
     return trainer, cfg, tokenizer

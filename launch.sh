@@ -11,7 +11,8 @@
 # that no other requirement pulls a multi-GB build nobody asked for.
 #
 # Multi-node: NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT (SLURM's SLURM_NNODES, SLURM_NODEID and
-# the first host of SLURM_JOB_NODELIST are used when present). NPROC overrides the processes per
+# the first host of SLURM_JOB_NODELIST are used when present); several nodes meet at torchrun's c10d
+# rendezvous on MASTER_ADDR:MASTER_PORT (RDZV_ID, default SLURM_JOB_ID, names the job). NPROC overrides the processes per
 # node (default: the number of GPUs, or 1 without GPUs).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
@@ -56,8 +57,16 @@ run_torchrun() {
   fi
   master_addr=${master_addr:-127.0.0.1}
   local master_port=${MASTER_PORT:-29500}
+  if [[ "$nnodes" == 1 ]]; then
+    exec torchrun --nnodes 1 --node_rank 0 --nproc_per_node "$nproc" \
+      --master_addr "$master_addr" --master_port "$master_port" -m "$module" "$@"
+  fi
+  # Several nodes meet at torchrun's c10d rendezvous on MASTER_ADDR:MASTER_PORT: the node with that
+  # address hosts the store, or joins a store already listening there. The rendezvous numbers the
+  # nodes in order of arrival (NODE_RANK is passed on; c10d does not use it).
   exec torchrun --nnodes "$nnodes" --node_rank "$node_rank" --nproc_per_node "$nproc" \
-    --master_addr "$master_addr" --master_port "$master_port" -m "$module" "$@"
+    --rdzv-backend c10d --rdzv-endpoint "$master_addr:$master_port" \
+    --rdzv-id "${RDZV_ID:-${SLURM_JOB_ID:-mixtral-tune}}" -m "$module" "$@"
 }
 
 command=${1:-}

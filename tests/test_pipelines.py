@@ -265,17 +265,20 @@ def test_expert_parallel_lora_resume_restores_every_ranks_experts(tmp_path, zero
 
 
 @pytest.mark.distributed
-@pytest.mark.slow  # out of CI until a hang seen once in a full-suite run is understood (README, Tests)
+@pytest.mark.slow
+@pytest.mark.timeout(420)
 def test_launch_two_nodes_over_loopback(tmp_path):
-    """Each node's output goes to a file, not a pipe read one node after the other (a node that fills
-    its pipe would block while the other waits for it in a collective; the nodes print ~3 KB, even with
-    cold caches, so that was not the hang seen once)."""
-    port = str(__import__("pipeline_runs").free_port())
+    """Two `./launch.sh sft` nodes (NNODES=2, one process each) meet at a c10d rendezvous on a store this
+    test holds on a port it bound (port 0), so no other process can take the port between choosing it
+    and using it; both nodes join as clients. Each node's output goes to a file, not a pipe read one node
+    after the other (a node that fills its pipe would block while the other waits for it)."""
+    store = torch.distributed.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
     out = tmp_path / "run"
     nodes, logs = [], []
     for node_rank in ("0", "1"):
         env = {**run_env(), "NNODES": "2", "NODE_RANK": node_rank, "NPROC": "1", "MASTER_ADDR": "127.0.0.1",
-               "MASTER_PORT": port, "VIRTUAL_ENV": run_env().get("VIRTUAL_ENV", "ci")}  # fmt: skip
+               "MASTER_PORT": str(store.port), "RDZV_ID": f"two-nodes-{store.port}", "LOGLEVEL": "INFO",
+               "VIRTUAL_ENV": run_env().get("VIRTUAL_ENV", "ci")}  # fmt: skip
         command = [
             str(REPO / "launch.sh"),
             "sft",
@@ -296,6 +299,12 @@ def test_launch_two_nodes_over_loopback(tmp_path):
             node.wait()
         tails = [log.read_text(errors="replace")[-3000:] for log in logs]
         pytest.fail(f"two-node run hung: node 0 ...{tails[0]}\nnode 1 ...{tails[1]}")
+    finally:
+        del store
     outputs = [log.read_text(errors="replace") for log in logs]
     assert [node.returncode for node in nodes] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    # torchrun's rendezvous result (LOGLEVEL=INFO): one node each, two workers in all
+    group_ranks = sorted(int(re.search(r"group_rank=(\d+)", o).group(1)) for o in outputs)
+    assert group_ranks == [0, 1]
+    assert all("group_world_size=2" in o and "global_world_sizes=[2]" in o for o in outputs)
     assert len(train_losses(out / "final")) == 2

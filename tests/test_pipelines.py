@@ -2,6 +2,7 @@
 against one, two "nodes" over loopback (resume after kill -9: tests/test_resume.py)."""
 
 import json
+import os
 import re
 import subprocess
 from pathlib import Path
@@ -22,8 +23,12 @@ from pipeline_runs import (
 )
 from safetensors.torch import load_file
 
-from mixtral_model import MixtralForCausalLM
+from mixtral_model import MixtralForCausalLM, load_tokenizer
+from mixtral_tune.evaluate import answer_log_probs, pair_log_probs, read_jsonl
+from mixtral_tune.shipped import DATA_DIR
 from mixtral_tune.training.resume import latest_complete_checkpoint
+
+RANK_PROBE = Path(__file__).parent / "rank_probe"
 
 
 def logits(model, seed=0):
@@ -174,15 +179,27 @@ def test_two_ranks_match_one_rank_for_the_same_global_batch(tmp_path):
     ],
     ids=["sft-zero3-lora", "dpo-zero3-lora", "sft-zero3-qlora", "sft-zero2-ep2"],
 )
-def test_two_rank_deepspeed_runs_learn_and_save_complete_outputs(tmp_path, stage, extra):
+def test_two_rank_deepspeed_runs_learn_and_save_complete_outputs(tmp_path, monkeypatch, stage, extra):
+    """The run learned: on the first 32 training rows the saved model's log-probability of the answer
+    (SFT), or its DPO implicit-reward margin against the base (DPO), improved by more than three
+    standard errors of the per-row change. Every rank ends with the same shared parameters
+    (tests/rank_probe hashes each rank's after training)."""
     recipe = SFT if stage == "sft" else DPO
-    out = tmp_path / "run"
+    out, probe = tmp_path / "run", tmp_path / "probe"
+    probe.mkdir()
+    monkeypatch.setenv("RANK_PROBE_DIR", str(probe))
+    monkeypatch.setenv(
+        "PYTHONPATH", os.pathsep.join(filter(None, (str(RANK_PROBE), os.environ.get("PYTHONPATH"))))
+    )
     run_pipeline(
         stage, [*recipe, *extra, f"output_dir={out}", "max_steps=4", "trainer.save_steps=4"], nproc=2
     )
+    digests = [json.loads((probe / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    assert digests[0] and digests[0] == digests[1], "the ranks hold different parameters after training"
     losses = train_losses(out / "final")
     assert len(losses) == 4 and all(loss == loss for loss in losses)
     assert all(entry["aux_loss"] > 0 for entry in log_history(out / "final") if "loss" in entry)
+    base = MixtralForCausalLM.from_pretrained(out / "base").eval()
     if "peft=lora" in extra or "peft=qlora" in extra:
         adapter = json.loads((out / "final" / "adapter_config.json").read_text())
         assert set(adapter["target_modules"]) >= {"w1", "q_proj"}
@@ -191,9 +208,24 @@ def test_two_rank_deepspeed_runs_learn_and_save_complete_outputs(tmp_path, stage
         )
         assert any(p.abs().max() > 0 for n, p in trained.named_parameters() if "lora_B" in n), "empty adapter"
     else:
-        final = MixtralForCausalLM.from_pretrained(out / "final")
-        base = MixtralForCausalLM.from_pretrained(out / "base")
-        assert not torch.equal(logits(final), logits(base)), "full model did not change"
+        trained = MixtralForCausalLM.from_pretrained(out / "final")
+    assert_learned(stage, trained.eval(), base)
+
+
+def assert_learned(stage: str, trained, base, rows: int = 32) -> None:
+    tokenizer = load_tokenizer()
+    if stage == "sft":
+        data = read_jsonl(DATA_DIR / "sft_train.jsonl")[:rows]
+        change = torch.tensor(
+            [answer_log_probs(trained, tokenizer, row["messages"][:-1], row["messages"][-1:])
+             - answer_log_probs(base, tokenizer, row["messages"][:-1], row["messages"][-1:]) for row in data]
+        )  # fmt: skip
+    else:  # the implicit reward margin, chosen minus rejected, with the base as the reference
+        data = read_jsonl(DATA_DIR / "dpo_train.jsonl")[:rows]
+        reward = pair_log_probs(trained, tokenizer, data) - pair_log_probs(base, tokenizer, data)
+        change = reward[:, 0] - reward[:, 1]
+    standard_error = change.std() / len(change) ** 0.5
+    assert change.mean() > 3 * standard_error, (change.mean().item(), standard_error.item())
 
 
 EP_LORA = ["deepspeed=zero3", "model.expert_parallel_size=2"]

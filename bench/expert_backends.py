@@ -33,7 +33,7 @@ from mixtral_model.moe import SparseMoeBlock
 
 SHAPE = dict(hidden_size=512, intermediate_size=1792, num_local_experts=8, num_experts_per_tok=2, tokens=2048)
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
-BACKENDS = ("per_expert", "grouped_loop", "grouped_mm")
+BACKENDS = ("per_expert", "grouped_loop")
 KINDS = (
     "lora",
     "qlora",

@@ -16,7 +16,7 @@ Sections, in order (each one records its error and the script moves on; once the
    mixtral_tune.training.model_factory.quantization_config(...))`, the factory's path;
 3. attention: flash-attn 2 (if importable) and sdpa against an fp32 eager reference (outputs and q/k/v
    gradients; causal, sliding window, packed sequences with a window) and their fwd+bwd speed;
-4. experts: our SparseMoeBlock's `grouped_mm`, `grouped_loop` (and `auto`) against `per_expert`: output, input and every
+4. experts: our SparseMoeBlock's `grouped_loop` (and `auto`) against `per_expert`: output, input and every
    parameter gradient in bf16, and fwd+bwd speed;
 5. training: Mixtral-8x7B-shaped layers (hidden 4096, intermediate 14336, 8 experts top-2, GQA 32/8,
    vocab 32000, batch 1 x 4096 tokens) for full bf16, LoRA and QLoRA (mixtral_tune.training.model_factory.apply_peft on
@@ -548,7 +548,6 @@ def environment(run: Run, sec: Section) -> None:
         cuda=torch.version.cuda,
         bf16_peak_tflops=run.peak_flops / 1e12 if run.peak_flops else None,
         **{pkg: package_version(pkg) for pkg in ("transformers", "peft", "bitsandbytes", "flash_attn")},
-        grouped_mm_available=hasattr(torch, "_grouped_mm"),
     )
     if run.device.type == "cuda":
         props = torch.cuda.get_device_properties(run.device)
@@ -707,7 +706,7 @@ def experts(run: Run, sec: Section) -> None:
         out.backward(grad.to(out.dtype))
         return {"out": out.detach(), "dx": xi.grad, **{n: p.grad for n, p in b.named_parameters()}}
 
-    backends = ["per_expert", "grouped_mm", "grouped_loop"]
+    backends = ["per_expert", "grouped_loop"]
     backends += ["auto"] if auto not in backends else []
     sec.say(f"auto picks {auto}; {s.moe_tokens} tokens, hidden {config.hidden_size}, intermediate "
             f"{config.intermediate_size}, {config.num_local_experts} experts top-{config.num_experts_per_tok}, bf16")  # fmt: skip
@@ -748,7 +747,7 @@ def experts(run: Run, sec: Section) -> None:
         speed[backend] = ms
         sec.lines.append(f"| {backend} | {ms:.2f} | {s.moe_tokens / ms * 1e3:.0f} |")
     sec.data.update(auto=auto, speed_ms=speed)
-    for backend in ("grouped_mm", "grouped_loop"):
+    for backend in ("grouped_loop",):
         if backend in speed:
             ratio = speed["per_expert"] / speed[backend]
             sec.say(f"{backend} / per_expert speed: {ratio:.2f}x")

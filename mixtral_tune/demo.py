@@ -65,7 +65,9 @@ def print_table(rows: list[tuple[str, dict]]) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="mixtral-tune demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--output-dir", type=Path, default=Path("outputs/demo"))
-    parser.add_argument("--seed", type=int, default=None, help="trainer.seed of both stages (default: the recipes')")
+    parser.add_argument(
+        "--seed", type=int, default=None, help="trainer.seed of both stages (default: the recipes')"
+    )
     args = parser.parse_args(argv)
     seed = [] if args.seed is None else [f"trainer.seed={args.seed}"]
     root = args.output_dir

@@ -109,8 +109,8 @@ def choose_expert_backend(*, readable: bool, partitioned: bool, device_type: str
     * CPU: `grouped_loop`, the expert loop: per_expert's numbers bit for bit, less kept for backward,
       per_expert's speed within noise (both are GEMM-bound there). On CPUs without native bf16 it runs
       the per-projection path, whose backward multiplies by a transposed weight copy.
-    * CUDA: `per_expert`; the expert loop is timed on a GPU by bench/gpu_check.py. (A `torch._grouped_mm`
-      backend measured 0.77-0.92x per_expert's speed on an H200 and was removed.)
+    * CUDA: `per_expert`; bench/gpu_check.py times the expert loop against it on a GPU. (A
+      `torch._grouped_mm` backend was slower than per_expert on an H200 and was removed.)
 
     `grouped_loop` stays available through `SparseMoeBlock.expert_backend` and is held to
     `per_expert` in tests.

@@ -182,8 +182,9 @@ def test_two_ranks_match_one_rank_for_the_same_global_batch(tmp_path):
 def test_two_rank_deepspeed_runs_learn_and_save_complete_outputs(tmp_path, monkeypatch, stage, extra):
     """The run learned: on the first 32 training rows the saved model's log-probability of the answer
     (SFT), or its DPO implicit-reward margin against the base (DPO), improved by more than three
-    standard errors of the per-row change. Every rank ends with the same shared parameters
-    (tests/rank_probe hashes each rank's after training)."""
+    standard errors of the per-row change. Every rank ends with the same values of every trainable
+    parameter they both hold (tests/rank_probe hashes each rank's after training); only expert-parallel
+    experts are held by one rank alone."""
     recipe = SFT if stage == "sft" else DPO
     out, probe = tmp_path / "run", tmp_path / "probe"
     probe.mkdir()
@@ -195,7 +196,10 @@ def test_two_rank_deepspeed_runs_learn_and_save_complete_outputs(tmp_path, monke
         stage, [*recipe, *extra, f"output_dir={out}", "max_steps=4", "trainer.save_steps=4"], nproc=2
     )
     digests = [json.loads((probe / f"rank{rank}.json").read_text()) for rank in (0, 1)]
-    assert digests[0] and digests[0] == digests[1], "the ranks hold different parameters after training"
+    shared = digests[0].keys() & digests[1].keys()
+    assert shared and all(".experts." in name for name in digests[0].keys() ^ digests[1].keys())
+    differing = sorted(name for name in shared if digests[0][name] != digests[1][name])
+    assert not differing, f"the ranks hold different values after training: {differing[:5]}"
     losses = train_losses(out / "final")
     assert len(losses) == 4 and all(loss == loss for loss in losses)
     assert all(entry["aux_loss"] > 0 for entry in log_history(out / "final") if "loss" in entry)

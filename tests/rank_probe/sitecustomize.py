@@ -1,7 +1,7 @@
 """Test probe, on PYTHONPATH only in tests that set RANK_PROBE_DIR: after `Trainer.train` returns, each
-torchrun rank writes a sha256 of every trainable parameter it shares with the other ranks (gathered
-under ZeRO-3; expert-parallel experts, marked allreduce=False, are each rank's own and left out) to
-RANK_PROBE_DIR/rank<RANK>.json, so a test can check that every rank holds the same result."""
+torchrun rank writes a sha256 of every trainable parameter it holds (gathered under ZeRO-3), by name, to
+RANK_PROBE_DIR/rank<RANK>.json, so a test can check that every rank holds the same result. Under expert
+parallelism a rank holds its own experts, named by their global index."""
 
 import os
 
@@ -18,8 +18,7 @@ if os.environ.get("RANK_PROBE_DIR") and os.environ.get("RANK") is not None:
         result = train(self, *args, **kwargs)
         import deepspeed
 
-        shared = [(n, p) for n, p in self.model.named_parameters()
-                  if p.requires_grad and getattr(p, "allreduce", True)]  # fmt: skip
+        shared = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
         with deepspeed.zero.GatheredParameters([p for _, p in shared]):
             digests = {
                 name: hashlib.sha256(param.detach().float().cpu().numpy().tobytes()).hexdigest()

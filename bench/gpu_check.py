@@ -258,11 +258,10 @@ def package_version(name: str) -> str:
 
 
 def rel_diff(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    """max |actual - expected| / max |expected|."""
-    actual, expected = actual.detach().float(), expected.detach().float()
-    scale = expected.abs().max().item()
-    diff = (actual - expected).abs().max().item()
-    return diff / scale if scale > 0 else diff
+    """max |actual - expected| / max |expected| (mixtral_model.testing.max_relative_diff)."""
+    from mixtral_model.testing import max_relative_diff
+
+    return max_relative_diff(actual, expected)
 
 
 @contextlib.contextmanager
@@ -389,20 +388,14 @@ def transformers_copy(ours, device: torch.device):
     )  # fmt: skip
     with torch.device(device), default_dtype(torch.bfloat16):
         theirs = transformers.MixtralForCausalLM(config)
-    f = c.intermediate_size
+    from mixtral_model.testing import copy_experts_to_transformers
+
     with torch.no_grad():
-        for name, param in ours.state_dict().items():  # hub keys, whatever the experts' storage
-            if ".block_sparse_moe.experts." in name:
-                prefix, rest = name.split(".block_sparse_moe.experts.")
-                expert, proj, _ = rest.split(".")
-                experts = theirs.get_submodule(prefix + ".mlp.experts")
-                e = int(expert)
-                target = {"w1": experts.gate_up_proj[e, :f], "w3": experts.gate_up_proj[e, f:]}.get(
-                    proj, experts.down_proj[e]
-                )
-            else:
-                target = theirs.get_parameter(name.replace(".block_sparse_moe.", ".mlp."))
-            target.copy_(param)
+        for name, param in ours.state_dict().items():  # hub keys
+            if ".block_sparse_moe.experts." not in name:
+                theirs.get_parameter(name.replace(".block_sparse_moe.", ".mlp.")).copy_(param)
+    for layer, theirs_layer in zip(ours.model.layers, theirs.model.layers, strict=True):
+        copy_experts_to_transformers(layer.block_sparse_moe.experts, theirs_layer.mlp.experts)
     return theirs.train()
 
 

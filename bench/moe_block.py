@@ -23,6 +23,7 @@ from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
 
 from mixtral_model import MixtralConfig
 from mixtral_model.moe import SparseMoeBlock, expert_backend_for
+from mixtral_model.testing import copy_experts_to_transformers, max_relative_diff
 
 FULL = dict(hidden_size=1024, intermediate_size=3584, num_local_experts=8, num_experts_per_tok=2, tokens=2048)
 QUICK = dict(hidden_size=128, intermediate_size=256, num_local_experts=8, num_experts_per_tok=2, tokens=256)
@@ -48,9 +49,7 @@ def build_blocks(shape: dict, dtype: torch.dtype, device: torch.device):
     theirs = MixtralSparseMoeBlock(transformers.MixtralConfig(**block_config_kwargs(shape)))
     with torch.no_grad():
         theirs.gate.weight.copy_(ours.gate.weight)
-        for e, expert in ours.experts.items():
-            theirs.experts.gate_up_proj[int(e)].copy_(torch.cat([expert.w1.weight, expert.w3.weight]))
-            theirs.experts.down_proj[int(e)].copy_(expert.w2.weight)
+    copy_experts_to_transformers(ours.experts, theirs.experts)
     return ours.to(device, dtype), theirs.to(device, dtype)
 
 
@@ -87,10 +86,6 @@ def timed(fn, device) -> float:
     fn()
     synchronize(device)
     return time.perf_counter() - start
-
-
-def max_relative_diff(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    return ((actual.float() - expected.float()).abs().max() / expected.float().abs().max()).item()
 
 
 def bench_dtype(

@@ -6,10 +6,11 @@ tests/test_model_config.py::test_flash_attention_matches_sdpa_on_gpu (when flash
 
 import pytest
 import torch
-from mixtral_reference import max_relative_diff, tiny_config
+from mixtral_reference import tiny_config
 
 from mixtral_model import MixtralConfig, MixtralForCausalLM
 from mixtral_model.moe import SparseMoeBlock
+from mixtral_model.testing import max_relative_diff
 
 pytestmark = pytest.mark.cuda
 

@@ -12,13 +12,14 @@ so under one seed both paths apply identical masks and must agree to rounding, w
 import bitsandbytes as bnb
 import pytest
 import torch
-from mixtral_reference import max_relative_diff, quantize_experts_4bit, tiny_config
+from mixtral_reference import tiny_config
 from peft import LoraConfig, get_peft_model
 from torch import nn
 
 from mixtral_model import MixtralConfig, MixtralForCausalLM
 from mixtral_model.grouped_experts import _dequantize_4bit_cpu
 from mixtral_model.moe import SparseMoeBlock, expert_backend_for, read_experts
+from mixtral_model.testing import max_relative_diff, quantize_experts_nf4
 
 GROUPED = ["grouped_loop"]
 HIDDEN, INTERMEDIATE = 64, 128  # bitsandbytes 0.50 dequantizes wrongly on CPU below 64 inputs
@@ -60,7 +61,7 @@ def build(kind: str, dtype: torch.dtype, dropout: float = 0.0):
     """(model, block): kind = plain | lora | nf4 | qlora | qlora_fp32_adapters, from the same seeded weights."""
     block = random_block()
     if kind in ("nf4", "qlora", "qlora_fp32_adapters"):
-        quantize_experts_4bit(block, compute_dtype=dtype)
+        quantize_experts_nf4(block, compute_dtype=dtype)
         block.gate.to(dtype)
     elif dtype != torch.float32:
         block.to(dtype)
@@ -168,7 +169,7 @@ def build_for_loop(kind: str, dtype: torch.dtype, dropout: float):
         return with_lora(block, dropout, torch.float32), block
     if kind.startswith("qlora_peft4bit"):
         block = random_block()
-        quantize_experts_4bit(block, compute_dtype=dtype)
+        quantize_experts_nf4(block, compute_dtype=dtype)
         block.gate.to(dtype)
         holder = Holder(block)
         holder.is_loaded_in_4bit = True  # PEFT then wraps with its bitsandbytes Linear4bit LoRA layer

@@ -11,7 +11,7 @@ import bitsandbytes as bnb
 import pytest
 import torch
 import transformers
-from mixtral_reference import max_relative_diff, quantize_experts_4bit, tiny_config
+from mixtral_reference import tiny_config
 from peft import LoraConfig, get_peft_model
 from torch import nn
 from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
@@ -26,6 +26,7 @@ from mixtral_model.moe import (
 )
 from mixtral_model.router_losses import load_balancing_loss
 from mixtral_model.router_stats import router_statistics
+from mixtral_model.testing import copy_experts_to_transformers, max_relative_diff, quantize_experts_nf4
 
 REPO = Path(__file__).resolve().parents[1]
 TOL = 1e-5
@@ -49,9 +50,7 @@ def transformers_block(ours: SparseMoeBlock) -> MixtralSparseMoeBlock:
     theirs = MixtralSparseMoeBlock(config)
     with torch.no_grad():
         theirs.gate.weight.copy_(ours.gate.weight)
-        for e, expert in ours.experts.items():
-            theirs.experts.gate_up_proj[int(e)].copy_(torch.cat([expert.w1.weight, expert.w3.weight]))
-            theirs.experts.down_proj[int(e)].copy_(expert.w2.weight)
+    copy_experts_to_transformers(ours.experts, theirs.experts)
     return theirs
 
 
@@ -152,7 +151,7 @@ def test_bitsandbytes_4bit_experts():
     """per_expert on bitsandbytes NF4 experts computes with bitsandbytes' dequantized weights (the
     expert loop, `auto` on CPU, is held to per_expert in test_expert_backends)."""
     block = random_block()
-    quantize_experts_4bit(block)
+    quantize_experts_nf4(block)
     assert expert_backend_for(list(block.experts.values())) == "grouped_loop"
     block.expert_backend = "per_expert"
     reference = dequantized_copy(block)

@@ -73,7 +73,6 @@ def main(argv: list[str] | None = None) -> None:
     root = args.output_dir
     shutil.rmtree(root, ignore_errors=True)
     os.environ.setdefault("WANDB_MODE", "offline")
-    user_wandb_dir = os.environ.get("WANDB_DIR")
     started = time.perf_counter()
     tokenizer = load_tokenizer()
     beta = load_config("dpo", ["+recipe=tiny/dpo"]).trainer.beta
@@ -90,8 +89,6 @@ def main(argv: list[str] | None = None) -> None:
         ]
     )
     print("== stage 2: DPO (recipes/tiny/dpo.yaml) from the SFT model ==", flush=True)
-    if user_wandb_dir is None:  # the SFT stage set it to its output_dir: DPO logs under its own
-        os.environ.pop("WANDB_DIR", None)
     dpo.main([
         "+recipe=tiny/dpo", f"model.name_or_path={root / 'sft' / 'final'}",
         f"output_dir={root / 'dpo'}", "trainer.report_to=wandb", "trainer.eval_steps=null", *seed,

@@ -179,6 +179,7 @@ def test_two_ranks_match_one_rank_for_the_same_global_batch(tmp_path):
     ],
     ids=["sft-zero3-lora", "dpo-zero3-lora", "sft-zero3-qlora", "sft-zero2-ep2"],
 )
+@pytest.mark.timeout(900)
 def test_two_rank_deepspeed_runs_learn_and_save_complete_outputs(tmp_path, monkeypatch, stage, extra):
     """The run learned: on the first 32 training rows the saved model's log-probability of the answer
     (SFT), or its DPO implicit-reward margin against the base (DPO), improved by more than three
@@ -193,7 +194,10 @@ def test_two_rank_deepspeed_runs_learn_and_save_complete_outputs(tmp_path, monke
         "PYTHONPATH", os.pathsep.join(filter(None, (str(RANK_PROBE), os.environ.get("PYTHONPATH"))))
     )
     run_pipeline(
-        stage, [*recipe, *extra, f"output_dir={out}", "max_steps=4", "trainer.save_steps=4"], nproc=2
+        stage,
+        [*recipe, *extra, f"output_dir={out}", "max_steps=4", "trainer.save_steps=4"],
+        nproc=2,
+        timeout=600,
     )
     digests = [json.loads((probe / f"rank{rank}.json").read_text()) for rank in (0, 1)]
     shared = digests[0].keys() & digests[1].keys()

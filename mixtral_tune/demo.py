@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 import transformers
+import wandb
 
 from mixtral_model import MixtralForCausalLM, load_tokenizer
 from mixtral_tune import dpo, sft
@@ -88,6 +89,7 @@ def main(argv: list[str] | None = None) -> None:
             *seed,
         ]
     )
+    wandb.finish()  # transformers' wandb callback leaves its run open: DPO would log into SFT's
     print("== stage 2: DPO (recipes/tiny/dpo.yaml) from the SFT model ==", flush=True)
     dpo.main([
         "+recipe=tiny/dpo", f"model.name_or_path={root / 'sft' / 'final'}",

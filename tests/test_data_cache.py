@@ -23,6 +23,10 @@ NOT_IN_KEY = {"max_bad_fraction", "max_reported_bad_rows", "num_proc", "cache_di
 # a value other than the default for each data setting that decides rows
 CHANGED = {
     "kind": "dpo",
+    "format": "alpaca",
+    "columns": {"question": "prompt"},
+    "config": "subset",
+    "revision": "v2",
     "split": "validation",
     "eval_split": "dev",
     "eval_fraction": 0.2,

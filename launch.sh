@@ -41,7 +41,11 @@ gpu_count() {
 }
 
 slurm_master() {
-  scontrol show hostnames "$SLURM_JOB_NODELIST" 2>/dev/null | head -n 1
+  # the first host of the job's node list; no pipe into head (under pipefail, scontrol killed by SIGPIPE
+  # after head has read its line would stop this script)
+  local hosts
+  hosts=$(scontrol show hostnames "$SLURM_JOB_NODELIST" 2>/dev/null) || true
+  echo "${hosts%%$'\n'*}"
 }
 
 run_torchrun() {

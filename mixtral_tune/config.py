@@ -179,7 +179,8 @@ class PeftConfig:
     dropout: float = 0.05
     targets: str = "both"  # attention | experts | both
     train_router: bool = False  # train the router weights fully (PEFT modules_to_save); never LoRA-wrapped
-    esft_selection: str | None = None  # `mixtral-tune esft-select` output: train (peft=esft) or LoRA only those experts
+    # `mixtral-tune esft-select` output: train (peft=esft) or LoRA only those experts
+    esft_selection: str | None = None
     quant: QuantConfig = field(default_factory=QuantConfig)
 
 
@@ -657,7 +658,9 @@ def check_esft(cfg: DictConfig) -> None:
     if not peft.esft_selection:
         return
     if peft.method == "none":
-        raise ConfigError("peft.esft_selection is set but peft=none trains every weight: use peft=esft (or lora)")
+        raise ConfigError(
+            "peft.esft_selection is set but peft=none trains every weight: use peft=esft (or lora)"
+        )
     if peft.method in ADAPTER_METHODS and peft.targets == "attention":
         raise ConfigError(
             "peft.esft_selection restricts LoRA on experts, but peft.targets=attention has none: "

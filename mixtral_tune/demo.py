@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 import transformers
+import wandb
 
 from mixtral_model import MixtralForCausalLM, load_tokenizer
 from mixtral_tune import dpo, sft
@@ -69,7 +70,9 @@ def print_table(rows: list[tuple[str, dict]]) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="mixtral-tune demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--output-dir", type=Path, default=Path("outputs/demo"))
-    parser.add_argument("--seed", type=int, default=None, help="trainer.seed of both stages (default: the recipes')")
+    parser.add_argument(
+        "--seed", type=int, default=None, help="trainer.seed of both stages (default: the recipes')"
+    )
     args = parser.parse_args(argv)
     seed = [] if args.seed is None else [f"trainer.seed={args.seed}"]
     root = args.output_dir
@@ -90,6 +93,7 @@ def main(argv: list[str] | None = None) -> None:
             *seed,
         ]
     )
+    wandb.finish()  # transformers' wandb callback leaves its run open: DPO would log into SFT's
     print("== stage 2: DPO (recipes/tiny/dpo.yaml) from the SFT model ==", flush=True)
     dpo.main([
         "+recipe=tiny/dpo", f"model.name_or_path={root / 'sft' / 'final'}",

@@ -116,8 +116,8 @@ def prepare_4bit_for_training(model: MixtralForCausalLM, gradient_checkpointing:
     PEFT's helper casts every non-4-bit bf16 parameter to fp32. They are frozen, so fp32 buys no
     precision in training (the norms compute in fp32 anyway and the loss upcasts the logits), while
     it doubles their bytes and, through the fp32 embedding output and norm weights, makes every
-    activation of the residual stream and of the layers' recomputation fp32: for Mixtral-8x7B QLoRA
-    at 4096 tokens about 3 GiB more at peak (`mixtral_tune/memory.py`, bench/gpu_check.py's account). The
+    activation of the residual stream and of the layers' recomputation fp32 (bench/gpu_check.py's memory
+    account gives the difference at peak for Mixtral-8x7B QLoRA). The
     LoRA adapters PEFT adds are still fp32 (`get_peft_model`'s `autocast_adapter_dtype`)."""
     model.requires_grad_(False)
     if gradient_checkpointing:

@@ -3,7 +3,7 @@
 #
 #   ./launch.sh demo                      set up the environment, run the demo
 #   ./launch.sh test [pytest args]        set up the environment, run the test suite (not the slow tests)
-#   ./launch.sh ci [pytest args]          set up, lint (ruff), run every test, slow ones included
+#   ./launch.sh lint                      set up, lint (ruff check, ruff format --check)
 #   ./launch.sh sft +recipe=NAME [k=v..]  torchrun -m mixtral_tune.sft on this node (or several: see below)
 #   ./launch.sh dpo +recipe=NAME [k=v..]  torchrun -m mixtral_tune.dpo
 #
@@ -85,18 +85,17 @@ case "$command" in
     setup_env
     exec python -m pytest -q -m "not slow" "$@"
     ;;
-  ci)
+  lint)
     setup_env
     ruff check .
-    ruff format --check .
-    exec python -m pytest -q -m "slow or not slow" --durations=25 "$@"
+    exec ruff format --check .
     ;;
   sft | dpo)
     [[ -n "${VIRTUAL_ENV:-}" || ! -d .venv ]] || source .venv/bin/activate
     run_torchrun "mixtral_tune.${command}" "$@"
     ;;
   *)
-    echo "usage: ./launch.sh demo | test [pytest args] | ci [pytest args] | sft +recipe=NAME [overrides] | dpo +recipe=NAME [overrides]" >&2
+    echo "usage: ./launch.sh demo | test [pytest args] | lint | sft +recipe=NAME [overrides] | dpo +recipe=NAME [overrides]" >&2
     exit 2
     ;;
 esac

@@ -108,7 +108,11 @@ class CheckpointLoadingMixin:
         from mixtral_parallel import expert_state  # imports this module
 
         check_checkpoint_path(pretrained_model_name_or_path)
-        groups = expert_parallel.new_expert_parallel_groups(expert_parallel_size) if expert_parallel_size != 1 else None
+        groups = (
+            expert_parallel.new_expert_parallel_groups(expert_parallel_size)
+            if expert_parallel_size != 1
+            else None
+        )
         loading = _LOADING_EXPERT_PARALLEL.set(groups)
         try:
             # Mismatched shapes come back in the loading info, so the error below can name them.

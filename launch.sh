@@ -2,7 +2,8 @@
 # Entry point for every run of this project.
 #
 #   ./launch.sh demo                      set up the environment, run the demo
-#   ./launch.sh test [pytest args]        set up the environment, run the test suite
+#   ./launch.sh test [pytest args]        set up the environment, run the test suite (not the slow tests)
+#   ./launch.sh lint                      set up, lint (ruff check, ruff format --check)
 #   ./launch.sh sft +recipe=NAME [k=v..]  torchrun -m mixtral_tune.sft on this node (or several: see below)
 #   ./launch.sh dpo +recipe=NAME [k=v..]  torchrun -m mixtral_tune.dpo
 #
@@ -11,7 +12,8 @@
 # that no other requirement pulls a multi-GB build nobody asked for.
 #
 # Multi-node: NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT (SLURM's SLURM_NNODES, SLURM_NODEID and
-# the first host of SLURM_JOB_NODELIST are used when present). NPROC overrides the processes per
+# the first host of SLURM_JOB_NODELIST are used when present); several nodes meet at torchrun's c10d
+# rendezvous on MASTER_ADDR:MASTER_PORT (RDZV_ID, default SLURM_JOB_ID, names the job). NPROC overrides the processes per
 # node (default: the number of GPUs, or 1 without GPUs).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
@@ -39,7 +41,11 @@ gpu_count() {
 }
 
 slurm_master() {
-  scontrol show hostnames "$SLURM_JOB_NODELIST" 2>/dev/null | head -n 1
+  # the first host of the job's node list; no pipe into head (under pipefail, scontrol killed by SIGPIPE
+  # after head has read its line would stop this script)
+  local hosts
+  hosts=$(scontrol show hostnames "$SLURM_JOB_NODELIST" 2>/dev/null) || true
+  echo "${hosts%%$'\n'*}"
 }
 
 run_torchrun() {
@@ -56,8 +62,16 @@ run_torchrun() {
   fi
   master_addr=${master_addr:-127.0.0.1}
   local master_port=${MASTER_PORT:-29500}
+  if [[ "$nnodes" == 1 ]]; then
+    exec torchrun --nnodes 1 --node_rank 0 --nproc_per_node "$nproc" \
+      --master_addr "$master_addr" --master_port "$master_port" -m "$module" "$@"
+  fi
+  # Several nodes meet at torchrun's c10d rendezvous on MASTER_ADDR:MASTER_PORT: the node with that
+  # address hosts the store, or joins a store already listening there. The rendezvous numbers the
+  # nodes in order of arrival (NODE_RANK is passed on; c10d does not use it).
   exec torchrun --nnodes "$nnodes" --node_rank "$node_rank" --nproc_per_node "$nproc" \
-    --master_addr "$master_addr" --master_port "$master_port" -m "$module" "$@"
+    --rdzv-backend c10d --rdzv-endpoint "$master_addr:$master_port" \
+    --rdzv-id "${RDZV_ID:-${SLURM_JOB_ID:-mixtral-tune}}" -m "$module" "$@"
 }
 
 command=${1:-}
@@ -71,12 +85,17 @@ case "$command" in
     setup_env
     exec python -m pytest -q -m "not slow" "$@"
     ;;
+  lint)
+    setup_env
+    ruff check .
+    exec ruff format --check .
+    ;;
   sft | dpo)
     [[ -n "${VIRTUAL_ENV:-}" || ! -d .venv ]] || source .venv/bin/activate
     run_torchrun "mixtral_tune.${command}" "$@"
     ;;
   *)
-    echo "usage: ./launch.sh demo | test [pytest args] | sft +recipe=NAME [overrides] | dpo +recipe=NAME [overrides]" >&2
+    echo "usage: ./launch.sh demo | test [pytest args] | lint | sft +recipe=NAME [overrides] | dpo +recipe=NAME [overrides]" >&2
     exit 2
     ;;
 esac

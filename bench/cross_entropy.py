@@ -27,6 +27,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from mixtral_model.testing import max_relative_diff
+
 ROOT = Path(__file__).resolve().parents[1]
 MODULE = "mixtral_model/cross_entropy.py"
 
@@ -59,10 +61,6 @@ def reference(logits, labels, divisor, dtype):
     loss = F.cross_entropy(logits, labels, ignore_index=-100, reduction="sum") / divisor
     (grad,) = torch.autograd.grad(loss, logits)
     return loss.detach(), grad
-
-
-def max_relative_diff(actual, expected):
-    return ((actual.double() - expected).abs().max() / expected.abs().max()).item()
 
 
 def max_elementwise_relative_diff(actual, expected):

@@ -23,17 +23,17 @@ import subprocess
 import time
 import warnings
 
-import bitsandbytes as bnb
 import torch
 from peft import LoraConfig, get_peft_model
 from torch import nn
 
 from mixtral_model import MixtralConfig
 from mixtral_model.moe import SparseMoeBlock
+from mixtral_model.testing import quantize_experts_nf4
 
 SHAPE = dict(hidden_size=512, intermediate_size=1792, num_local_experts=8, num_experts_per_tok=2, tokens=2048)
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
-BACKENDS = ("per_expert", "grouped_loop", "grouped_mm")
+BACKENDS = ("per_expert", "grouped_loop")
 KINDS = (
     "lora",
     "qlora",
@@ -51,19 +51,6 @@ class Holder(nn.Module):
         return self.block(x)[0]
 
 
-def quantize(block: SparseMoeBlock, dtype: torch.dtype, device: str) -> None:
-    for expert in block.experts.values():
-        for name in ("w1", "w2", "w3"):
-            linear = getattr(expert, name)
-            layer = bnb.nn.Linear4bit(
-                linear.in_features, linear.out_features, bias=False, compute_dtype=dtype, quant_type="nf4"
-            )
-            layer.weight = bnb.nn.Params4bit(
-                linear.weight.data.clone(), requires_grad=False, quant_type="nf4"
-            )
-            setattr(expert, name, layer.to(device))
-
-
 def build(kind: str, dtype: torch.dtype, backend: str, shape: dict, device: str) -> nn.Module:
     torch.manual_seed(0)
     config = MixtralConfig(
@@ -77,7 +64,7 @@ def build(kind: str, dtype: torch.dtype, backend: str, shape: dict, device: str)
         nn.init.normal_(p, std=0.02)
     block.to(dtype)
     if kind.startswith("qlora"):
-        quantize(block, dtype, device)
+        quantize_experts_nf4(block, dtype, device)
     model = get_peft_model(Holder(block), LoraConfig(r=16, lora_alpha=32, target_modules=["w1", "w2", "w3"]))
     for name, p in model.named_parameters():
         if "lora_" in name:  # lora32: PEFT's default fp32 adapters over the block's dtype

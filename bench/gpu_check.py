@@ -16,7 +16,7 @@ Sections, in order (each one records its error and the script moves on; once the
    mixtral_tune.training.model_factory.quantization_config(...))`, the factory's path;
 3. attention: flash-attn 2 (if importable) and sdpa against an fp32 eager reference (outputs and q/k/v
    gradients; causal, sliding window, packed sequences with a window) and their fwd+bwd speed;
-4. experts: our SparseMoeBlock's `grouped_mm`, `grouped_loop` (and `auto`) against `per_expert`: output, input and every
+4. experts: our SparseMoeBlock's `grouped_loop` (and `auto`) against `per_expert`: output, input and every
    parameter gradient in bf16, and fwd+bwd speed;
 5. training: Mixtral-8x7B-shaped layers (hidden 4096, intermediate 14336, 8 experts top-2, GQA 32/8,
    vocab 32000, batch 1 x 4096 tokens) for full bf16, LoRA and QLoRA (mixtral_tune.training.model_factory.apply_peft on
@@ -258,11 +258,10 @@ def package_version(name: str) -> str:
 
 
 def rel_diff(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    """max |actual - expected| / max |expected|."""
-    actual, expected = actual.detach().float(), expected.detach().float()
-    scale = expected.abs().max().item()
-    diff = (actual - expected).abs().max().item()
-    return diff / scale if scale > 0 else diff
+    """max |actual - expected| / max |expected| (mixtral_model.testing.max_relative_diff)."""
+    from mixtral_model.testing import max_relative_diff
+
+    return max_relative_diff(actual, expected)
 
 
 @contextlib.contextmanager
@@ -389,20 +388,14 @@ def transformers_copy(ours, device: torch.device):
     )  # fmt: skip
     with torch.device(device), default_dtype(torch.bfloat16):
         theirs = transformers.MixtralForCausalLM(config)
-    f = c.intermediate_size
+    from mixtral_model.testing import copy_experts_to_transformers
+
     with torch.no_grad():
-        for name, param in ours.state_dict().items():  # hub keys, whatever the experts' storage
-            if ".block_sparse_moe.experts." in name:
-                prefix, rest = name.split(".block_sparse_moe.experts.")
-                expert, proj, _ = rest.split(".")
-                experts = theirs.get_submodule(prefix + ".mlp.experts")
-                e = int(expert)
-                target = {"w1": experts.gate_up_proj[e, :f], "w3": experts.gate_up_proj[e, f:]}.get(
-                    proj, experts.down_proj[e]
-                )
-            else:
-                target = theirs.get_parameter(name.replace(".block_sparse_moe.", ".mlp."))
-            target.copy_(param)
+        for name, param in ours.state_dict().items():  # hub keys
+            if ".block_sparse_moe.experts." not in name:
+                theirs.get_parameter(name.replace(".block_sparse_moe.", ".mlp.")).copy_(param)
+    for layer, theirs_layer in zip(ours.model.layers, theirs.model.layers, strict=True):
+        copy_experts_to_transformers(layer.block_sparse_moe.experts, theirs_layer.mlp.experts)
     return theirs.train()
 
 
@@ -548,7 +541,6 @@ def environment(run: Run, sec: Section) -> None:
         cuda=torch.version.cuda,
         bf16_peak_tflops=run.peak_flops / 1e12 if run.peak_flops else None,
         **{pkg: package_version(pkg) for pkg in ("transformers", "peft", "bitsandbytes", "flash_attn")},
-        grouped_mm_available=hasattr(torch, "_grouped_mm"),
     )
     if run.device.type == "cuda":
         props = torch.cuda.get_device_properties(run.device)
@@ -707,7 +699,7 @@ def experts(run: Run, sec: Section) -> None:
         out.backward(grad.to(out.dtype))
         return {"out": out.detach(), "dx": xi.grad, **{n: p.grad for n, p in b.named_parameters()}}
 
-    backends = ["per_expert", "grouped_mm", "grouped_loop"]
+    backends = ["per_expert", "grouped_loop"]
     backends += ["auto"] if auto not in backends else []
     sec.say(f"auto picks {auto}; {s.moe_tokens} tokens, hidden {config.hidden_size}, intermediate "
             f"{config.intermediate_size}, {config.num_local_experts} experts top-{config.num_experts_per_tok}, bf16")  # fmt: skip
@@ -748,7 +740,7 @@ def experts(run: Run, sec: Section) -> None:
         speed[backend] = ms
         sec.lines.append(f"| {backend} | {ms:.2f} | {s.moe_tokens / ms * 1e3:.0f} |")
     sec.data.update(auto=auto, speed_ms=speed)
-    for backend in ("grouped_mm", "grouped_loop"):
+    for backend in ("grouped_loop",):
         if backend in speed:
             ratio = speed["per_expert"] / speed[backend]
             sec.say(f"{backend} / per_expert speed: {ratio:.2f}x")

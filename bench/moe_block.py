@@ -23,6 +23,7 @@ from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
 
 from mixtral_model import MixtralConfig
 from mixtral_model.moe import SparseMoeBlock, expert_backend_for
+from mixtral_model.testing import copy_experts_to_transformers, max_relative_diff
 
 FULL = dict(hidden_size=1024, intermediate_size=3584, num_local_experts=8, num_experts_per_tok=2, tokens=2048)
 QUICK = dict(hidden_size=128, intermediate_size=256, num_local_experts=8, num_experts_per_tok=2, tokens=256)
@@ -48,9 +49,7 @@ def build_blocks(shape: dict, dtype: torch.dtype, device: torch.device):
     theirs = MixtralSparseMoeBlock(transformers.MixtralConfig(**block_config_kwargs(shape)))
     with torch.no_grad():
         theirs.gate.weight.copy_(ours.gate.weight)
-        for e, expert in ours.experts.items():
-            theirs.experts.gate_up_proj[int(e)].copy_(torch.cat([expert.w1.weight, expert.w3.weight]))
-            theirs.experts.down_proj[int(e)].copy_(expert.w2.weight)
+    copy_experts_to_transformers(ours.experts, theirs.experts)
     return ours.to(device, dtype), theirs.to(device, dtype)
 
 
@@ -89,11 +88,11 @@ def timed(fn, device) -> float:
     return time.perf_counter() - start
 
 
-def max_relative_diff(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    return ((actual.float() - expected.float()).abs().max() / expected.float().abs().max()).item()
-
-
-def bench_dtype(shape: dict, dtype_name: str, repeats: int, device: torch.device, default_backend: str):
+def bench_dtype(
+    shape: dict, dtype_name: str, repeats: int, device: torch.device, default_backend: str
+) -> dict:
+    """Prints and returns: tokens routed alike by both routers, each implementation's max relative
+    output difference vs transformers' eager loop on them, tokens/s, and ours' median speed ratios."""
     dtype = DTYPES[dtype_name]
     ours, theirs_default = build_blocks(shape, dtype, device)
     theirs_eager = copy.deepcopy(theirs_default)
@@ -116,8 +115,11 @@ def bench_dtype(shape: dict, dtype_name: str, repeats: int, device: torch.device
         f"  [{dtype_name}] {int(alike_T.sum())} of {alike_T.numel()} tokens pick the same experts in both "
         "routers (ours computes router logits in fp32, transformers in the input dtype)"
     )
+    result = {"tokens": alike_T.numel(), "routed_alike": int(alike_T.sum()), "max_rel_diff": {},
+              "tokens_per_s": {}, "speed_ratio": {}}  # fmt: skip
     for name, out in outputs.items():
         diff = max_relative_diff(out[0, alike_T], reference)
+        result["max_rel_diff"][name] = diff
         print(f"  [{dtype_name}] {name:28s} output max rel diff vs eager on those tokens: {diff:.2e}")
 
     seconds = {name: [] for name in impls}
@@ -126,13 +128,16 @@ def bench_dtype(shape: dict, dtype_name: str, repeats: int, device: torch.device
             seconds[name].append(timed(lambda b=block: forward_backward(b, x_BTD, grad_BTD), device))
     for name in impls:
         tokens_per_s = shape["tokens"] / statistics.median(seconds[name])
+        result["tokens_per_s"][name] = tokens_per_s
         print(f"  [{dtype_name}] {name:28s} {tokens_per_s:10.0f} tokens/s (fwd+bwd, median of {repeats})")
     for name in list(impls)[1:]:
         ratios = [theirs / ours_s for ours_s, theirs in zip(seconds[ours_name], seconds[name], strict=True)]
+        result["speed_ratio"][name] = statistics.median(ratios)
         print(f"  [{dtype_name}] ours / {name:21s} speed ratio {statistics.median(ratios):.2f}x (median)")
+    return result
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> dict[str, dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="small shapes and 2 rounds: a smoke run")
     parser.add_argument(
@@ -162,8 +167,10 @@ def main(argv=None) -> None:
     print(
         f"MoE block fwd+bwd on {where}; torch {torch.__version__}, transformers {transformers.__version__}; {shape}"
     )
-    for dtype_name in args.dtypes:
-        bench_dtype(shape, dtype_name, repeats, device, default_backend)
+    return {
+        dtype_name: bench_dtype(shape, dtype_name, repeats, device, default_backend)
+        for dtype_name in args.dtypes
+    }
 
 
 if __name__ == "__main__":

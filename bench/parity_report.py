@@ -10,8 +10,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from mixtral_reference import max_relative_diff, model_pair, reference_grad  # noqa: E402
+from mixtral_reference import model_pair, reference_grad  # noqa: E402
 from test_model_parity import batch_with_padding, forward_backward  # noqa: E402
+
+from mixtral_model.testing import max_relative_diff  # noqa: E402
 
 CASES = {
     "gqa1": dict(num_attention_heads=4, num_key_value_heads=4),

@@ -114,7 +114,11 @@ def main() -> None:
     tokenizer = load_tokenizer()
     data = prepare_sft_data(cfg.data, tokenizer, seed=cfg.trainer.seed)
     held_out = [row["messages"] for row in read_jsonl(cfg.data.eval_path)]
-    model = build_reference_model(cfg, tokenizer) if args.init == "transformers" else load_native_init(cfg, tokenizer)
+    model = (
+        build_reference_model(cfg, tokenizer)
+        if args.init == "transformers"
+        else load_native_init(cfg, tokenizer)
+    )
     trainer = cfg.trainer
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=trainer.learning_rate, weight_decay=trainer.weight_decay

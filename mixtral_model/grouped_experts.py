@@ -8,8 +8,6 @@ ZeRO-1/2 own each parameter's storage. This file reads them:
 
     projection(x) = base(x) + lora_B(lora_A(dropout(x))) * scaling      (PEFT's LoRA Linear.forward)
 
-Two kernels:
-
 * `grouped_loop` (`ExpertLoop`, the end of this file): one autograd node for the whole SwiGLU of every
   expert, LoRA included, computed expert by expert with PEFT's casts, dropout and additions in PEFT's
   order, so its output and every gradient equal `per_expert`'s bit for bit (tested, on CPU, for plain,
@@ -19,24 +17,12 @@ Two kernels:
   bench/results/cpu_2026-11-27_loop.md) and re-reads (4-bit: re-dequantizes) each expert's weights in
   backward. Where PEFT's numbers need something it does not reproduce (e.g. bf16 autocast over fp32
   base weights) and on CPUs without native bf16, it runs the per-projection path below.
-* `grouped_mm` (`GroupedLinear`, one autograd node per projection over all experts): `torch._grouped_mm`
-  over the base weights as one (E, O, I) tensor, the LoRA adapter fused in when PEFT's dtype casts are
-  no-ops (`fusable`; else the base node plus PEFT's formula in autograd ops). 4-bit weights are
-  dequantized for all experts of a projection at once. Dropout masks are drawn in PEFT's per-expert
+* the per-projection path (`GroupedLinear`, one autograd node per projection over all experts, the
+  LoRA adapter fused in when PEFT's dtype casts are no-ops (`fusable`; else the base node plus PEFT's
+  formula in autograd ops); 4-bit weights dequantized for all experts of a projection at once, in
+  forward and again in backward, and freed after use). Dropout masks are drawn in PEFT's per-expert
   order (w1, w3, w2 of expert 0, then expert 1, ...), so a seeded run on CPU draws the very masks
-  `per_expert` draws (`draw_dropout`); both kernels use it.
-
-Stacked storage (`stacked_weights`): the experts keep their own parameters, but plain weights are
-re-pointed, on the first `grouped_mm` call, at the slices of one (E, O, I) tensor, so every later call
-reads them with no copy and no second copy is held: frozen ones (the base of LoRA) and trainable ones
-that are all of their storage (full fine-tuning on one device; the optimizer keeps the same parameter
-objects and updates the slices in place). The parameter objects, their values and the hub-keyed state
-dict stay as they were (PEFT's base layers, load_state_dict's in-place copies and transformers'
-`save_pretrained`, which clones disjoint views of one storage, see no difference); anything that
-replaces their data (`.to()`, `load_state_dict(assign=True)`, DeepSpeed flattening them) only makes
-the next call restack or, when the new storage is shared (a ZeRO-1/2 flat buffer), copy. ZeRO-3
-partitions (gathered anew for every forward) are stacked as a copy per call. 4-bit weights are
-dequantized into one (E, O, I) tensor per projection, in forward and again in backward, and freed after use.
+  `per_expert` draws (`draw_dropout`); both paths use it.
 
 Which backend is fastest is measured, not assumed (`moe.choose_expert_backend`,
 bench/results/cpu_2026-11-27.md).
@@ -53,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-GROUPED_KERNELS = ("grouped_mm", "grouped_loop")
+GROUPED_KERNELS = ("grouped_loop",)
 
 
 @dataclass
@@ -259,93 +245,12 @@ def _dequantize_4bit_cpu(packed: Sequence[torch.Tensor], states, dtype: torch.dt
     return values.to(dtype).view(len(states), *first.shape)
 
 
-def _stacked_view(weights: Sequence[torch.Tensor]) -> torch.Tensor | None:
-    """The (E, O, I) tensor the weights already are, when they are consecutive contiguous (O, I) slices
-    of one storage (the layout `_restack` leaves); None otherwise."""
-    first = weights[0]
-    size = first.numel()
-    storage = first.untyped_storage().data_ptr()
-    for e, w in enumerate(weights):
-        if (
-            w.shape != first.shape
-            or w.dtype != first.dtype
-            or w.device != first.device
-            or not w.is_contiguous()
-            or w.untyped_storage().data_ptr() != storage
-            or w.storage_offset() != first.storage_offset() + e * size
-        ):
-            return None
-    return first.detach().as_strided((len(weights), *first.shape), (size, *first.stride()))
-
-
-def _owns_storage(w: torch.Tensor) -> bool:
-    """w is all of its storage: no flat buffer (ZeRO-1/2, FSDP) or other tensor aliases it."""
-    return w.storage_offset() == 0 and w.untyped_storage().nbytes() == w.numel() * w.element_size()
-
-
-def _restackable(weights: Sequence[torch.Tensor]) -> bool:
-    """Plain parameters nothing else owns the storage of: frozen ones, or trainable ones that are all of
-    their storage (ZeRO-1/2 re-points trainable parameters into its flat buffers; optimizers hold the
-    parameter objects, which stay); not ZeRO-3 (`ds_id`: it partitions and re-gathers each one), not
-    meta, not created under inference mode."""
-    return (
-        not torch.is_inference_mode_enabled()
-        and not torch.compiler.is_compiling()
-        and all(
-            type(w) is nn.Parameter
-            and (not w.requires_grad or _owns_storage(w))
-            and not hasattr(w, "ds_id")
-            and not w.is_meta
-            and not w.is_inference()
-            and (w.shape, w.dtype, w.device) == (weights[0].shape, weights[0].dtype, weights[0].device)
-            for w in weights
-        )
-    )
-
-
-def _restack(weights: Sequence[nn.Parameter]) -> torch.Tensor:
-    """Copy the weights into one (E, O, I) tensor and re-point each parameter at its slice, so later
-    calls find them stacked (`_stacked_view`) with no copy. The parameters stay the same objects with
-    the same values (state dict keys, PEFT's base layers and load_state_dict's in-place copies see no
-    difference; save_pretrained clones disjoint views of one storage before writing); the old storages
-    are freed. Whatever replaces a parameter's data later (`.to()`, `load_state_dict(assign=True)`)
-    only makes the next call restack."""
-    stacked = torch.stack([w.detach() for w in weights])
-    for e, w in enumerate(weights):
-        w.data = stacked[e]
-    return stacked
-
-
-def stacked_weights(bases: Sequence[nn.Module]) -> torch.Tensor:
-    """The plain base weights as one (E, O, I) tensor: a view when they already share one stacked
-    storage, else made so once (`_restack`), else a copy for this call (ZeRO-3 partitions, weights
-    inside a ZeRO-1/2 flat buffer)."""
-    weights = [base.weight for base in bases]
-    view = _stacked_view(weights)
-    if view is not None:
-        return view
-    if _restackable(weights):
-        return _restack(weights).detach()
-    return torch.stack([w.detach() for w in weights])
-
-
-def _weights(bases: Sequence[nn.Module], quantized: bool, dtype: torch.dtype, stacked: bool):
-    """The base weights as one (E, O, I) tensor (stacked=True) or a list of (O, I) tensors (no copy
-    for plain weights)."""
+def _weights(bases: Sequence[nn.Module], quantized: bool, dtype: torch.dtype):
+    """The base weights: 4-bit ones dequantized into one (E, O, I) tensor, plain ones as a list of their
+    (O, I) weights (no copy)."""
     if quantized:
         return _dequantize_all(bases, dtype)
-    if stacked:
-        return stacked_weights(bases)
     return [base.weight.detach() for base in bases]
-
-
-def _offsets(counts: Sequence[int], device) -> torch.Tensor:
-    return torch.cumsum(torch.tensor(counts, device=device), 0).to(torch.int32)
-
-
-def _grouped_mm_aligned(width: int, dtype: torch.dtype) -> bool:
-    """torch._grouped_mm needs every row stride to be a multiple of 16 bytes (LoRA r=4 in bf16 is not)."""
-    return width * torch.empty(0, dtype=dtype).element_size() % 16 == 0
 
 
 def _emulated_low_precision_cpu(t: torch.Tensor) -> bool:
@@ -383,19 +288,15 @@ class GroupedLinear(torch.autograd.Function):
     params: A_0..A_{E-1}, B_0..B_{E-1} (with_lora), then the base weights when they take gradients."""
 
     @staticmethod
-    def forward(ctx, x_MI, noise_MI, view, counts, kernel, with_lora, *params):
+    def forward(ctx, x_MI, noise_MI, view, counts, with_lora, *params):
         num = len(counts)
         lora_A, lora_B = (params[:num], params[num : 2 * num]) if with_lora else ((), ())
-        ctx.view, ctx.counts, ctx.kernel, ctx.with_lora = view, counts, kernel, with_lora
+        ctx.view, ctx.counts, ctx.with_lora = view, counts, with_lora
         ranges = _row_ranges(counts)
-        if kernel == "grouped_mm":
-            w_EOI = _weights(view.bases, view.quantized, x_MI.dtype, stacked=True)
-            out_MO = torch._grouped_mm(x_MI, w_EOI.transpose(-2, -1), offs=_offsets(counts, x_MI.device))
-        else:
-            weights = _weights(view.bases, view.quantized, x_MI.dtype, stacked=view.quantized)
-            out_MO = x_MI.new_empty(x_MI.shape[0], weights[0].shape[0])
-            for (start, end), w in zip(ranges, weights, strict=True):
-                torch.mm(x_MI[start:end], w.t(), out=out_MO[start:end])
+        weights = _weights(view.bases, view.quantized, x_MI.dtype)
+        out_MO = x_MI.new_empty(x_MI.shape[0], weights[0].shape[0])
+        for (start, end), w in zip(ranges, weights, strict=True):
+            torch.mm(x_MI[start:end], w.t(), out=out_MO[start:end])
         z_MR = None
         if with_lora:
             dropped_MI = x_MI * noise_MI if noise_MI is not None else x_MI
@@ -415,14 +316,10 @@ class GroupedLinear(torch.autograd.Function):
         grad_MO = grad_MO.contiguous()
         grad_x = None
         if ctx.needs_input_grad[0]:
-            if ctx.kernel == "grouped_mm":
-                w_EOI = _weights(view.bases, view.quantized, grad_MO.dtype, stacked=True)
-                grad_x = torch._grouped_mm(grad_MO, w_EOI, offs=_offsets(counts, grad_MO.device))
-            else:
-                weights = _weights(view.bases, view.quantized, grad_MO.dtype, stacked=view.quantized)
-                grad_x = x_MI.new_empty(x_MI.shape)
-                for (start, end), w in zip(ranges, weights, strict=True):
-                    grad_x[start:end] = _input_grad(grad_MO[start:end], w)
+            weights = _weights(view.bases, view.quantized, grad_MO.dtype)
+            grad_x = x_MI.new_empty(x_MI.shape)
+            for (start, end), w in zip(ranges, weights, strict=True):
+                grad_x[start:end] = _input_grad(grad_MO[start:end], w)
         lora_grads = []
         if ctx.with_lora:
             scaling = view.lora.scaling
@@ -440,9 +337,9 @@ class GroupedLinear(torch.autograd.Function):
                         grad_x[start:end].add_((g_z @ a).mul_(scaling) * noise_MI[start:end])
             lora_grads = grad_A + grad_B
         weight_grads = []
-        if any(ctx.needs_input_grad[6 + len(lora_grads) :]):
+        if any(ctx.needs_input_grad[5 + len(lora_grads) :]):
             weight_grads = [grad_MO[start:end].t() @ x_MI[start:end] for start, end in ranges]
-        return (grad_x, None, None, None, None, None, *lora_grads, *weight_grads)
+        return (grad_x, None, None, None, None, *lora_grads, *weight_grads)
 
 
 def _trainable_base_weights(view: ProjectionView) -> list[torch.Tensor]:
@@ -452,25 +349,15 @@ def _trainable_base_weights(view: ProjectionView) -> list[torch.Tensor]:
     return weights if any(w.requires_grad for w in weights) else []
 
 
-def _kernel_for(view: ProjectionView, dtype: torch.dtype, kernel: str) -> str:
-    base = view.bases[0]
-    if kernel == "grouped_mm" and not all(
-        _grouped_mm_aligned(n, dtype) for n in (base.in_features, base.out_features)
-    ):
-        return "grouped_loop"
-    return kernel
-
-
-def base_projection(view: ProjectionView, x_MI: torch.Tensor, counts: list[int], kernel: str) -> torch.Tensor:
+def base_projection(view: ProjectionView, x_MI: torch.Tensor, counts: list[int]) -> torch.Tensor:
     """The base layers' output on the sorted rows, in the dtype each base layer returns."""
-    kernel = _kernel_for(view, x_MI.dtype, kernel)
     if view.quantized:
         input_dtype = x_MI.dtype
         compute = _compute_dtype(view.bases[0], x_MI)
         for base in view.bases[1:]:
             _compute_dtype(base, x_MI)
-        return GroupedLinear.apply(x_MI.to(compute), None, view, counts, kernel, False).to(input_dtype)
-    return GroupedLinear.apply(x_MI, None, view, counts, kernel, False, *_trainable_base_weights(view))
+        return GroupedLinear.apply(x_MI.to(compute), None, view, counts, False).to(input_dtype)
+    return GroupedLinear.apply(x_MI, None, view, counts, False, *_trainable_base_weights(view))
 
 
 def fusable(view: ProjectionView, x_MI: torch.Tensor) -> bool:
@@ -487,11 +374,10 @@ def fusable(view: ProjectionView, x_MI: torch.Tensor) -> bool:
     return len(dtypes) == 1
 
 
-def fused_projection(view, x_MI, noise_MI, counts, kernel) -> torch.Tensor:
+def fused_projection(view, x_MI, noise_MI, counts) -> torch.Tensor:
     lora = view.lora
-    kernel = _kernel_for(view, x_MI.dtype, kernel)
     return GroupedLinear.apply(
-        x_MI, noise_MI, view, counts, kernel, True, *lora.A, *lora.B, *_trainable_base_weights(view)
+        x_MI, noise_MI, view, counts, True, *lora.A, *lora.B, *_trainable_base_weights(view)
     )
 
 
@@ -549,19 +435,11 @@ def draw_dropout(views: Sequence[ProjectionView], inputs: Sequence[torch.Tensor]
     return [torch.cat(p, dim=0) if active[i] else None for i, p in enumerate(pieces)]
 
 
-def lora_delta(
-    view: ProjectionView, x_MI: torch.Tensor, noise_MI, counts: list[int], kernel: str
-) -> torch.Tensor:
+def lora_delta(view: ProjectionView, x_MI: torch.Tensor, noise_MI, counts: list[int]) -> torch.Tensor:
     """lora_B(lora_A(dropout(x))) * scaling on every expert's rows (x already cast as PEFT casts it)."""
     lora = view.lora
     if noise_MI is not None:
         x_MI = x_MI * noise_MI
-    if kernel == "grouped_mm" and _grouped_mm_aligned(lora.A[0].shape[0], x_MI.dtype):
-        offsets = _offsets(counts, x_MI.device)
-        a_ERI = torch.stack(lora.A)
-        b_EOR = torch.stack(lora.B)
-        z_MR = torch._grouped_mm(x_MI, a_ERI.transpose(-2, -1), offs=offsets)
-        return torch._grouped_mm(z_MR, b_EOR.transpose(-2, -1), offs=offsets) * lora.scaling
     slices = torch.split(x_MI, counts, dim=0)
     outputs = [
         F.linear(F.linear(rows, a), b) * lora.scaling
@@ -570,14 +448,14 @@ def lora_delta(
     return torch.cat(outputs, dim=0)
 
 
-def projection(view: ProjectionView, x_MI, lora_x_MI, noise_MI, counts, kernel) -> torch.Tensor:
+def projection(view: ProjectionView, x_MI, lora_x_MI, noise_MI, counts) -> torch.Tensor:
     """PEFT's forward for one projection of all experts (LoRA Linear, or its 4-bit variant)."""
     if fusable(view, x_MI):
-        return fused_projection(view, x_MI, noise_MI, counts, kernel)
-    result = base_projection(view, x_MI, counts, kernel)
+        return fused_projection(view, x_MI, noise_MI, counts)
+    result = base_projection(view, x_MI, counts)
     if view.lora is None:
         return result
-    delta = lora_delta(view, lora_x_MI, noise_MI, counts, kernel)
+    delta = lora_delta(view, lora_x_MI, noise_MI, counts)
     if view.lora.bnb:
         result = result.clone()
         if not torch.is_autocast_enabled():
@@ -592,16 +470,15 @@ def grouped_swiglu(
     w2: ProjectionView,
     x_MD: torch.Tensor,
     counts: list[int],
-    kernel: str,
 ) -> torch.Tensor:
-    """w2(silu(w1 x) * w3 x) for every expert's slice of x_MD (rows sorted by expert, slice sizes = counts).
+    """w2(silu(w1 x) * w3 x) for every expert's slice of x_MD (rows sorted by expert, slice sizes = counts):
+    the expert loop where it reproduces PEFT's numbers, else the per-projection path.
 
     Dropout noise for w2's LoRA input depends only on its shape, so it is drawn with w1's and w3's
     before the hidden state exists, in per_expert's order (w1, w3, w2 per expert)."""
-    if kernel == "grouped_loop":
-        numerics = loop_numerics((w1, w3, w2), x_MD)
-        if numerics is not None and not _emulated_low_precision_cpu(x_MD):
-            return expert_loop((w1, w3, w2), x_MD, counts, numerics)
+    numerics = loop_numerics((w1, w3, w2), x_MD)
+    if numerics is not None and not _emulated_low_precision_cpu(x_MD):
+        return expert_loop((w1, w3, w2), x_MD, counts, numerics)
     lora_x = [lora_input(v, x_MD) if v.lora is not None else None for v in (w1, w3)]
     hidden_dtype = w2.lora.A[0].dtype if w2.lora is not None and w2.lora.cast_input else x_MD.dtype
     hidden_like = torch.empty(0, w2.bases[0].in_features, dtype=hidden_dtype, device=x_MD.device)
@@ -614,11 +491,11 @@ def grouped_swiglu(
         ),
         counts,
     )
-    h_MF = F.silu(projection(w1, x_MD, lora_x[0], noise1, counts, kernel)) * projection(
-        w3, x_MD, lora_x[1], noise3, counts, kernel
+    h_MF = F.silu(projection(w1, x_MD, lora_x[0], noise1, counts)) * projection(
+        w3, x_MD, lora_x[1], noise3, counts
     )
     lora_h = lora_input(w2, h_MF) if w2.lora is not None else None
-    return projection(w2, h_MF, lora_h, noise2, counts, kernel)
+    return projection(w2, h_MF, lora_h, noise2, counts)
 
 
 # ---------------------------------------------------------------- the expert loop (grouped_loop)

@@ -10,15 +10,12 @@
    rows, so each expert's rows form one contiguous slice. Under expert parallelism the block's token
    dispatcher (installed by `parallel.parallelize_experts`) carries the sorted rows to the ranks that
    own their experts and back after step 4;
-4. experts: SwiGLU `w2(silu(w1 x) * w3 x)` on each slice. Three backends (`expert_backend`, or
+4. experts: SwiGLU `w2(silu(w1 x) * w3 x)` on each slice. Two backends (`expert_backend`, or
    "auto": `choose_expert_backend`, which follows measurements): `per_expert`, the reference (one
-   module call per expert: works with any layer, hook or adapter), and two grouped ones that read the
-   weights of every local expert without module calls (`grouped_experts.py`): `grouped_mm`
-   (`torch._grouped_mm`) and `grouped_loop` (one GEMM per expert slice). The grouped backends take
-   plain `nn.Linear`, bitsandbytes 4-bit and single-adapter PEFT LoRA experts (`grouped_loop`: the
-   whole SwiGLU with its adapters as one autograd node, expert by expert, bitwise per_expert's numbers;
-   `grouped_mm`: one grouped product per projection, 4-bit experts dequantized once per layer pass and
-   again in backward), and ZeRO-3
+   module call per expert: works with any layer, hook or adapter), and `grouped_loop`, which reads the
+   weights of every local expert without module calls (`grouped_experts.py`: the whole SwiGLU with its
+   adapters as one autograd node, expert by expert, bitwise per_expert's numbers). It takes plain
+   `nn.Linear`, bitsandbytes 4-bit and single-adapter PEFT LoRA experts, and ZeRO-3
    experts while their block (a ZeRO-3 leaf) holds them gathered; any other case (merged/disabled/
    several adapters, DoRA, hooks on the expert layers, a partitioned weight outside the block's
    forward) runs `per_expert`. Every local expert
@@ -112,10 +109,10 @@ def choose_expert_backend(*, readable: bool, partitioned: bool, device_type: str
     * CPU: `grouped_loop`, the expert loop: per_expert's numbers bit for bit, less kept for backward,
       per_expert's speed within noise (both are GEMM-bound there). On CPUs without native bf16 it runs
       the per-projection path, whose backward multiplies by a transposed weight copy.
-    * CUDA: `per_expert`: `grouped_mm` measured slower on an H200; the expert loop has not run on a GPU
-      yet (bench/gpu_check.py times it).
+    * CUDA: `per_expert`; bench/gpu_check.py times the expert loop against it on a GPU. (A
+      `torch._grouped_mm` backend was slower than per_expert on an H200 and was removed.)
 
-    The other backends stay available through `SparseMoeBlock.expert_backend` and are held to
+    `grouped_loop` stays available through `SparseMoeBlock.expert_backend` and is held to
     `per_expert` in tests.
 
     readable: every w1/w2/w3 is a bias-free `nn.Linear` or bitsandbytes `Linear4bit`, or a PEFT LoRA
@@ -240,7 +237,7 @@ class SparseMoeBlock(nn.Module):
                 f"expert_backend={backend!r} cannot read these experts (merged, disabled or several "
                 "LoRA adapters, a LoRA variant, hooks, or ZeRO-3 partitions outside the block): use 'auto' or 'per_expert'"
             )
-        return grouped_swiglu(*views, x_sorted_MD, counts, backend)
+        return grouped_swiglu(*views, x_sorted_MD, counts)
 
     def run_experts(self, x_sorted_MD: torch.Tensor, tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
         """Rows sorted by global expert -> expert outputs in the same order, here or through the dispatcher."""

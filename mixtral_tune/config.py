@@ -73,6 +73,8 @@ LORA_TARGET_MODULES = {
     "both": ["q_proj", "k_proj", "v_proj", "o_proj", "w1", "w2", "w3"],
 }
 ROUTER_MODULES = ["gate"]
+ROUTER_BALANCE = ("micro_batch", "global_batch")
+ROUTER_ALERT = ("off", "warn", "stop")
 
 
 class ConfigError(ValueError):
@@ -106,6 +108,21 @@ class ModelConfig:
     router_aux_loss_coef: float = 0.02
     router_jitter_noise: float = 0.0
     router_z_loss_coef: float = 0.0
+    # aux-loss load fractions: micro_batch (each forward's, transformers') | global_batch (the whole
+    # optimizer step's, over every rank and accumulated micro-batch: mixtral_parallel/global_balance.py)
+    router_balance: str = "micro_batch"
+
+
+@dataclass
+class RouterWatchConfig:
+    """Router health alerts and routing drift (mixtral_tune/training/router_health.py)."""
+
+    alert: str = "warn"  # off | warn (one line, training goes on) | stop (one line, exit status 3)
+    min_load: float = 0.25  # an expert's share below min_load x the balanced share 1/num_experts ...
+    max_load: float = 3.0  # ... or above max_load x 1/num_experts ...
+    min_entropy: float = 0.1  # ... or a layer's router entropy below this fraction of ln(num_experts) ...
+    patience: int = 5  # ... for this many consecutive logged training steps raises the alert
+    drift: bool = True  # at each evaluation: share of tokens whose top-k experts changed, and router KL
 
 
 @dataclass
@@ -171,9 +188,8 @@ class PeftConfig:
     dropout: float = 0.05
     targets: str = "both"  # attention | experts | both
     train_router: bool = False  # train the router weights fully (PEFT modules_to_save); never LoRA-wrapped
-    esft_selection: str | None = (
-        None  # `mixtral-tune esft-select` output: train (peft=esft) or LoRA only those experts
-    )
+    # `mixtral-tune esft-select` output: train (peft=esft) or LoRA only those experts
+    esft_selection: str | None = None
     quant: QuantConfig = field(default_factory=QuantConfig)
 
 
@@ -203,6 +219,7 @@ class TrainConfig:
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     deepspeed: dict[str, Any] = field(default_factory=dict)  # DeepSpeed JSON as a dict; {} = off
     trainer: dict[str, Any] = field(default_factory=dict)  # SFTConfig / DPOConfig fields, by TRL's names
+    router: RouterWatchConfig = field(default_factory=RouterWatchConfig)
 
 
 # Keys of TRL's configs that the pipelines set from elsewhere in the config: the key to use instead.
@@ -221,6 +238,7 @@ TRAINER_KEYS_SET_ELSEWHERE = {
     "dataset_kwargs": "nothing (mixtral_tune/data.py prepares the rows)",
     "dataset_num_proc": "data.num_proc",
     "remove_unused_columns": "nothing (the prepared data needs every column)",
+    "logging_nan_inf_filter": "nothing (off: a NaN or infinite loss is logged as such and stops training)",
     "resume_from_checkpoint": "resume",
 }
 # Names users bring from older transformers/TRL or from earlier versions of these configs.
@@ -404,6 +422,7 @@ def validate(cfg: DictConfig) -> None:
         check_stage,
         check_steps_and_resume,
         check_model,
+        check_router,
         check_expert_parallel,
         check_attention,
         check_data,
@@ -452,6 +471,41 @@ def check_steps_and_resume(cfg: DictConfig) -> None:
         )
 
 
+def saved_config(cfg: DictConfig) -> DictConfig:
+    """`cfg` as a run saves it (run_config.yaml): every value resolved, except those that read the
+    environment (`${oc.env:...}`, which may hold secrets) or resolve to what such a value read: those
+    stay as written, as Hydra's own saved config keeps its interpolations."""
+    raw = OmegaConf.to_container(cfg, resolve=False)
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    env_values = set()
+
+    def reads_env(raw_value, value) -> None:
+        if isinstance(raw_value, dict | list):
+            for key in raw_value if isinstance(raw_value, dict) else range(len(raw_value)):
+                reads_env(raw_value[key], value[key])
+        elif isinstance(raw_value, str) and "oc.env" in raw_value and value not in (None, ""):
+            env_values.add(str(value))
+
+    def keep(raw_value, value):
+        if isinstance(raw_value, dict):
+            return {key: keep(raw_value[key], value[key]) for key in raw_value}
+        if isinstance(raw_value, list):
+            return [keep(r, v) for r, v in zip(raw_value, value, strict=True)]
+        if isinstance(raw_value, str) and "${" in raw_value and any(e in str(value) for e in env_values):
+            return raw_value
+        return value
+
+    reads_env(raw, resolved)
+    return OmegaConf.create(keep(raw, resolved))
+
+
+def trainer_keys_read_from_env(cfg: DictConfig) -> dict[str, str]:
+    """trainer.* keys whose value reads the environment, with the value as written (`${oc.env:...}`)."""
+    saved = OmegaConf.to_container(saved_config(cfg).trainer, resolve=False)
+    resolved = OmegaConf.to_container(cfg.trainer, resolve=True)
+    return {key: value for key, value in saved.items() if value != resolved[key]}
+
+
 def resume_checkpoint(cfg: DictConfig) -> bool | str:
     """`resume` as the pipelines use it: False, True (latest in output_dir) or a checkpoint path."""
     resume = cfg.resume
@@ -496,6 +550,25 @@ def check_model(cfg: DictConfig) -> None:
     for key in ("router_aux_loss_coef", "router_jitter_noise", "router_z_loss_coef"):
         if model[key] < 0:
             raise ConfigError(f"model.{key}={model[key]} is negative: use 0 to disable it")
+
+
+def check_router(cfg: DictConfig) -> None:
+    require_choice("model.router_balance", cfg.model.router_balance, ROUTER_BALANCE)
+    watch = cfg.router
+    require_choice("router.alert", watch.alert, ROUTER_ALERT)
+    require_positive("router.patience", watch.patience)
+    if not 0.0 <= watch.min_load < 1.0:
+        raise ConfigError(
+            f"router.min_load={watch.min_load} must be within [0, 1): it is a multiple of the balanced share"
+        )
+    if watch.max_load <= 1.0:
+        raise ConfigError(
+            f"router.max_load={watch.max_load} must be above 1: it is a multiple of the balanced share"
+        )
+    if not 0.0 <= watch.min_entropy < 1.0:
+        raise ConfigError(
+            f"router.min_entropy={watch.min_entropy} must be within [0, 1): it is a fraction of ln(num_experts)"
+        )
 
 
 def check_architecture_matches(cfg: DictConfig, model_config: Any) -> None:

@@ -67,9 +67,10 @@ a budget, and count truncated and dropped long rows. Packing and boundary maskin
 
 Once per job: preparation runs as batched `datasets.map` passes (data.num_proc worker processes)
 whose results are saved under data.cache_dir, keyed by a fingerprint of everything that decides
-them (sources and their files' size and mtime, the data settings, the seed, the tokenizer, the
-code of this file and of the tokenizer module; the format and column settings are data settings).
-The preparing process (data.prepare_on: the local
+them (sources and their files' size and mtime or a hub dataset's commit, the data settings (the
+format and column settings among them), the seed, the tokenizer, the code of this file and of the
+tokenizer module, the versions of the libraries that tokenize and pack). The preparing process
+(data.prepare_on: the local
 main of each node, or only the global main) writes the result and publishes it with one rename;
 the other ranks wait for it and read it. A later launch with the same fingerprint reads the cache
 and tokenizes nothing. Bad-row budgets are checked after reading, so changing them needs no
@@ -77,6 +78,7 @@ re-preparation.
 """
 
 import hashlib
+import importlib.metadata
 import inspect
 import json
 import logging
@@ -92,6 +94,7 @@ from pathlib import Path
 from typing import Any
 
 import datasets
+import huggingface_hub
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -392,6 +395,7 @@ def cache_key(data_cfg, tokenizer, seed: int, sources: list["Source"]) -> str:
         "files": [file_identity(source) for source in sources],
         "tokenizer": tokenizer_digest(tokenizer),
         "code": code_digest(),
+        "libraries": library_versions(),
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
@@ -411,7 +415,28 @@ def file_identity(source: Source) -> list:
         raise FileNotFoundError(
             f"data file not found: {source.path} (fix data.path / data.eval_path, or give a hub dataset name)"
         )
-    return [source.path, source.config, source.revision, source.split]
+    return [source.path, source.config, hub_commit(source), source.split]
+
+
+def hub_commit(source: Source) -> str | None:
+    """The commit a hub dataset's revision points at now (a branch such as the default `main` moves);
+    offline (HF_HUB_OFFLINE), the revision as given, which is what datasets then loads from its cache."""
+    if huggingface_hub.constants.HF_HUB_OFFLINE:
+        return source.revision
+    try:
+        return huggingface_hub.HfApi().dataset_info(source.path, revision=source.revision).sha
+    except (OSError, ValueError) as error:  # huggingface_hub's HTTP and connection errors are OSErrors
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise DataError(
+            f"could not load hub dataset '{source.path}' split '{source.split}': {first_line}"
+        ) from error
+
+
+def library_versions() -> dict[str, str]:
+    """The libraries whose code tokenizes and packs the rows (TRL's pack_dataset, the tokenizers)."""
+    return {
+        name: importlib.metadata.version(name) for name in ("datasets", "tokenizers", "transformers", "trl")
+    }
 
 
 def tokenizer_digest(tokenizer: PreTrainedTokenizerBase) -> str:

@@ -17,11 +17,13 @@ from pathlib import Path
 
 import torch
 import transformers
+import wandb
 
 from mixtral_model import MixtralForCausalLM, load_tokenizer
 from mixtral_tune import dpo, sft
 from mixtral_tune.config import load_config
 from mixtral_tune.evaluate import exact_match, preference_metrics, read_jsonl
+from mixtral_tune.run_dir import require_complete_final
 from mixtral_tune.shipped import DATA_DIR
 
 SFT_EVAL = DATA_DIR / "sft_eval.jsonl"
@@ -29,6 +31,9 @@ DPO_EVAL = DATA_DIR / "dpo_eval.jsonl"
 
 
 def evaluate(model_dir: Path, reference_dir: Path | None, tokenizer, beta: float) -> dict[str, float]:
+    for key, directory in (("model", model_dir), ("reference", reference_dir)):
+        if directory is not None:
+            require_complete_final(key, directory)  # a run cut short while saving it: say so, read nothing
     model = MixtralForCausalLM.from_pretrained(model_dir).eval()
     reference = MixtralForCausalLM.from_pretrained(reference_dir).eval() if reference_dir else None
     accuracy, samples = exact_match(model, tokenizer, read_jsonl(SFT_EVAL))
@@ -65,7 +70,9 @@ def print_table(rows: list[tuple[str, dict]]) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="mixtral-tune demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--output-dir", type=Path, default=Path("outputs/demo"))
-    parser.add_argument("--seed", type=int, default=None, help="trainer.seed of both stages (default: the recipes')")
+    parser.add_argument(
+        "--seed", type=int, default=None, help="trainer.seed of both stages (default: the recipes')"
+    )
     args = parser.parse_args(argv)
     seed = [] if args.seed is None else [f"trainer.seed={args.seed}"]
     root = args.output_dir
@@ -86,6 +93,7 @@ def main(argv: list[str] | None = None) -> None:
             *seed,
         ]
     )
+    wandb.finish()  # transformers' wandb callback leaves its run open: DPO would log into SFT's
     print("== stage 2: DPO (recipes/tiny/dpo.yaml) from the SFT model ==", flush=True)
     dpo.main([
         "+recipe=tiny/dpo", f"model.name_or_path={root / 'sft' / 'final'}",

@@ -1,6 +1,5 @@
 """Shared helpers for tests that hold our model against transformers' MixtralForCausalLM."""
 
-import bitsandbytes as bnb
 import torch
 import transformers
 from omegaconf import OmegaConf
@@ -55,28 +54,3 @@ def reference_grad(ref, name: str, intermediate_size: int) -> torch.Tensor:
         return experts.down_proj.grad[e]
     gate_up = experts.gate_up_proj.grad[e]
     return gate_up[:intermediate_size] if proj == "w1" else gate_up[intermediate_size:]
-
-
-def max_relative_diff(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    """max |actual - expected| / max |expected| (0 when both are zero)."""
-    scale = expected.abs().max().item()
-    diff = (actual - expected).abs().max().item()
-    return diff / scale if scale > 0 else diff
-
-
-def quantize_experts_4bit(block, compute_dtype: torch.dtype = torch.float32) -> None:
-    """Replace every expert projection by a bitsandbytes NF4 Linear4bit holding the same weight."""
-    for expert in block.experts.values():
-        for name in ("w1", "w2", "w3"):
-            linear = getattr(expert, name)
-            quantized = bnb.nn.Linear4bit(
-                linear.in_features,
-                linear.out_features,
-                bias=False,
-                compute_dtype=compute_dtype,
-                quant_type="nf4",
-            )
-            quantized.weight = bnb.nn.Params4bit(
-                linear.weight.data.clone(), requires_grad=False, quant_type="nf4"
-            )
-            setattr(expert, name, quantized.to("cpu"))

@@ -5,10 +5,10 @@ ignored labels, `num_items_in_batch`, and logits left untouched."""
 import pytest
 import torch
 import torch.nn.functional as F
-from mixtral_reference import max_relative_diff
 
 from mixtral_model import cross_entropy
 from mixtral_model.model import causal_lm_loss
+from mixtral_model.testing import max_relative_diff
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

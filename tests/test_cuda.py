@@ -1,26 +1,18 @@
 """The GPU paths, cheaply (marked `cuda`: skipped with a reason without a CUDA GPU, run on one):
-the grouped_mm expert kernel against per_expert in bf16, and a QLoRA model built by the factory's path
-(bitsandbytes NF4 on the GPU, the factory's 4-bit preparation and LoRA) training, its grouped experts
-(the expert loop, and grouped_mm where it runs) held to per_expert and its memory account to the bytes
-of its real tensors. flash-attn against sdpa is
+the expert loop (grouped_loop) against per_expert in bf16, and a QLoRA model built by the factory's
+path (bitsandbytes NF4 on the GPU, the factory's 4-bit preparation and LoRA) training, its expert loop
+held to per_expert and its memory account to the bytes of its real tensors. flash-attn against sdpa is
 tests/test_model_config.py::test_flash_attention_matches_sdpa_on_gpu (when flash-attn is installed)."""
 
 import pytest
 import torch
-from mixtral_reference import max_relative_diff, tiny_config
+from mixtral_reference import tiny_config
 
 from mixtral_model import MixtralConfig, MixtralForCausalLM
 from mixtral_model.moe import SparseMoeBlock
+from mixtral_model.testing import max_relative_diff
 
 pytestmark = pytest.mark.cuda
-
-
-def grouped_mm_usable() -> bool:
-    return (
-        torch.cuda.is_available()
-        and hasattr(torch, "_grouped_mm")
-        and torch.cuda.get_device_capability() >= (9, 0)
-    )
 
 
 def moe_fwd_bwd(block: SparseMoeBlock, backend: str, x: torch.Tensor, upstream: torch.Tensor) -> dict:
@@ -32,10 +24,7 @@ def moe_fwd_bwd(block: SparseMoeBlock, backend: str, x: torch.Tensor, upstream: 
     return {"out": out.detach(), "dx": x.grad, **{n: p.grad for n, p in block.named_parameters()}}
 
 
-@pytest.mark.skipif(
-    not grouped_mm_usable(), reason="torch._grouped_mm needs a CUDA GPU of compute capability >= 9.0"
-)
-def test_grouped_mm_matches_per_expert_in_bf16_on_cuda():
+def test_expert_loop_matches_per_expert_in_bf16_on_cuda():
     torch.manual_seed(0)
     config = MixtralConfig(**tiny_config(hidden_size=256, intermediate_size=512, num_local_experts=8))
     with torch.device("cuda"):
@@ -45,7 +34,7 @@ def test_grouped_mm_matches_per_expert_in_bf16_on_cuda():
         x = torch.randn(2, 128, 256, dtype=torch.bfloat16)
         upstream = torch.randn(2, 128, 256)
     reference = moe_fwd_bwd(block, "per_expert", x, upstream)
-    grouped = moe_fwd_bwd(block, "grouped_mm", x, upstream)
+    grouped = moe_fwd_bwd(block, "grouped_loop", x, upstream)
     assert reference.keys() == grouped.keys()
     for name in reference:
         assert max_relative_diff(grouped[name].float(), reference[name].float()) <= 2e-2, name
@@ -85,10 +74,8 @@ def test_qlora_trains_on_cuda_and_its_account_equals_its_tensors(tmp_path):
 
     model.train()
     ref_loss, ref_grads = loss_and_grads("per_expert")
-    # `auto` picks per_expert on CUDA: hold the grouped paths to it (grouped_mm needs capability >= 9.0).
-    # The expert loop makes per_expert's numbers bit for bit on CPU; on CUDA it is held at tolerance.
-    grouped = ["grouped_loop"] + (["grouped_mm"] if torch.cuda.get_device_capability() >= (9, 0) else [])
-    for backend in grouped:
+    # `auto` picks per_expert on CUDA: hold the expert loop to it (bit for bit on CPU; at tolerance here).
+    for backend in ["grouped_loop"]:
         loss, grads = loss_and_grads(backend)
         assert torch.isfinite(loss) and grads.keys() == ref_grads.keys() and len(grads) > 0
         assert max_relative_diff(loss.float(), ref_loss.float()) <= 1e-2, backend

@@ -1,4 +1,4 @@
-"""The grouped expert backends (`grouped_loop`, `grouped_mm`) held to `per_expert` on the paths users
+"""The grouped expert backend (`grouped_loop`, and its per-projection path) held to `per_expert` on the paths users
 train: PEFT LoRA on the experts (dropout off and on), bitsandbytes NF4 experts with and without LoRA
 (QLoRA), plain experts, fp32 and bf16 on CPU; outputs and every gradient (input, LoRA A/B, plain
 weights). Plus the cases that must fall back to `per_expert`, and what the grouped 4-bit path keeps
@@ -12,15 +12,16 @@ so under one seed both paths apply identical masks and must agree to rounding, w
 import bitsandbytes as bnb
 import pytest
 import torch
-from mixtral_reference import max_relative_diff, quantize_experts_4bit, tiny_config
+from mixtral_reference import tiny_config
 from peft import LoraConfig, get_peft_model
 from torch import nn
 
 from mixtral_model import MixtralConfig, MixtralForCausalLM
 from mixtral_model.grouped_experts import _dequantize_4bit_cpu
 from mixtral_model.moe import SparseMoeBlock, expert_backend_for, read_experts
+from mixtral_model.testing import max_relative_diff, quantize_experts_nf4
 
-GROUPED = ["grouped_loop", "grouped_mm"]
+GROUPED = ["grouped_loop"]
 HIDDEN, INTERMEDIATE = 64, 128  # bitsandbytes 0.50 dequantizes wrongly on CPU below 64 inputs
 
 
@@ -60,7 +61,7 @@ def build(kind: str, dtype: torch.dtype, dropout: float = 0.0):
     """(model, block): kind = plain | lora | nf4 | qlora | qlora_fp32_adapters, from the same seeded weights."""
     block = random_block()
     if kind in ("nf4", "qlora", "qlora_fp32_adapters"):
-        quantize_experts_4bit(block, compute_dtype=dtype)
+        quantize_experts_nf4(block, compute_dtype=dtype)
         block.gate.to(dtype)
     elif dtype != torch.float32:
         block.to(dtype)
@@ -168,7 +169,7 @@ def build_for_loop(kind: str, dtype: torch.dtype, dropout: float):
         return with_lora(block, dropout, torch.float32), block
     if kind.startswith("qlora_peft4bit"):
         block = random_block()
-        quantize_experts_4bit(block, compute_dtype=dtype)
+        quantize_experts_nf4(block, compute_dtype=dtype)
         block.gate.to(dtype)
         holder = Holder(block)
         holder.is_loaded_in_4bit = True  # PEFT then wraps with its bitsandbytes Linear4bit LoRA layer
@@ -418,122 +419,6 @@ def test_train_step_bench_quick_smoke(capsys):
     printed = capsys.readouterr().out
     assert "ours[auto] / transformers+peft" in printed and "ours[auto] / ours[per_expert]" in printed
     assert "output head + loss" in printed
-
-
-def base_weights(block, name: str = "w1") -> list[torch.Tensor]:
-    return [getattr(expert, name).base_layer.weight for expert in block.experts.values()]
-
-
-def stacked_in_one_storage(weights) -> bool:
-    from mixtral_model.grouped_experts import _stacked_view
-
-    return _stacked_view(weights) is not None
-
-
-def test_grouped_mm_restacks_frozen_weights_once_and_keeps_the_state_dict(tmp_path):
-    """LoRA's frozen expert weights: the first grouped_mm call re-points them at slices of one (E, O, I)
-    storage (no second copy), later calls read it in place; values, parameter objects, state-dict
-    keys, load_state_dict, .to() and save_pretrained behave as before, and outputs equal per_expert's."""
-    model = lora_model()
-    block = blocks(model)[0]
-    params_before = {n: p for n, p in model.named_parameters()}
-    state_before = {k: v.clone() for k, v in model.state_dict().items()}
-    assert not stacked_in_one_storage(base_weights(block))
-    for b in blocks(model):
-        b.expert_backend = "grouped_mm"
-    input_ids = torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(1))
-    out = model(input_ids=input_ids).logits
-    for name in ("w1", "w2", "w3"):
-        assert stacked_in_one_storage(base_weights(block, name)), name
-    storage = base_weights(block)[0].untyped_storage().data_ptr()
-    assert dict(model.named_parameters()).keys() == params_before.keys()
-    assert all(p is params_before[n] for n, p in model.named_parameters())
-    state = model.state_dict()
-    assert state.keys() == state_before.keys()
-    for key, value in state_before.items():
-        assert torch.equal(state[key], value), key
-    model(input_ids=input_ids)
-    assert base_weights(block)[0].untyped_storage().data_ptr() == storage  # read in place, not restacked
-    for b in blocks(model):
-        b.expert_backend = "per_expert"
-    torch.testing.assert_close(model(input_ids=input_ids).logits, out, rtol=1e-5, atol=1e-6)
-
-    # load_state_dict copies into the slices: new values seen by the grouped path, storage kept
-    new_state = {k: v * 1.5 if ".experts." in k and "base_layer" in k else v for k, v in state_before.items()}
-    model.load_state_dict(new_state)
-    assert base_weights(block)[0].untyped_storage().data_ptr() == storage
-    expected = model(input_ids=input_ids).logits
-    for b in blocks(model):
-        b.expert_backend = "grouped_mm"
-    torch.testing.assert_close(model(input_ids=input_ids).logits, expected, rtol=1e-5, atol=1e-6)
-
-    # .to(dtype) replaces every parameter's data: the next call stacks the new tensors again
-    model.to(torch.bfloat16)
-    assert not stacked_in_one_storage(base_weights(block))
-    out16 = model(input_ids=input_ids).logits.float()
-    assert stacked_in_one_storage(base_weights(block)) and base_weights(block)[0].dtype == torch.bfloat16
-    for b in blocks(model):
-        b.expert_backend = "per_expert"
-    assert max_relative_diff(out16, model(input_ids=input_ids).logits.float()) <= 2e-2
-
-    # the base model saved in the hub layout (transformers clones the disjoint views) reloads equal
-    base = model.merge_and_unload()
-    base.save_pretrained(tmp_path)
-    reloaded = MixtralForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16)
-    for key, value in base.state_dict().items():
-        assert torch.equal(reloaded.state_dict()[key], value), key
-
-
-def test_grouped_mm_restacks_trainable_weights_and_trains_like_per_expert():
-    """Full fine-tuning on one device: the first grouped_mm call re-points the trainable expert weights
-    at one stacked storage (same parameter objects), later calls read it in place, and SGD steps on it
-    give per_expert's weights and outputs."""
-    models = {}
-    for backend in ("per_expert", "grouped_mm"):
-        model, block = build("plain", torch.float32)
-        block.expert_backend = backend
-        models[backend] = (model, block, torch.optim.SGD(model.parameters(), lr=0.01))
-    x = torch.randn(2, 9, HIDDEN, generator=torch.Generator().manual_seed(1)).abs()
-    _, block, _ = models["grouped_mm"]
-    params_before = list(block.parameters())
-    params_before_values = {n: p.detach().clone() for n, p in block.named_parameters()}
-    for step in range(3):
-        outs = {}
-        for backend, (model, _, optimizer) in models.items():
-            optimizer.zero_grad()
-            out = model(x)
-            out.square().mean().backward()
-            optimizer.step()
-            outs[backend] = out.detach()
-        torch.testing.assert_close(outs["grouped_mm"], outs["per_expert"], rtol=1e-5, atol=1e-6)
-        w1 = [expert.w1.weight for expert in models["grouped_mm"][1].experts.values()]
-        assert stacked_in_one_storage(w1)
-        if step == 0:
-            storage = w1[0].untyped_storage().data_ptr()
-        assert w1[0].untyped_storage().data_ptr() == storage  # read in place after the first call
-    assert list(models["grouped_mm"][1].parameters()) == params_before
-    pairs = zip(models["per_expert"][1].named_parameters(), models["grouped_mm"][1].parameters(), strict=True)
-    for (name, a), b in pairs:
-        if not name.startswith("experts.3."):  # expert 3 gets no token (build)
-            assert not torch.equal(b, params_before_values[name]), name  # trained
-        assert max_relative_diff(b.detach(), a.detach()) <= 1e-5, name
-
-
-def test_grouped_mm_leaves_weights_inside_a_flat_buffer_in_place():
-    """Trainable weights that are views into a larger buffer (ZeRO-1/2's flat buffer) are never
-    re-pointed: the buffer owns them. grouped_mm stacks a copy per call instead."""
-    model, block = build("plain", torch.float32)
-    block.expert_backend = "grouped_mm"
-    params = list(block.parameters())
-    flat = torch.cat([p.detach().reshape(-1) for p in params])
-    offset = 0
-    for p in params:
-        p.data = flat[offset : offset + p.numel()].view_as(p)
-        offset += p.numel()
-    pointers = [p.data_ptr() for p in params]
-    model(torch.randn(1, 5, HIDDEN)).sum().backward()
-    assert [p.data_ptr() for p in block.parameters()] == pointers
-    assert all(p.untyped_storage().data_ptr() == flat.untyped_storage().data_ptr() for p in params)
 
 
 def test_expert_loop_keeps_nothing_past_activation_checkpointing():

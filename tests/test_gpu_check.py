@@ -46,7 +46,7 @@ def test_gpu_check_dry_run_writes_every_section_and_its_checks_pass(tmp_path):
     assert all(c["passed"] for c in checks.values()), [c for c in checks.values() if not c["passed"]]
     assert checks["packed NF4 bytes differing (fraction)"]["value"] == 0
     assert any(name.startswith("sdpa vs fp32 eager, packed") for name in checks)
-    assert "grouped_mm vs per_expert (bf16): max of out/dx/weight grads" in checks
+    assert "grouped_loop vs per_expert (bf16): max of out/dx/weight grads" in checks
     assert "[full] loss rel diff, ours vs transformers (same weights, bf16)" in checks
     assert sections["attention"]["data"]["flash_skipped"].startswith("flash-attn needs CUDA")
 

@@ -90,7 +90,13 @@ def test_a_few_tiny_sft_steps_from_outside_the_checkout(installed):
          f"data.cache_dir={work / 'prepared'}"], work, env)  # fmt: skip
     final = work / "run" / "final"
     saved = {path.name for path in final.iterdir()}
-    assert {"config.json", "model.safetensors", "tokenizer.json", "run_config.yaml", "trainer_state.json"} <= saved
+    assert {
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "run_config.yaml",
+        "trainer_state.json",
+    } <= saved
     config = yaml.safe_load((final / "run_config.yaml").read_text())
     assert Path(config["data"]["path"]).is_relative_to(purelib)  # the demo data shipped in the package
     shebang = (env_dir / "bin" / "mixtral-tune").read_text().splitlines()[0]

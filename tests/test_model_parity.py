@@ -6,7 +6,9 @@ gradient of every parameter, across GQA ratios, top-k, sliding windows, padding 
 
 import pytest
 import torch
-from mixtral_reference import max_relative_diff, model_pair, reference_grad
+from mixtral_reference import model_pair, reference_grad
+
+from mixtral_model.testing import max_relative_diff
 
 TOL = 1e-5
 SEQ = 12

@@ -6,6 +6,7 @@ the same weights through the same path as a real checkpoint (ZeRO-3 zero.Init, b
 expert-parallel per-rank loading) and adapters saved later point to a base that exists.
 """
 
+import shutil
 from pathlib import Path
 
 import peft
@@ -24,6 +25,7 @@ from mixtral_tune.config import (
     uses_adapters,
 )
 from mixtral_tune.esft import freeze_all_but_selected, load_selection, lora_target_regex
+from mixtral_tune.run_dir import write_random_init_record
 
 NEVER_QUANTIZED = ["gate", "lm_head"]  # the router and the output head stay in the compute dtype
 
@@ -48,13 +50,16 @@ def random_init_config(cfg: DictConfig, tokenizer: PreTrainedTokenizerBase) -> M
 def write_random_init(
     cfg: DictConfig, tokenizer: PreTrainedTokenizerBase, directory: Path, seed: int
 ) -> None:
-    """A seeded random-init checkpoint (with its tokenizer) at `directory`, unless one is there already."""
+    """A seeded random-init checkpoint (with its tokenizer and the record of what it was written for:
+    mixtral_tune/run_dir.py) at `directory`, unless one is there already."""
     if (directory / "config.json").exists():
         return
     torch.manual_seed(seed)
     staging = directory.with_name(directory.name + ".tmp")
+    shutil.rmtree(staging, ignore_errors=True)  # left by a run killed while writing it
     MixtralForCausalLM(random_init_config(cfg, tokenizer)).save_pretrained(staging)
     tokenizer.save_pretrained(staging)
+    write_random_init_record(cfg, staging)
     staging.rename(directory)
 
 
@@ -119,8 +124,8 @@ def prepare_4bit_for_training(model: MixtralForCausalLM, gradient_checkpointing:
     PEFT's helper casts every non-4-bit bf16 parameter to fp32. They are frozen, so fp32 buys no
     precision in training (the norms compute in fp32 anyway and the loss upcasts the logits), while
     it doubles their bytes and, through the fp32 embedding output and norm weights, makes every
-    activation of the residual stream and of the layers' recomputation fp32: for Mixtral-8x7B QLoRA
-    at 4096 tokens about 3 GiB more at peak (`mixtral_tune/memory.py`, bench/gpu_check.py's account). The
+    activation of the residual stream and of the layers' recomputation fp32 (bench/gpu_check.py's memory
+    account gives the difference at peak for Mixtral-8x7B QLoRA). The
     LoRA adapters PEFT adds are still fp32 (`get_peft_model`'s `autocast_adapter_dtype`)."""
     model.requires_grad_(False)
     if gradient_checkpointing:

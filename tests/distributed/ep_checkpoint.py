@@ -25,9 +25,10 @@ from safetensors.torch import load_file, save_file
 
 sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parents[2])]
 
-from mixtral_reference import max_relative_diff, tiny_config  # noqa: E402
+from mixtral_reference import tiny_config  # noqa: E402
 
 from mixtral_model import CheckpointError, MixtralForCausalLM  # noqa: E402
+from mixtral_model.testing import max_relative_diff  # noqa: E402
 
 EXPERTS_OF_RANK = {0: {0, 1}, 1: {2, 3}}
 

@@ -11,7 +11,9 @@ lets an adapter trained here load onto `transformers.MixtralForCausalLM` through
 
 import functools
 
-SUPPORTED = "peft>=0.21.2,<0.22"
+PACKAGE = "peft"
+CHECKED = ">=0.21.2,<0.22"
+SUPPORTED = f"{PACKAGE}{CHECKED}"
 
 
 def _is_native_mixtral(model) -> bool:

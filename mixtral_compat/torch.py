@@ -6,4 +6,4 @@ internals themselves.
 """
 
 PACKAGE = "torch"
-CHECKED = ">=2.6"
+CHECKED = ">=2.11,<2.14"  # 2.11 (CUDA, bench/gpu_check.py on an H200) and 2.13 (CPU, the suite)

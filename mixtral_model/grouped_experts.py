@@ -54,6 +54,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mixtral_compat.bitsandbytes import compute_dtype, linear4bit_class, quant_state, readable_quant_state
+from mixtral_compat.deepspeed import is_zero3_partitioned, zero3_data_present
 from mixtral_compat.peft import lora_layer_kind, vanilla_lora_parts
 from mixtral_compat.torch import cpu_has_native_bf16, grouped_mm, has_hooks, repoint_parameter
 
@@ -136,8 +137,7 @@ def read_projection(layers: Sequence[nn.Module]) -> ProjectionView | None:
 
 def gathered(weight: torch.Tensor) -> bool:
     """False for a ZeRO-3 partition whose full data is not present right now (outside its leaf module)."""
-    status = getattr(weight, "ds_status", None)
-    return status is None or status.name in ("AVAILABLE", "INFLIGHT") and weight.numel() > 0
+    return zero3_data_present(weight)
 
 
 def projection_weights(view: ProjectionView) -> list[torch.Tensor]:
@@ -234,7 +234,7 @@ def _restackable(weights: Sequence[torch.Tensor]) -> bool:
         and all(
             type(w) is nn.Parameter
             and (not w.requires_grad or _owns_storage(w))
-            and not hasattr(w, "ds_id")
+            and not is_zero3_partitioned(w)
             and not w.is_meta
             and not w.is_inference()
             and (w.shape, w.dtype, w.device) == (weights[0].shape, weights[0].dtype, weights[0].device)

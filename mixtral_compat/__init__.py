@@ -48,7 +48,7 @@ def version_problem(package: str, checked: str, installed: str | None) -> str | 
     count as their release."""
     if installed is None:
         return f"{package} is not installed; mixtral-tune needs {package}{checked} (pip install -e .)"
-    if Version(installed).public not in SpecifierSet(checked):
+    if Version(installed) not in SpecifierSet(checked):
         return (
             f"{package} {installed} is installed; mixtral-tune was checked on {package}{checked}: "
             f"install a version in that range (./launch.sh sets up the tested ones from constraints.txt)"

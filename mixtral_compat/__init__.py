@@ -11,10 +11,11 @@ MIXTRAL_TUNE_UNCHECKED_VERSIONS=1 turns the refusal into a one-line warning on s
 release the seams were not checked on (their tests, tests/test_compat.py, say what changed shape).
 """
 
-import importlib
+import ast
 import os
 import sys
 from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
 
 from packaging.specifiers import SpecifierSet
 from packaging.version import Version
@@ -28,11 +29,19 @@ class UncheckedVersionError(ImportError):
 
 
 def checked_ranges() -> dict[str, str]:
-    """{package: CHECKED specifier} of every seam module."""
+    """{package: CHECKED specifier} of every seam module, read from their source without importing
+    them (they import their library)."""
     ranges = {}
     for name in MODULES:
-        module = importlib.import_module(f"mixtral_compat.{name}")
-        ranges[module.PACKAGE] = module.CHECKED
+        tree = ast.parse((Path(__file__).parent / f"{name}.py").read_text())
+        constants = {
+            node.targets[0].id: node.value.value
+            for node in tree.body
+            if isinstance(node, ast.Assign)
+            and isinstance(node.targets[0], ast.Name)
+            and isinstance(node.value, ast.Constant)
+        }
+        ranges[constants["PACKAGE"]] = constants["CHECKED"]
     return ranges
 
 

@@ -10,14 +10,14 @@ Router terms (mixtral_tune/training/objective.py): SFTTrainer and DPOTrainer kee
 - `_metrics[mode][name]`: lists TRL averages into each log; `log_metric` appends to them.
 """
 
-import trl
-
 PACKAGE = "trl"
 CHECKED = ">=1.16,<1.17"
 
 
 def unsupported(trainer, what: str) -> RuntimeError:
     """The error for a TRL trainer that no longer has the shape this module was written for."""
+    import trl
+
     return RuntimeError(
         f"trl {trl.__version__}: {type(trainer).__name__} {what}; mixtral_compat/trl.py is written for "
         f"{PACKAGE}{CHECKED}"

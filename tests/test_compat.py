@@ -362,3 +362,15 @@ def test_deepspeed_autoep_and_master_weight_internals():
     assert parameters(DeepSpeedZeroOptimizer.update_lp_params) == ["self"]
     assert "ds_status" in inspect.getsource(partition) and "ds_id" in inspect.getsource(partition)
     assert compat_ds.zero3_data_present(torch.zeros(2)) and not compat_ds.is_zero3_partitioned(torch.zeros(2))
+
+
+def test_the_ranges_read_without_importing_are_the_modules_own():
+    modules = (compat_torch, compat_tf, compat_peft, compat_trl, compat_ds, compat_bnb)
+    assert mixtral_compat.checked_ranges() == {module.PACKAGE: module.CHECKED for module in modules}
+
+
+def test_the_start_up_check_imports_no_library():
+    """So a release that breaks at import is refused by the one line, not a traceback."""
+    code = "import sys, mixtral_tune; print(sorted({'torch', 'transformers', 'peft', 'trl', 'deepspeed', 'bitsandbytes'} & set(sys.modules)))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout == "[]\n"

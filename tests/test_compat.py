@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import tomllib
@@ -298,6 +299,43 @@ def test_transformers_trainer_internals_have_the_signatures_we_call():
     ]  # fmt: skip
     # public, documented: the objective's accumulation rule reads it
     assert "loss_is_scaled_for_ga" in Trainer.__doc__ and Trainer.loss_is_scaled_for_ga is None
+
+
+def test_trainer_hooks_hold_rotation_back_and_hand_resume_over():
+    """What the hooks do around the Trainer's own methods (stand-ins recording what they were given)."""
+    seen = []
+
+    class Trainer:
+        args = SimpleNamespace(save_total_limit=2)
+
+        def _save_checkpoint(self, model, trial):
+            seen.append(("trainer saves, rotating to", self.args.save_total_limit))
+
+        def _prepare_for_training(self, max_steps, train_dataloader, resume_from_checkpoint):
+            seen.append(("trainer prepares, loading", resume_from_checkpoint))
+            return "wrapped", train_dataloader
+
+    class Ours(compat_tf.TrainerCheckpointHooks, Trainer):
+        def checkpoint_saved(self, save_total_limit):
+            seen.append(("saved", save_total_limit, self.args.save_total_limit))
+
+        def restores_checkpoint_itself(self, checkpoint):
+            return checkpoint == "ours"
+
+        def restore_checkpoint(self, checkpoint):
+            seen.append(("we restore", checkpoint))
+
+    trainer = Ours()
+    trainer._save_checkpoint(None, None)
+    assert seen == [("trainer saves, rotating to", None), ("saved", 2, 2)]
+    seen.clear()
+    assert trainer._prepare_for_training(3, "loader", "theirs") == ("wrapped", "loader")
+    assert trainer._prepare_for_training(3, "loader", "ours") == ("wrapped", "loader")
+    assert seen == [
+        ("trainer prepares, loading", "theirs"),
+        ("trainer prepares, loading", None),
+        ("we restore", "ours"),
+    ]
 
 
 # ---------------------------------------------------------------- TRL

@@ -21,6 +21,7 @@ from mixtral_model import MixtralConfig, load_tokenizer
 from mixtral_model.tokenizer import save_for_serving
 from mixtral_parallel.deepspeed_moe import check_parallel_combination, prepare_for_deepspeed
 from mixtral_tune.training.reporting import RunSummaryCallback, use_lean_console
+from mixtral_tune.training.router_health import add_router_callbacks
 from mixtral_tune.training.resume import latest_complete_checkpoint
 from mixtral_tune.config import (
     ConfigError,
@@ -274,6 +275,13 @@ def run(stage: str, argv: list[str], prepare_data, make_args, trainer_class, ref
         stage, argv, prepare_data, make_args, trainer_class, reference_model
     )
     trainer.train(resume_from_checkpoint=resume_path(cfg))
+    alerts = getattr(trainer, "router_alerts", None)
+    if alerts is not None and alerts.stopped:
+        if trainer.is_world_process_zero():
+            print(
+                f"error: {alerts.stopped}; router.alert=stop ended training (no final model)", file=sys.stderr
+            )
+        sys.exit(3)
     return save_final(trainer, cfg, tokenizer)
 
 
@@ -296,5 +304,6 @@ def build_trainer(stage: str, argv: list[str], prepare_data, make_args, trainer_
         **extra,
     )
     trainer.enable_router_stats(model)
+    add_router_callbacks(trainer, cfg, model)
     use_lean_console(trainer)
     return trainer, cfg, tokenizer

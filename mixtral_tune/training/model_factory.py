@@ -14,6 +14,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from transformers import BitsAndBytesConfig, PreTrainedTokenizerBase
 
+from mixtral_compat.bitsandbytes import keep_4bit_training_layout
 from mixtral_model import MixtralConfig, MixtralForCausalLM
 from mixtral_tune.chat_template import template_tokens
 from mixtral_tune.config import (
@@ -93,27 +94,6 @@ def load_model(cfg: DictConfig, name_or_path: str) -> MixtralForCausalLM:
     if cfg.peft.method == "qlora":
         keep_4bit_training_layout(model)
     return model
-
-
-def keep_4bit_training_layout(model) -> None:
-    """Stop bitsandbytes from repacking 4-bit weights into its CPU inference layout.
-
-    On a CPU with AVX512-BF16, a `Linear4bit` run in eval mode (the trainer's evaluation) rewrites its
-    weight in place into a uint8 tiled layout and changes its quant state. Under ZeRO-3 the weight's
-    storage is DeepSpeed's partition (bf16 quant storage): the next gather hands back the original
-    layout, which the packed quant state misreads, and the checkpoint save asserts uint8 storage.
-    A model being trained keeps the layout it was quantized in.
-    """
-    import bitsandbytes as bnb
-
-    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
-    if layers and not hasattr(layers[0], "support_avx512bf16_for_cpu"):
-        raise RuntimeError(
-            f"bitsandbytes {bnb.__version__}: Linear4bit has no support_avx512bf16_for_cpu switch any more; "
-            "check how this version repacks 4-bit weights on CPU before training with it"
-        )
-    for layer in layers:
-        layer.support_avx512bf16_for_cpu = False
 
 
 def prepare_4bit_for_training(model: MixtralForCausalLM, gradient_checkpointing: bool) -> None:

@@ -218,7 +218,7 @@ RESUME_CHANGES = {
     "deepspeed": TRAINS,
     "trainer": TRAINS,
     **{f"trainer.{key}": OBSERVES for key in (
-        "num_train_epochs", "logging_steps", "logging_strategy", "logging_first_step", "logging_dir",
+        "num_train_epochs", "logging_steps", "logging_strategy", "logging_first_step",
         "logging_nan_inf_filter", "log_level", "eval_steps", "eval_strategy", "eval_on_start", "eval_delay",
         "per_device_eval_batch_size", "eval_accumulation_steps", "save_steps", "save_strategy",
         "save_total_limit", "report_to", "run_name", "project", "trackio_space_id", "disable_tqdm",

@@ -132,6 +132,10 @@ class ResumeMixin:
             rotate_checkpoints(self.args.output_dir, limit, self.state.best_model_checkpoint, use_mtime=True)
 
     def _prepare_for_training(self, max_steps, train_dataloader, resume_from_checkpoint):
+        if resume_from_checkpoint is not None:
+            # The Trainer keeps the checkpoint's logging/eval/save cadence (its trainer_state.json); a
+            # resume that changed them (recorded in run_config_history.yaml) runs at the new ones.
+            self.state.compute_steps(self.args, max_steps)
         if resume_from_checkpoint is None or not self.is_expert_parallel_zero_1_or_2():
             return super()._prepare_for_training(max_steps, train_dataloader, resume_from_checkpoint)
         from transformers.integrations.deepspeed import deepspeed_load_checkpoint

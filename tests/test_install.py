@@ -19,7 +19,10 @@ import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-BUILD_INPUTS = ("pyproject.toml", "README.md", "mixtral_model", "mixtral_tune", "configs", "recipes", "data")
+BUILD_INPUTS = (
+    "pyproject.toml", "README.md", "mixtral_model", "mixtral_parallel", "mixtral_compat", "mixtral_tune", "configs",
+    "recipes", "data",
+)  # fmt: skip
 
 
 def run(command: list, cwd: Path, env: dict, timeout: int = 300) -> subprocess.CompletedProcess:

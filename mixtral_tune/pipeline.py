@@ -36,7 +36,7 @@ from mixtral_tune.config import (
     world_size,
     zero_stage,
 )
-from mixtral_tune.data import DataError
+from mixtral_tune.data import DataError, data_plan
 from mixtral_tune.run_config import check_resume_changes, record_run
 from mixtral_tune.model_card import write_generation_config, write_model_card
 from mixtral_tune.training.model_factory import build_model, write_random_init
@@ -267,10 +267,16 @@ def build_seeded(build, cfg: DictConfig):
     return build(cfg)
 
 
-def report_data(prepared, max_examples: int) -> None:
+def report_data(prepared, cfg: DictConfig) -> None:
+    """The data plan, then the bad and long rows of each source (rank 0); text rows switch packing on."""
+    if prepared.packed and not cfg.data.packing:
+        cfg.data.packing = True  # SFTConfig(padding_free=...) follows; run_config.yaml records it
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    print("\n".join(data_plan(prepared)), flush=True)
     for report in prepared.reports:
         if report.bad or report.truncated or report.dropped:
-            print(report.summary(max_examples), flush=True)
+            print(report.summary(cfg.data.max_reported_bad_rows), flush=True)
 
 
 def save_final(trainer, cfg: DictConfig, tokenizer) -> str:
@@ -378,7 +384,7 @@ def build_trainer(stage: str, argv: list[str], prepare_data, make_args, trainer_
     cfg = config_from_argv(stage, argv)
     tokenizer = load_tokenizer(cfg.model.tokenizer)
     data = load_data_or_exit(prepare_data, cfg.data, tokenizer, cfg.trainer.seed)
-    report_data(data, cfg.data.max_reported_bad_rows)
+    report_data(data, cfg)
     check_training_rows(cfg, data)
     configure_wandb(cfg)
     model, args = build_model_and_args(cfg, tokenizer, lambda: make_args(cfg), build_model)

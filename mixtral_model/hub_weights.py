@@ -6,7 +6,7 @@ unexpected or wrongly shaped key, or an unreadable file, stops the load with the
 instead of leaving random weights in place.
 
 Expert parallelism: `from_pretrained(path, expert_parallel_size=n)` is a convenience over
-`parallel.parallelize_experts`: the model is built on the meta device with every expert, made
+`mixtral_parallel.expert_parallel.parallelize_experts`: the model is built on the meta device with every expert, made
 expert-parallel, and only then read, so a rank reads only its own experts' tensors; the keys of the
 experts other ranks hold (and only those) are expected to be left over. `save_pretrained` of an
 expert-parallel model gathers every expert to rank 0, which writes one complete hub-layout checkpoint
@@ -24,12 +24,9 @@ import torch.distributed as dist
 from safetensors import SafetensorError
 from transformers import PreTrainedModel
 
-from mixtral_parallel.expert_parallel import (
-    ExpertParallelGroups,
-    expert_parallel_of,
-    new_expert_parallel_groups,
-    parallelize_experts,
-)
+# The module, not its names: mixtral_parallel.expert_parallel imports mixtral_model (its MoE block), so
+# either package may be imported first.
+from mixtral_parallel import expert_parallel
 
 
 class CheckpointError(ValueError):
@@ -87,7 +84,7 @@ def check_checkpoint_path(name_or_path) -> None:
 # The groups `from_pretrained(..., expert_parallel_size=n)` parallelizes over, for the duration of that
 # call only: transformers' from_pretrained has no argument that reaches the step between building the
 # model on the meta device and reading the weights (`_load_pretrained_model`).
-_LOADING_EXPERT_PARALLEL: ContextVar[ExpertParallelGroups | None] = ContextVar(
+_LOADING_EXPERT_PARALLEL: ContextVar["expert_parallel.ExpertParallelGroups | None"] = ContextVar(
     "loading_expert_parallel", default=None
 )
 
@@ -105,13 +102,13 @@ class CheckpointLoadingMixin:
         """PreTrainedModel.from_pretrained, strict (CheckpointError naming what does not match).
 
         expert_parallel_size=n > 1 (collective: every rank): creates the EP groups
-        (`parallel.new_expert_parallel_groups`) and applies `parallel.parallelize_experts` to the
+        (`parallel.new_expert_parallel_groups`) and applies `mixtral_parallel.expert_parallel.parallelize_experts` to the
         model before its weights are read, so each rank reads only its own experts' tensors.
         """
         from mixtral_parallel import expert_state  # imports this module
 
         check_checkpoint_path(pretrained_model_name_or_path)
-        groups = new_expert_parallel_groups(expert_parallel_size) if expert_parallel_size != 1 else None
+        groups = expert_parallel.new_expert_parallel_groups(expert_parallel_size) if expert_parallel_size != 1 else None
         loading = _LOADING_EXPERT_PARALLEL.set(groups)
         try:
             # Mismatched shapes come back in the loading info, so the error below can name them.
@@ -144,7 +141,7 @@ class CheckpointLoadingMixin:
         is read: the place `from_pretrained(..., expert_parallel_size=n)` makes it expert-parallel."""
         groups = _LOADING_EXPERT_PARALLEL.get()
         if groups is not None:
-            parallelize_experts(model, groups)
+            expert_parallel.parallelize_experts(model, groups)
         return PreTrainedModel._load_pretrained_model(
             model, state_dict, checkpoint_files, load_config, expected_keys
         )
@@ -154,7 +151,7 @@ class CheckpointLoadingMixin:
         hub-layout checkpoint; the other ranks write nothing and wait until it is written. HF Trainer
         calls save_pretrained on rank 0 only: under expert parallelism save through this method on every
         rank instead."""
-        if expert_parallel_of(self) is None:
+        if expert_parallel.expert_parallel_of(self) is None:
             return super().save_pretrained(save_directory, state_dict=state_dict, **kwargs)
         from mixtral_parallel import expert_state  # imports this module
 

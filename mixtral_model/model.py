@@ -173,6 +173,9 @@ class MixtralForCausalLM(MixtralPreTrainedModel, GenerationMixin):
         super().__init__(config)
         self.model = MixtralModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        # None: the aux loss of each forward alone (transformers' semantics); global-batch balance
+        # sets it from outside (mixtral_parallel/global_balance.py).
+        self.global_load = None
         self.post_init()
 
     def router_losses(self, router_logits, attention_mask) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -182,7 +185,11 @@ class MixtralForCausalLM(MixtralPreTrainedModel, GenerationMixin):
             routed_now = router_logits[0].shape[0] // attention_mask.shape[0]
             attention_mask = attention_mask[:, -routed_now:]
         aux_loss = load_balancing_loss(
-            router_logits, self.config.num_local_experts, self.config.num_experts_per_tok, attention_mask
+            router_logits,
+            self.config.num_local_experts,
+            self.config.num_experts_per_tok,
+            attention_mask,
+            global_load=self.global_load,
         )
         z_loss = router_z_loss(router_logits, attention_mask) if self.config.router_z_loss_coef > 0 else None
         return aux_loss, z_loss

@@ -82,3 +82,24 @@ def router_statistics(
         stats["router/dropped_fraction"] = dropped_L.mean()
     values = torch.stack(list(stats.values())).tolist()
     return dict(zip(stats, values, strict=True))
+
+
+def routing_drift(
+    base_logits: tuple[torch.Tensor, ...],
+    tuned_logits: tuple[torch.Tensor, ...],
+    top_k: int,
+    attention_mask_BT: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """How the routing of the same tokens moved from `base_logits` to `tuned_logits` (each a tuple of
+    (N, E) per layer): (changed_L, kl_L, real tokens), with changed_L the number of real tokens whose
+    set of top_k experts differs (order ignored) and kl_L the sum over real tokens of
+    KL(base || tuned) of the router softmax, in nats. Sums, so batches and ranks add up."""
+    base_LNE = torch.stack([logits.detach().float() for logits in base_logits])
+    tuned_LNE = torch.stack([logits.detach().float() for logits in tuned_logits])
+    weight_N = token_weights(attention_mask_BT, base_LNE.shape[1], base_LNE.device)
+    base_experts_LNK = torch.topk(base_LNE, top_k, dim=-1).indices.sort(dim=-1).values
+    tuned_experts_LNK = torch.topk(tuned_LNE, top_k, dim=-1).indices.sort(dim=-1).values
+    changed_LN = (base_experts_LNK != tuned_experts_LNK).any(dim=-1).float()
+    base_log_LNE, tuned_log_LNE = F.log_softmax(base_LNE, -1), F.log_softmax(tuned_LNE, -1)
+    kl_LN = (base_log_LNE.exp() * (base_log_LNE - tuned_log_LNE)).sum(dim=-1)
+    return changed_LN @ weight_N, kl_LN @ weight_N, weight_N.sum()

@@ -71,6 +71,8 @@ LORA_TARGET_MODULES = {
     "both": ["q_proj", "k_proj", "v_proj", "o_proj", "w1", "w2", "w3"],
 }
 ROUTER_MODULES = ["gate"]
+ROUTER_BALANCE = ("micro_batch", "global_batch")
+ROUTER_ALERT = ("off", "warn", "stop")
 
 
 class ConfigError(ValueError):
@@ -104,6 +106,21 @@ class ModelConfig:
     router_aux_loss_coef: float = 0.02
     router_jitter_noise: float = 0.0
     router_z_loss_coef: float = 0.0
+    # aux-loss load fractions: micro_batch (each forward's, transformers') | global_batch (the whole
+    # optimizer step's, over every rank and accumulated micro-batch: mixtral_parallel/global_balance.py)
+    router_balance: str = "micro_batch"
+
+
+@dataclass
+class RouterWatchConfig:
+    """Router health alerts and routing drift (mixtral_tune/training/router_health.py)."""
+
+    alert: str = "warn"  # off | warn (one line, training goes on) | stop (one line, exit status 3)
+    min_load: float = 0.25  # an expert's share below min_load x the balanced share 1/num_experts ...
+    max_load: float = 3.0  # ... or above max_load x 1/num_experts ...
+    min_entropy: float = 0.1  # ... or a layer's router entropy below this fraction of ln(num_experts) ...
+    patience: int = 5  # ... for this many consecutive logged training steps raises the alert
+    drift: bool = True  # at each evaluation: share of tokens whose top-k experts changed, and router KL
 
 
 @dataclass
@@ -179,6 +196,7 @@ class TrainConfig:
     peft: PeftConfig = field(default_factory=PeftConfig)
     deepspeed: dict[str, Any] = field(default_factory=dict)  # DeepSpeed JSON as a dict; {} = off
     trainer: dict[str, Any] = field(default_factory=dict)  # SFTConfig / DPOConfig fields, by TRL's names
+    router: RouterWatchConfig = field(default_factory=RouterWatchConfig)
 
 
 # Keys of TRL's configs that the pipelines set from elsewhere in the config: the key to use instead.
@@ -216,7 +234,11 @@ RESUME_CHANGES = {
     "resume_allow_changes": OBSERVES,
     "world_size": TRAINS,
     **{f"model.{key}": TRAINS for key in ("name_or_path", "tokenizer", "dtype", "attn_implementation",
-       "expert_parallel_size", "router_aux_loss_coef", "router_jitter_noise", "router_z_loss_coef")},
+       "expert_parallel_size", "router_aux_loss_coef", "router_jitter_noise", "router_z_loss_coef",
+       "router_balance")},
+    # router health alerts watch the run (warn, or stop it without a final model)
+    **{f"router.{key}": OBSERVES for key in ("alert", "min_load", "max_load", "min_entropy", "patience",
+       "drift")},
     **{f"model.architecture.{item.name}": TRAINS for item in dataclasses.fields(ArchitectureConfig)},
     **{f"data.{key}": TRAINS for key in ("path", "kind", "format", "columns", "split", "config", "revision",
        "mixture", "eval_fraction", "max_length", "truncation", "dpo_truncation_mode", "packing",
@@ -434,6 +456,7 @@ def validate(cfg: DictConfig) -> None:
         check_stage,
         check_steps_and_resume,
         check_model,
+        check_router,
         check_expert_parallel,
         check_attention,
         check_data,
@@ -544,6 +567,25 @@ def check_model(cfg: DictConfig) -> None:
     for key in ("router_aux_loss_coef", "router_jitter_noise", "router_z_loss_coef"):
         if model[key] < 0:
             raise ConfigError(f"model.{key}={model[key]} is negative: use 0 to disable it")
+
+
+def check_router(cfg: DictConfig) -> None:
+    require_choice("model.router_balance", cfg.model.router_balance, ROUTER_BALANCE)
+    watch = cfg.router
+    require_choice("router.alert", watch.alert, ROUTER_ALERT)
+    require_positive("router.patience", watch.patience)
+    if not 0.0 <= watch.min_load < 1.0:
+        raise ConfigError(
+            f"router.min_load={watch.min_load} must be within [0, 1): it is a multiple of the balanced share"
+        )
+    if watch.max_load <= 1.0:
+        raise ConfigError(
+            f"router.max_load={watch.max_load} must be above 1: it is a multiple of the balanced share"
+        )
+    if not 0.0 <= watch.min_entropy < 1.0:
+        raise ConfigError(
+            f"router.min_entropy={watch.min_entropy} must be within [0, 1): it is a fraction of ln(num_experts)"
+        )
 
 
 def check_architecture_matches(cfg: DictConfig, model_config: Any) -> None:

@@ -70,6 +70,31 @@ def router_health(values: dict[str, float]) -> list[str]:
     return rows
 
 
+def routing_drift(values: dict[str, float]) -> list[str]:
+    """Markdown table rows, one per layer, of the last evaluation's routing drift from the base model."""
+    layers = sorted(
+        {
+            int(k.split("/")[1].removeprefix("layer_"))
+            for k in values
+            if k.startswith("eval_router_drift/layer_")
+        }
+    )
+    if not layers:
+        return ["Routing drift was not measured (no evaluation, or router.drift=false)."]
+    rows = [
+        "Last evaluation, against the base model (PEFT: the adapter-disabled model; full fine-tuning: the "
+        "routing at step 0): the share of evaluation tokens whose top-k experts changed, and the mean "
+        "KL(base || tuned) of the router distributions in nats.",
+        "",
+        "| layer | tokens with changed top-k | mean router KL |",
+        "|---|---|---|",
+    ]
+    for layer in layers:
+        prefix = f"eval_router_drift/layer_{layer}"
+        rows.append(f"| {layer} | {values[f'{prefix}/top_k_changed']:.1%} | {values[f'{prefix}/kl']:.4g} |")
+    return rows
+
+
 def write_model_card(final_dir: Path, cfg: DictConfig, log_history: list[dict], is_adapter: bool) -> None:
     base = cfg.model.name_or_path or f"random init ({Path(cfg.output_dir) / 'base'})"
     values = last_values(log_history)
@@ -121,6 +146,10 @@ def write_model_card(final_dir: Path, cfg: DictConfig, log_history: list[dict], 
         "## Router health",
         "",
         *router_health(values),
+        "",
+        "## Routing drift",
+        "",
+        *routing_drift(values),
         "",
         "## Use",
         "",

@@ -22,6 +22,7 @@ from mixtral_model.tokenizer import save_for_serving
 from mixtral_parallel.deepspeed_moe import check_parallel_combination, prepare_for_deepspeed
 from mixtral_tune.training.reporting import RunSummaryCallback, use_lean_console
 from mixtral_compat.transformers import load_checkpoint_weights, planned_optimizer_steps
+from mixtral_tune.training.router_health import add_router_callbacks
 from mixtral_tune.training.resume import checkpoint_step, latest_complete_checkpoint
 from mixtral_tune.config import (
     ConfigError,
@@ -324,6 +325,13 @@ def run(stage: str, argv: list[str], prepare_data, make_args, trainer_class, ref
         return save_final(trainer, cfg, tokenizer)
     record_run(cfg, checkpoint)
     trainer.train(resume_from_checkpoint=checkpoint)
+    alerts = getattr(trainer, "router_alerts", None)
+    if alerts is not None and alerts.stopped:
+        if trainer.is_world_process_zero():
+            print(
+                f"error: {alerts.stopped}; router.alert=stop ended training (no final model)", file=sys.stderr
+            )
+        sys.exit(3)
     return save_final(trainer, cfg, tokenizer)
 
 
@@ -399,5 +407,6 @@ def build_trainer(stage: str, argv: list[str], prepare_data, make_args, trainer_
         **extra,
     )
     trainer.enable_router_stats(model)
+    add_router_callbacks(trainer, cfg, model)
     use_lean_console(trainer)
     return trainer, cfg, tokenizer

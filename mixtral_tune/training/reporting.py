@@ -59,6 +59,9 @@ class RouterStatsLoggingMixin:
         if recorder is not None and "loss" in logs:
             config = self.router_config
             logs.update(recorder.statistics(config.num_experts_per_tok, config.expert_capacity_factor))
+        drift = getattr(self, "routing_drift", None)  # training/router_health.py
+        if drift is not None and "eval_loss" in logs:
+            logs.update(drift.measure())
         super().log(logs, *args, **kwargs)
 
 

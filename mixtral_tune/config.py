@@ -215,6 +215,7 @@ TRAINER_KEYS_SET_ELSEWHERE = {
     "dataset_kwargs": "nothing (mixtral_tune/data.py prepares the rows)",
     "dataset_num_proc": "data.num_proc",
     "remove_unused_columns": "nothing (the prepared data needs every column)",
+    "logging_nan_inf_filter": "nothing (off: a NaN or infinite loss is logged as such and stops training)",
     "resume_from_checkpoint": "resume",
 }
 TRAINS, OBSERVES = "trains", "observes"
@@ -521,6 +522,41 @@ def check_resume_path(resume: str) -> None:
     if checkpoint_step(Path(resume).resolve()) is None:
         raise ConfigError(f"resume={resume} is not a checkpoint-<step> directory: {hint}")
     raise ConfigError(f"resume={resume} cannot be resumed from: {problem}; {hint}")
+
+
+def saved_config(cfg: DictConfig) -> DictConfig:
+    """`cfg` as a run saves it (run_config.yaml): every value resolved, except those that read the
+    environment (`${oc.env:...}`, which may hold secrets) or resolve to what such a value read: those
+    stay as written, as Hydra's own saved config keeps its interpolations."""
+    raw = OmegaConf.to_container(cfg, resolve=False)
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    env_values = set()
+
+    def reads_env(raw_value, value) -> None:
+        if isinstance(raw_value, dict | list):
+            for key in raw_value if isinstance(raw_value, dict) else range(len(raw_value)):
+                reads_env(raw_value[key], value[key])
+        elif isinstance(raw_value, str) and "oc.env" in raw_value and value not in (None, ""):
+            env_values.add(str(value))
+
+    def keep(raw_value, value):
+        if isinstance(raw_value, dict):
+            return {key: keep(raw_value[key], value[key]) for key in raw_value}
+        if isinstance(raw_value, list):
+            return [keep(r, v) for r, v in zip(raw_value, value, strict=True)]
+        if isinstance(raw_value, str) and "${" in raw_value and any(e in str(value) for e in env_values):
+            return raw_value
+        return value
+
+    reads_env(raw, resolved)
+    return OmegaConf.create(keep(raw, resolved))
+
+
+def trainer_keys_read_from_env(cfg: DictConfig) -> dict[str, str]:
+    """trainer.* keys whose value reads the environment, with the value as written (`${oc.env:...}`)."""
+    saved = OmegaConf.to_container(saved_config(cfg).trainer, resolve=False)
+    resolved = OmegaConf.to_container(cfg.trainer, resolve=True)
+    return {key: value for key, value in saved.items() if value != resolved[key]}
 
 
 def resume_checkpoint(cfg: DictConfig) -> bool | str:

@@ -22,6 +22,7 @@ from mixtral_model import MixtralForCausalLM, load_tokenizer
 from mixtral_tune import dpo, sft
 from mixtral_tune.config import load_config
 from mixtral_tune.evaluate import exact_match, preference_metrics, read_jsonl
+from mixtral_tune.run_dir import require_complete_final
 from mixtral_tune.shipped import DATA_DIR
 
 SFT_EVAL = DATA_DIR / "sft_eval.jsonl"
@@ -29,6 +30,9 @@ DPO_EVAL = DATA_DIR / "dpo_eval.jsonl"
 
 
 def evaluate(model_dir: Path, reference_dir: Path | None, tokenizer, beta: float) -> dict[str, float]:
+    for key, directory in (("model", model_dir), ("reference", reference_dir)):
+        if directory is not None:
+            require_complete_final(key, directory)  # a run cut short while saving it: say so, read nothing
     model = MixtralForCausalLM.from_pretrained(model_dir).eval()
     reference = MixtralForCausalLM.from_pretrained(reference_dir).eval() if reference_dir else None
     accuracy, samples = exact_match(model, tokenizer, read_jsonl(SFT_EVAL))

@@ -25,6 +25,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from mixtral_tune.config import DTYPES
+from mixtral_tune.run_dir import OutputDirError, require_complete_final
 
 ADAPTER_PREFIX = "base_model.model."
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
@@ -36,6 +37,7 @@ class ExportError(ValueError):
 
 
 def adapter_base(adapter_dir: Path, base: str | None) -> str:
+    require_complete_final("adapter_dir", adapter_dir)
     config_file = adapter_dir / "adapter_config.json"
     if not config_file.is_file():
         raise FileNotFoundError(
@@ -169,7 +171,7 @@ def main(argv: list[str]) -> None:
     args = parser.parse_args(argv)
     try:
         merge_adapter(args.adapter_dir, args.export_dir, args.base, args.dtype)
-    except (FileNotFoundError, FileExistsError, ExportError) as error:
+    except (FileNotFoundError, FileExistsError, ExportError, OutputDirError) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
     print(f"merged {args.adapter_dir} into {args.export_dir}")

@@ -6,6 +6,7 @@ files and rows, parallel combination) is checked before a model is built or an o
 """
 
 import os  # noqa: I001  (mixtral_model.quiet comes before deepspeed)
+import dataclasses
 import shutil
 import sys
 from pathlib import Path
@@ -16,13 +17,18 @@ import torch
 import transformers
 from huggingface_hub import HfApi
 from omegaconf import DictConfig, OmegaConf
+from transformers.trainer import TRAINING_ARGS_NAME
 
 from mixtral_model import MixtralConfig, load_tokenizer
 from mixtral_model.tokenizer import save_for_serving
 from mixtral_parallel.deepspeed_moe import check_parallel_combination, prepare_for_deepspeed
+from mixtral_tune.training.divergence import DivergenceCallback
 from mixtral_tune.training.reporting import RunSummaryCallback, use_lean_console
 from mixtral_compat.transformers import load_checkpoint_weights, planned_optimizer_steps
 from mixtral_tune.training.router_health import add_router_callbacks
+from mixtral_tune.training.safe_load import checkpoint_problem_on_any_rank, load_checkpoint_file
+from mixtral_compat.deepspeed import route_checkpoint_engine_loads
+from mixtral_tune import run_dir
 from mixtral_tune.training.resume import checkpoint_step, latest_complete_checkpoint
 from mixtral_tune.config import (
     ConfigError,
@@ -31,6 +37,8 @@ from mixtral_tune.config import (
     deepspeed_dict,
     load_config,
     report_to,
+    saved_config,
+    trainer_keys_read_from_env,
     resume_checkpoint,
     trainer_value,
     uses_adapters,
@@ -63,7 +71,8 @@ def config_from_argv(stage: str, argv: list[str]) -> DictConfig:
         check_launcher(cfg)
         check_resume(cfg)
         check_hub_access(cfg)
-    except (ConfigError, ValueError, FileNotFoundError) as error:
+        own_output_dir(cfg)
+    except (ConfigError, ValueError, FileNotFoundError) as error:  # OutputDirError is a ValueError
         fail(error)
     return cfg
 
@@ -82,6 +91,7 @@ def split_print_config_flag(argv: list[str]) -> tuple[bool, list[str]]:
 
 def fail(error: Exception) -> None:
     print(f"error: {error}", file=sys.stderr)
+    run_dir.release_every_output_dir()
     sys.exit(2)
 
 
@@ -89,6 +99,8 @@ def check_checkpoint_architecture(cfg: DictConfig) -> None:
     """The checkpoint's config.json (no weights) agrees with model.architecture, which the checks use."""
     if not cfg.model.name_or_path:
         return
+    if Path(cfg.model.name_or_path).is_dir():
+        run_dir.require_complete_final("model.name_or_path", cfg.model.name_or_path)
     try:
         checkpoint = MixtralConfig.from_pretrained(cfg.model.name_or_path)
     except OSError as error:
@@ -147,6 +159,13 @@ def check_resume(cfg: DictConfig) -> None:
         check_resume_changes(cfg, checkpoint)
 
 
+def own_output_dir(cfg: DictConfig) -> None:
+    """OUTPUT_DIR/base fits this run (or is rebuilt), then this run holds OUTPUT_DIR until it ends
+    (mixtral_tune/run_dir.py). Last of the checks: every rank refuses the same way before it."""
+    run_dir.check_random_init_base(cfg, resuming=resume_checkpoint(cfg) is not False)
+    run_dir.take_output_dir(cfg.output_dir)
+
+
 def check_hub_access(cfg: DictConfig) -> None:
     """trainer.push_to_hub needs the Hub and a login: find out now, not after training."""
     if not trainer_value(cfg, "push_to_hub"):
@@ -201,6 +220,7 @@ def training_kwargs(cfg: DictConfig) -> dict:
         ddp_find_unused_parameters=False,
     )
     set_elsewhere = dict(
+        logging_nan_inf_filter=False,  # a NaN loss is logged as NaN (training stops: training/divergence.py)
         output_dir=cfg.output_dir,
         max_steps=cfg.max_steps,
         report_to=report_to(cfg),
@@ -219,6 +239,8 @@ def prepare_base_checkpoint(cfg: DictConfig, tokenizer) -> None:
         return
     distributed = torch.distributed.is_initialized()
     if not distributed or torch.distributed.get_rank() == 0:
+        if run_dir.base_mismatch(cfg):  # one a run of other settings left: checked rebuildable at start-up
+            shutil.rmtree(Path(cfg.output_dir) / "base")
         write_random_init(cfg, tokenizer, Path(cfg.output_dir) / "base", cfg.trainer.seed)
     if distributed:
         torch.distributed.barrier()
@@ -281,23 +303,36 @@ def report_data(prepared, cfg: DictConfig) -> None:
 
 
 def save_final(trainer, cfg: DictConfig, tokenizer) -> str:
-    """The final adapter or model with its tokenizer in OUTPUT_DIR/final (gathered under ZeRO-3)."""
-    final = str(Path(cfg.output_dir) / "final")
-    trainer.save_model(final)
+    """The final adapter or model with its tokenizer in OUTPUT_DIR/final (gathered under ZeRO-3),
+    staged in OUTPUT_DIR/.final.staging, marked complete, then renamed (mixtral_tune/run_dir.py)."""
+    final, staged = Path(cfg.output_dir) / "final", run_dir.staging_dir(cfg.output_dir)
     if trainer.args.should_save:
-        save_for_serving(tokenizer, final)
-        OmegaConf.save(cfg, Path(final) / "run_config.yaml", resolve=True)
-        trainer.state.save_to_json(str(Path(final) / "trainer_state.json"))
-        write_generation_config(Path(final), tokenizer)
+        shutil.rmtree(staged, ignore_errors=True)  # left by a run killed while saving
+    trainer.save_model(str(staged))
+    if trainer.args.should_save:
+        save_for_serving(tokenizer, str(staged))
+        OmegaConf.save(saved_config(cfg), staged / "run_config.yaml")
+        keep_environment_out_of_saved_args(trainer.args, cfg, staged)
+        trainer.state.save_to_json(str(staged / "trainer_state.json"))
+        write_generation_config(staged, tokenizer)
         if cfg.peft.esft_selection:  # which experts were trained, beside the weights
-            shutil.copyfile(cfg.peft.esft_selection, Path(final) / "esft_selection.json")
-        is_adapter = (Path(final) / "adapter_config.json").exists()
-        write_model_card(Path(final), cfg, trainer.state.log_history, is_adapter)
+            shutil.copyfile(cfg.peft.esft_selection, staged / "esft_selection.json")
+        is_adapter = (staged / "adapter_config.json").exists()
+        write_model_card(staged, cfg, trainer.state.log_history, is_adapter)
+        run_dir.put_final_in_place(staged, final)
         if trainer.args.push_to_hub:
             HfApi().upload_folder(
-                repo_id=trainer.hub_model_id, folder_path=final, commit_message="final model"
+                repo_id=trainer.hub_model_id, folder_path=str(final), commit_message="final model"
             )
-    return final
+    return str(final)
+
+
+def keep_environment_out_of_saved_args(args, cfg: DictConfig, directory: Path) -> None:
+    """training_args.bin (the Trainer's pickled arguments) with every trainer.* value read from the
+    environment written as its `${oc.env:...}` source, as run_config.yaml keeps it."""
+    from_env = trainer_keys_read_from_env(cfg)
+    if from_env and (directory / TRAINING_ARGS_NAME).exists():
+        torch.save(dataclasses.replace(args, **from_env), directory / TRAINING_ARGS_NAME)
 
 
 def load_data_or_exit(prepare, data_cfg, tokenizer, seed: int):
@@ -316,7 +351,7 @@ def run(stage: str, argv: list[str], prepare_data, make_args, trainer_class, ref
     trainer, cfg, tokenizer = build_trainer(
         stage, argv, prepare_data, make_args, trainer_class, reference_model
     )
-    checkpoint = resume_path(cfg)
+    checkpoint = checked_resume_path(cfg)
     if checkpoint and nothing_left_to_train(trainer, cfg, checkpoint):
         final = Path(cfg.output_dir) / "final"
         if final.is_dir():
@@ -325,14 +360,54 @@ def run(stage: str, argv: list[str], prepare_data, make_args, trainer_class, ref
         return save_final(trainer, cfg, tokenizer)
     record_run(cfg, checkpoint)
     trainer.train(resume_from_checkpoint=checkpoint)
+    stop_if_diverged(trainer, cfg)
     alerts = getattr(trainer, "router_alerts", None)
     if alerts is not None and alerts.stopped:
         if trainer.is_world_process_zero():
             print(
                 f"error: {alerts.stopped}; router.alert=stop ended training (no final model)", file=sys.stderr
             )
+        run_dir.release_every_output_dir()
         sys.exit(3)
-    return save_final(trainer, cfg, tokenizer)
+    final = save_final(trainer, cfg, tokenizer)
+    run_dir.release_output_dir(cfg.output_dir)
+    return final
+
+
+def checked_resume_path(cfg: DictConfig) -> str | None:
+    """The checkpoint to resume from, its files read by training/safe_load.py (nothing in
+    them runs, every value is finite); one line and exit 2 otherwise. DeepSpeed reads them again
+    through the same loader."""
+    path = resume_path(cfg)
+    if path is None:
+        return None
+    route_checkpoint_engine_loads(load_checkpoint_file)
+    problem = checkpoint_problem_on_any_rank(path)
+    if problem:  # every rank found it (gathered): rank 0 says so, all exit 2 before any file is loaded
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"error: resume: {problem}", file=sys.stderr, flush=True)
+        run_dir.release_every_output_dir()
+        sys.exit(2)
+    return path
+
+
+def stop_if_diverged(trainer, cfg: DictConfig) -> None:
+    """After a run training/divergence.py stopped: one line naming the step and values, exit 1,
+    nothing written from the diverged weights (the last checkpoint saved before stays)."""
+    divergence = next(c for c in trainer.callback_handler.callbacks if isinstance(c, DivergenceCallback))
+    if divergence.stopped is None:
+        return
+    last = latest_complete_checkpoint(cfg.output_dir)
+    kept = f"the last good checkpoint is {last}" if last else "no checkpoint was saved before it"
+    if trainer.args.should_save:
+        print(
+            f"error: training diverged at {divergence.stopped}; final/ was not written and {kept}: "
+            "lower trainer.learning_rate (or raise trainer.warmup_steps) and start again",
+            file=sys.stderr,
+            flush=True,
+        )
+    run_dir.release_every_output_dir()
+    sys.exit(1)
 
 
 def nothing_left_to_train(trainer, cfg: DictConfig, checkpoint: str) -> bool:
@@ -403,7 +478,7 @@ def build_trainer(stage: str, argv: list[str], prepare_data, make_args, trainer_
         train_dataset=data.train,
         eval_dataset=data.eval,
         processing_class=tokenizer,
-        callbacks=[RunSummaryCallback(cfg.output_dir)],
+        callbacks=[RunSummaryCallback(cfg.output_dir), DivergenceCallback()],
         **extra,
     )
     trainer.enable_router_stats(model)

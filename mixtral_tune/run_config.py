@@ -17,7 +17,16 @@ from typing import Any
 import yaml
 from omegaconf import DictConfig, OmegaConf
 
-from mixtral_tune.config import OBSERVES, ConfigError, resume_change_kind, trainer_value, world_size
+from mixtral_tune.config import (
+    OBSERVES,
+    ConfigError,
+    resume_change_kind,
+    trainer_value,
+    world_size,
+)
+from mixtral_tune.config import (
+    saved_config as config_as_saved,
+)
 
 RUN_CONFIG = "run_config.yaml"
 HISTORY = "run_config_history.yaml"
@@ -108,7 +117,7 @@ def record_run(cfg: DictConfig, checkpoint: str | None) -> None:
     output.mkdir(parents=True, exist_ok=True)
     entry = {"at": datetime.now(UTC).isoformat(timespec="seconds"), "world_size": world_size()}
     if checkpoint is None:
-        write_atomically(output / RUN_CONFIG, OmegaConf.to_yaml(cfg, resolve=True))
+        write_atomically(output / RUN_CONFIG, OmegaConf.to_yaml(config_as_saved(cfg)))
         write_atomically(output / HISTORY, yaml.safe_dump([entry | {"started": True}], sort_keys=False))
         return
     changes = config_changes(checkpoint, cfg)
@@ -124,7 +133,7 @@ def record_run(cfg: DictConfig, checkpoint: str | None) -> None:
             if (source / HISTORY).is_file():
                 write_atomically(output / HISTORY, (source / HISTORY).read_text())
         else:
-            write_atomically(output / RUN_CONFIG, OmegaConf.to_yaml(cfg, resolve=True))
+            write_atomically(output / RUN_CONFIG, OmegaConf.to_yaml(config_as_saved(cfg)))
     entry |= {"resumed_from": str(checkpoint), "changes": changes or {}}
     history = read_history(output) + [entry]
     write_atomically(output / HISTORY, yaml.safe_dump(history, sort_keys=False))

@@ -6,6 +6,7 @@ the same weights through the same path as a real checkpoint (ZeRO-3 zero.Init, b
 expert-parallel per-rank loading) and adapters saved later point to a base that exists.
 """
 
+import shutil
 from pathlib import Path
 
 import peft
@@ -23,6 +24,7 @@ from mixtral_tune.config import (
     uses_adapters,
 )
 from mixtral_tune.esft import freeze_all_but_selected, load_selection, lora_target_regex
+from mixtral_tune.run_dir import write_random_init_record
 
 NEVER_QUANTIZED = ["gate", "lm_head"]  # the router and the output head stay in the compute dtype
 
@@ -40,13 +42,16 @@ def random_init_config(cfg: DictConfig, tokenizer: PreTrainedTokenizerBase) -> M
 def write_random_init(
     cfg: DictConfig, tokenizer: PreTrainedTokenizerBase, directory: Path, seed: int
 ) -> None:
-    """A seeded random-init checkpoint (with its tokenizer) at `directory`, unless one is there already."""
+    """A seeded random-init checkpoint (with its tokenizer and the record of what it was written for:
+    mixtral_tune/run_dir.py) at `directory`, unless one is there already."""
     if (directory / "config.json").exists():
         return
     torch.manual_seed(seed)
     staging = directory.with_name(directory.name + ".tmp")
+    shutil.rmtree(staging, ignore_errors=True)  # left by a run killed while writing it
     MixtralForCausalLM(random_init_config(cfg, tokenizer)).save_pretrained(staging)
     tokenizer.save_pretrained(staging)
+    write_random_init_record(cfg, staging)
     staging.rename(directory)
 
 

@@ -13,6 +13,8 @@ Every stage trains through the same stack, outermost first (each mixin calls `su
 4. `RouterObjectiveMixin` (training/objective.py): the router's aux and z terms added to TRL's loss.
 5. `DeepSpeedMoETrainerMixin` (here): MoE parameter groups in the optimizer DeepSpeed is given.
 
+`NoOutputDirModelCardMixin` (here) keeps TRL's model card out of `output_dir` (ours is in `final/`).
+
 Upgrade hazards: these mixins override Trainer methods whose names and signatures are not public API
 and can change in any transformers or TRL release: `_save_checkpoint`, `_prepare_for_training`,
 `_load_optimizer_and_scheduler`, `_load_scaler` (resume), `save_model(output_dir, _internal_call)`
@@ -65,8 +67,18 @@ class DeepSpeedMoETrainerMixin:
         return self.optimizer
 
 
+class NoOutputDirModelCardMixin:
+    """TRL's trainers write their own `README.md` model card into `output_dir` at every checkpoint
+    save (`create_model_card`), over any file of that name the user keeps there; the pipelines write
+    theirs into `final/` (mixtral_tune/model_card.py), so TRL's is not written."""
+
+    def create_model_card(self, *args, **kwargs):
+        return None
+
+
 STACK = (
     ResumeMixin,
+    NoOutputDirModelCardMixin,
     ExpertParallelSaveMixin,
     RouterStatsLoggingMixin,
     RouterObjectiveMixin,

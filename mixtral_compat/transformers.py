@@ -54,8 +54,8 @@ def attn_implementation(config) -> str:
 
 class TrainerCheckpointHooks:
     """Put before the Trainer in a trainer's bases; the trainer defines
-    `checkpoint_saved(save_total_limit)`, `restores_checkpoint_itself(checkpoint) -> bool` and
-    `restore_checkpoint(checkpoint)`."""
+    `checkpoint_saved(save_total_limit)`, `resuming(max_steps)`, `restores_checkpoint_itself(checkpoint)
+    -> bool` and `restore_checkpoint(checkpoint)`."""
 
     def _save_checkpoint(self, model, trial):
         limit, self.args.save_total_limit = self.args.save_total_limit, None
@@ -66,6 +66,8 @@ class TrainerCheckpointHooks:
         self.checkpoint_saved(limit)
 
     def _prepare_for_training(self, max_steps, train_dataloader, resume_from_checkpoint):
+        if resume_from_checkpoint is not None:
+            self.resuming(max_steps)
         if resume_from_checkpoint is None or not self.restores_checkpoint_itself(resume_from_checkpoint):
             return super()._prepare_for_training(max_steps, train_dataloader, resume_from_checkpoint)
         model, train_dataloader = super()._prepare_for_training(max_steps, train_dataloader, None)
@@ -78,3 +80,18 @@ def load_trainer_schedule(trainer, checkpoint: str) -> None:
     Trainer owns it) and grad scaler."""
     trainer._load_optimizer_and_scheduler(checkpoint)
     trainer._load_scaler(checkpoint)
+
+
+def planned_optimizer_steps(trainer) -> int:
+    """The optimizer steps `trainer.train()` will run in all (max_steps, or the epochs over its data), as
+    the Trainer computes them: `Trainer.set_initial_training_values` (public, undocumented)."""
+    return trainer.set_initial_training_values(trainer.args, trainer.get_train_dataloader())[-1]
+
+
+def load_checkpoint_weights(trainer, checkpoint: str) -> None:
+    """The model weights (or adapter) and trainer state of `checkpoint`, without training: the Trainer's
+    own loader (`Trainer._load_from_checkpoint`, private); not for DeepSpeed, whose engine loads them."""
+    from transformers.trainer_callback import TrainerState
+
+    trainer._load_from_checkpoint(checkpoint)
+    trainer.state = TrainerState.load_from_json(f"{checkpoint}/trainer_state.json")

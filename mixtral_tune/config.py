@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
 from hydra.core.config_store import ConfigStore
@@ -45,7 +46,7 @@ from mixtral_model.hub_weights import looks_like_local_path
 from mixtral_tune.chat_template import ChatTemplateError, template_text, template_tokens
 from mixtral_tune.cli import COMMANDS
 from mixtral_tune.shipped import CONFIG_DIR, DATA_DIR, recipe_files
-from mixtral_tune.training.resume import latest_complete_checkpoint
+from mixtral_tune.training.resume import checkpoint_problem, checkpoint_step, latest_complete_checkpoint
 
 # The pipelines: the commands of `mixtral-tune` (mixtral_tune/cli.py) that have a primary config.
 STAGES = tuple(command for command in COMMANDS if (CONFIG_DIR / f"{command}.yaml").is_file())
@@ -213,6 +214,7 @@ class TrainConfig:
     output_dir: str = MISSING
     max_steps: int = MISSING  # -1 = train for trainer.num_train_epochs
     resume: Any = False  # false | true (latest checkpoint in output_dir) | path to a checkpoint dir
+    resume_allow_changes: list[str] = field(default_factory=list)  # keys a resume may change (RESUME_CHANGES)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     peft: PeftConfig = field(default_factory=PeftConfig)
@@ -241,6 +243,60 @@ TRAINER_KEYS_SET_ELSEWHERE = {
     "logging_nan_inf_filter": "nothing (off: a NaN or infinite loss is logged as such and stops training)",
     "resume_from_checkpoint": "resume",
 }
+TRAINS, OBSERVES = "trains", "observes"
+# What a value changed between a checkpoint's run and its resume does, for every key of the schema.
+# TRAINS: it changes what is being trained (model and architecture, tokenizer and template, PEFT
+# method, rank and targets, quantization, data sources and processing, optimisation, global batch):
+# a resume refuses it unless the key is listed in `resume_allow_changes`. OBSERVES: it only extends
+# or watches the run (its length, logging, evaluation, saving, trackers, where outputs and caches go,
+# how data preparation runs): allowed, and recorded in OUTPUT_DIR/run_config_history.yaml.
+# `trainer` and `deepspeed` are free-form: a `trainer.KEY` row names a TRL field that observes, and
+# every other trainer key (and every DeepSpeed key) trains. `world_size` is the launch's, not a key.
+RESUME_CHANGES = {
+    "stage": TRAINS,
+    "output_dir": OBSERVES,
+    "max_steps": OBSERVES,
+    "resume": OBSERVES,
+    "resume_allow_changes": OBSERVES,
+    "world_size": TRAINS,
+    **{f"model.{key}": TRAINS for key in ("name_or_path", "tokenizer", "dtype", "attn_implementation",
+       "expert_parallel_size", "router_aux_loss_coef", "router_jitter_noise", "router_z_loss_coef",
+       "router_balance")},
+    # router health alerts watch the run (warn, or stop it without a final model)
+    **{f"router.{key}": OBSERVES for key in ("alert", "min_load", "max_load", "min_entropy", "patience",
+       "drift")},
+    **{f"model.architecture.{item.name}": TRAINS for item in dataclasses.fields(ArchitectureConfig)},
+    **{f"data.{key}": TRAINS for key in ("path", "kind", "format", "columns", "split", "config", "revision",
+       "mixture", "eval_fraction", "max_length", "truncation", "dpo_truncation_mode", "packing",
+       "completion_only")},
+    **{f"data.{key}": OBSERVES for key in ("eval_path", "eval_split", "max_bad_fraction",
+       "max_reported_bad_rows", "num_proc", "cache_dir", "prepare_on")},
+    **{f"peft.{key}": TRAINS for key in ("method", "r", "alpha", "dropout", "targets", "train_router", "esft_selection")},
+    **{f"peft.quant.{item.name}": TRAINS for item in dataclasses.fields(QuantConfig)},
+    "deepspeed": TRAINS,
+    "trainer": TRAINS,
+    **{f"trainer.{key}": OBSERVES for key in (
+        "num_train_epochs", "logging_steps", "logging_strategy", "logging_first_step",
+        "logging_nan_inf_filter", "log_level", "eval_steps", "eval_strategy", "eval_on_start", "eval_delay",
+        "per_device_eval_batch_size", "eval_accumulation_steps", "save_steps", "save_strategy",
+        "save_total_limit", "report_to", "run_name", "project", "trackio_space_id", "disable_tqdm",
+        "push_to_hub", "hub_model_id", "hub_strategy", "hub_private_repo", "hub_always_push",
+        "include_num_input_tokens_seen", "activation_checkpointing", "activation_checkpointing_kwargs",
+        "dataloader_num_workers", "dataloader_pin_memory", "dataloader_persistent_workers",
+        "dataloader_prefetch_factor", "metric_for_best_model", "greater_is_better", "load_best_model_at_end",
+    )},
+}  # fmt: skip
+
+
+def resume_change_kind(key: str) -> str | None:
+    """TRAINS or OBSERVES for a dotted config key (its row in RESUME_CHANGES, or its free-form section's);
+    None for a key the schema does not have."""
+    section = key.partition(".")[0]
+    if key in RESUME_CHANGES:
+        return RESUME_CHANGES[key]
+    return RESUME_CHANGES[section] if section in ("trainer", "deepspeed") and "." in key else None
+
+
 # Names users bring from older transformers/TRL or from earlier versions of these configs.
 TRAINER_ALIASES = {
     "warmup_ratio": "warmup_steps",  # transformers 5: a float in [0, 1) is a ratio of the total steps
@@ -270,7 +326,11 @@ def register_file_option(group: str, path: str) -> str:
         node = (
             OmegaConf.create(json.loads(file.read_text())) if group == "deepspeed" else OmegaConf.load(file)
         )
-    except (ValueError, OmegaConfBaseException) as error:
+    except yaml.MarkedYAMLError as error:
+        mark = error.problem_mark
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        raise ConfigError(f"{group}={path} is not valid YAML: {error.problem}{where}; fix the file") from None
+    except (ValueError, OmegaConfBaseException, yaml.YAMLError) as error:
         problem = str(error).splitlines()[0]
         raise ConfigError(f"{group}={path} is not a valid {file.suffix[1:]} file: {problem}") from error
     stem = "".join(c if c.isalnum() or c in "_-" else "_" for c in file.stem)
@@ -464,11 +524,35 @@ def check_steps_and_resume(cfg: DictConfig) -> None:
         raise ConfigError(
             f"resume={resume}: no such checkpoint directory; pass resume=true or an existing checkpoint path"
         )
+    if isinstance(resume, str):
+        check_resume_path(resume)
+    for key in cfg.resume_allow_changes:
+        if resume_change_kind(key) is None:
+            raise ConfigError(
+                f"resume_allow_changes: '{key}' is not a config key{suggest_key(key)}: list keys such as "
+                "peft.r or trainer.learning_rate"
+            )
     if resume is True and not latest_complete_checkpoint(cfg.output_dir):
         raise ConfigError(
             f"resume=true but output_dir={cfg.output_dir} has no complete checkpoint-* directory; "
             "drop resume or point it at a checkpoint"
         )
+
+
+def check_resume_path(resume: str) -> None:
+    """resume=PATH gets the checks resume=true applies to the checkpoints it picks from."""
+    problem = checkpoint_problem(Path(resume))
+    if problem is None:
+        return
+    latest = latest_complete_checkpoint(resume)
+    hint = (
+        f"pass resume={latest} (its newest complete checkpoint)"
+        if latest
+        else "pass a complete checkpoint-<step> directory, or resume=true"
+    )
+    if checkpoint_step(Path(resume).resolve()) is None:
+        raise ConfigError(f"resume={resume} is not a checkpoint-<step> directory: {hint}")
+    raise ConfigError(f"resume={resume} cannot be resumed from: {problem}; {hint}")
 
 
 def saved_config(cfg: DictConfig) -> DictConfig:
@@ -713,6 +797,17 @@ def check_chat_template(cfg: DictConfig) -> None:
 def require_data_file(key: str, value: str | None) -> None:
     if value and looks_like_local_path(value) and not Path(value).expanduser().exists():
         raise ConfigError(f"{key}={value} does not exist: fix the path, or give a hub dataset name")
+    if value and looks_like_local_path(value) and is_blank_file(Path(value).expanduser()):
+        raise ConfigError(f"{key}={value} is empty (no rows): point it at a file with data")
+
+
+def is_blank_file(path: Path, scan_bytes: int = 1 << 20) -> bool:
+    """Whether a file holds nothing but whitespace (read only when it is at most `scan_bytes` long);
+    a directory source is never blank here (its files are read by mixtral_tune/data.py)."""
+    if not path.is_file():
+        return False
+    size = path.stat().st_size
+    return size == 0 or (size <= scan_bytes and not path.read_bytes().strip())
 
 
 def check_esft(cfg: DictConfig) -> None:
@@ -892,6 +987,11 @@ def check_trainer(cfg: DictConfig) -> None:
                 f"(the type of {config_class.__name__}.{key})"
             )
     value = functools.partial(trainer_value, cfg)
+    if cfg.max_steps == -1 and value("num_train_epochs") <= 0:
+        raise ConfigError(
+            f"trainer.num_train_epochs={value('num_train_epochs')} with max_steps=-1 trains nothing (final/ would "
+            "be the untrained model): give a positive number of epochs, or max_steps=N"
+        )
     if value("learning_rate") <= 0:
         raise ConfigError(f"trainer.learning_rate={value('learning_rate')} must be positive")
     if value("warmup_steps") < 0:
@@ -1054,7 +1154,12 @@ def type_name(annotation: Any) -> str:
 
 def zero_stage(cfg: DictConfig) -> int:
     """ZeRO stage of the DeepSpeed dict; 0 when DeepSpeed is off."""
-    return int(cfg.deepspeed.get("zero_optimization", {}).get("stage", 0)) if cfg.deepspeed else 0
+    stage = cfg.deepspeed.get("zero_optimization", {}).get("stage", 0) if cfg.deepspeed else 0
+    if isinstance(stage, bool) or not isinstance(stage, int):
+        raise ConfigError(
+            f"deepspeed zero_optimization.stage={stage!r} is not a whole number: write 0, 1, 2 or 3 in the JSON"
+        )
+    return stage
 
 
 def offloads_parameters(cfg: DictConfig) -> bool:

@@ -26,11 +26,12 @@ from mixtral_parallel.deepspeed_moe import check_parallel_combination, prepare_f
 from mixtral_tune.training.divergence import DivergenceCallback
 from mixtral_tune.training.reporting import RunSummaryCallback, use_lean_console
 from mixtral_tune.training.samples import SampleGenerationsCallback
+from mixtral_compat.transformers import load_checkpoint_weights, planned_optimizer_steps
 from mixtral_tune.training.router_health import add_router_callbacks
 from mixtral_tune.training.safe_load import checkpoint_problem_on_any_rank, load_checkpoint_file
 from mixtral_compat.deepspeed import route_checkpoint_engine_loads
 from mixtral_tune import run_dir
-from mixtral_tune.training.resume import latest_complete_checkpoint
+from mixtral_tune.training.resume import checkpoint_step, latest_complete_checkpoint
 from mixtral_tune.config import (
     ConfigError,
     activation_checkpointing_kwargs,
@@ -43,11 +44,13 @@ from mixtral_tune.config import (
     resume_checkpoint,
     trainer_value,
     uses_adapters,
+    world_size,
     zero_stage,
 )
 from mixtral_tune.chat_template import ChatTemplateError, use_chat_template
 from mixtral_tune.command_help import help_text
 from mixtral_tune.data import DataError, data_plan
+from mixtral_tune.run_config import check_resume_changes, record_run
 from mixtral_tune.model_card import write_generation_config, write_model_card
 from mixtral_tune.training.model_factory import build_model, write_random_init
 
@@ -69,6 +72,8 @@ def config_from_argv(stage: str, argv: list[str]) -> DictConfig:
         check_parallel_combination(zero_stage(cfg), cfg.model.expert_parallel_size, uses_adapters(cfg))
         check_checkpoint_architecture(cfg)
         check_output_dir(cfg)
+        check_launcher(cfg)
+        check_resume(cfg)
         check_hub_access(cfg)
         own_output_dir(cfg)
     except (ConfigError, ValueError, FileNotFoundError) as error:  # OutputDirError is a ValueError
@@ -111,14 +116,51 @@ def check_checkpoint_architecture(cfg: DictConfig) -> None:
 
 
 def check_output_dir(cfg: DictConfig) -> None:
-    """Never train over an existing run unless resuming it."""
+    """Never train over an existing run unless resuming it; an output_dir that can be made and written."""
     output = Path(cfg.output_dir)
+    check_writable_dir(output)
     if resume_checkpoint(cfg) is False and (
         latest_complete_checkpoint(output) or (output / "final").exists()
     ):
         raise ConfigError(
             f"output_dir={output} already holds a run: pass resume=true to continue it, or a new output_dir"
         )
+
+
+def check_writable_dir(output: Path) -> None:
+    """output_dir is (or can be made) a directory this process may write: no file in its way."""
+    existing = output.absolute()
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(
+            f"output_dir={output}: {existing} is a file, not a directory; pick another output_dir"
+        )
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(
+            f"output_dir={output}: {existing} is not writable by this user; pick another output_dir"
+        )
+
+
+# What torchrun (and every launcher DeepSpeed supports) sets; without them DeepSpeed looks for MPI.
+LAUNCHER_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def check_launcher(cfg: DictConfig) -> None:
+    """DeepSpeed runs under a distributed launcher, even for one process."""
+    if cfg.deepspeed and not all(name in os.environ for name in LAUNCHER_ENV):
+        raise ConfigError(
+            f"deepspeed=... needs a distributed launcher: run torchrun --nproc_per_node=N -m mixtral_tune.{cfg.stage} "
+            f"... (N=1 for one process), or ./launch.sh {cfg.stage} ...; or drop deepspeed (deepspeed=none)"
+        )
+
+
+def check_resume(cfg: DictConfig) -> None:
+    """A resumed run changes nothing that alters what is trained, unless resume_allow_changes lists it."""
+    resume = resume_checkpoint(cfg)
+    checkpoint = latest_complete_checkpoint(cfg.output_dir) if resume is True else resume
+    if checkpoint:
+        check_resume_changes(cfg, checkpoint)
 
 
 def own_output_dir(cfg: DictConfig) -> None:
@@ -323,7 +365,15 @@ def run(stage: str, argv: list[str], prepare_data, make_args, trainer_class, ref
     trainer, cfg, tokenizer = build_trainer(
         stage, argv, prepare_data, make_args, trainer_class, reference_model
     )
-    trainer.train(resume_from_checkpoint=checked_resume_path(cfg))
+    checkpoint = checked_resume_path(cfg)
+    if checkpoint and nothing_left_to_train(trainer, cfg, checkpoint):
+        final = Path(cfg.output_dir) / "final"
+        if final.is_dir():
+            return str(final)
+        load_checkpoint_weights(trainer, checkpoint)
+        return save_final(trainer, cfg, tokenizer)
+    record_run(cfg, checkpoint)
+    trainer.train(resume_from_checkpoint=checkpoint)
     stop_if_diverged(trainer, cfg)
     alerts = getattr(trainer, "router_alerts", None)
     if alerts is not None and alerts.stopped:
@@ -390,12 +440,65 @@ def add_evaluation_callbacks(trainer, cfg: DictConfig) -> None:
         )
 
 
+def nothing_left_to_train(trainer, cfg: DictConfig, checkpoint: str) -> bool:
+    """Whether the checkpoint already holds every step of this run (the Trainer would train one more):
+    say so, and whether final/ is there or is written from the checkpoint."""
+    step, planned = checkpoint_step(Path(checkpoint)), planned_optimizer_steps(trainer)
+    if step < planned:
+        return False
+    if cfg.deepspeed and not (Path(cfg.output_dir) / "final").is_dir():
+        fail(ConfigError(
+            f"resume={checkpoint} is at step {step} of {planned}, nothing left to train, and final/ is missing: "
+            "export it from the checkpoint, or raise max_steps to train on"
+        ))  # fmt: skip
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(
+            f"[resume] {checkpoint} is at step {step} of {planned}: nothing left to train; final/ "
+            f"{'holds the run' if (Path(cfg.output_dir) / 'final').is_dir() else 'is written from it'} "
+            "(raise max_steps to train on)",
+            flush=True,
+        )
+    return True
+
+
+def check_training_rows(cfg: DictConfig, data) -> None:
+    """Training data that cannot teach anything: DPO pairs whose chosen equals rejected (refused when
+    every pair is, counted in a warning otherwise), and too few rows for one batch."""
+    rows = len(data.train)
+    if cfg.stage == "dpo":
+        same = sum(
+            chosen == rejected
+            for chosen, rejected in zip(data.train["chosen"], data.train["rejected"], strict=True)
+        )
+        where = cfg.data.path or "data.mixture"
+        if same == rows:
+            fail(
+                ConfigError(
+                    f"{where}: all {rows} training pairs have chosen equal to rejected: nothing to prefer"
+                )
+            )
+        if same:
+            print(
+                f"warning: {where}: {same} of {rows} training pairs have chosen equal to rejected "
+                "(they add no preference signal)",
+                file=sys.stderr,
+                flush=True,
+            )
+    batch, ranks = trainer_value(cfg, "per_device_train_batch_size"), world_size()
+    if trainer_value(cfg, "dataloader_drop_last") and -(-rows // ranks) < batch:
+        fail(ConfigError(
+            f"{rows} training rows on {ranks} rank(s) make no full batch of trainer.per_device_train_batch_size="
+            f"{batch} with trainer.dataloader_drop_last=true: zero usable steps; lower the batch size or add rows"
+        ))  # fmt: skip
+
+
 def build_trainer(stage: str, argv: list[str], prepare_data, make_args, trainer_class, reference_model=None):
     """The trainer `run` trains, with its composed config and tokenizer (steps before training)."""
     cfg = config_from_argv(stage, argv)
     tokenizer = tokenizer_for(cfg)
     data = load_data_or_exit(prepare_data, cfg.data, tokenizer, cfg.trainer.seed)
     report_data(data, cfg)
+    check_training_rows(cfg, data)
     configure_wandb(cfg)
     model, args = build_model_and_args(cfg, tokenizer, lambda: make_args(cfg), build_model)
     # Seeded as the policy was: a vocabulary grown for a chat template gets the same new rows in both.

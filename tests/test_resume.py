@@ -11,6 +11,7 @@ Two ways to interrupt, both ending in a fresh process that resumes through the p
 A checkpoint cut short (a file truncated) is skipped with one line naming it.
 """
 
+import io
 import json
 import shutil
 import signal
@@ -19,6 +20,7 @@ import time
 from pathlib import Path
 
 import pytest
+import safetensors.torch
 import torch
 from pipeline_runs import DPO, SFT, log_history, pipeline_command, run_env, run_pipeline
 from safetensors.torch import load_file
@@ -208,17 +210,32 @@ def write_checkpoint(path: Path, step: int, files: dict[str, bytes], mark: bool 
         mark_checkpoint_complete(path)
 
 
+def safetensors_bytes() -> bytes:
+    return safetensors.torch.save({"w": torch.zeros(2)})
+
+
+def torch_save_bytes() -> bytes:
+    buffer = io.BytesIO()
+    torch.save({"step": 5}, buffer)
+    return buffer.getvalue()
+
+
 def test_a_checkpoint_is_complete_only_when_its_marker_matches_its_files(tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("RANK", raising=False)
     shard = "global_step5/zero_pp_rank_1_mp_rank_00_optim_states.pt"
-    write_checkpoint(tmp_path / "checkpoint-5", 5, {"model.safetensors": b"x" * 10, shard: b"y" * 7})
+    weights, state = safetensors_bytes(), torch_save_bytes()
+    write_checkpoint(tmp_path / "checkpoint-5", 5, {"model.safetensors": weights, shard: state})
     assert checkpoint_problem(tmp_path / "checkpoint-5") is None
     marker = json.loads((tmp_path / "checkpoint-5" / COMPLETE_MARKER).read_text())
     state_size = len(json.dumps({"global_step": 5}))
-    assert marker["files"] == {"model.safetensors": 10, shard: 7, "trainer_state.json": state_size}
+    assert marker["files"] == {
+        "model.safetensors": len(weights),
+        shard: len(state),
+        "trainer_state.json": state_size,
+    }
 
     write_checkpoint(tmp_path / "checkpoint-6", 6, {"model.safetensors": b"x"}, mark=False)  # killed first
-    write_checkpoint(tmp_path / "checkpoint-7", 7, {shard: b"y" * 7})
+    write_checkpoint(tmp_path / "checkpoint-7", 7, {shard: state})
     (tmp_path / "checkpoint-7" / shard).unlink()  # a rank's shard lost
     write_checkpoint(tmp_path / "checkpoint-8", 8, {"model.safetensors": b"x"})
     (tmp_path / "checkpoint-8" / "trainer_state.json").write_text(json.dumps({"global_step": 2}))

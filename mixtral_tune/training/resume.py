@@ -47,6 +47,33 @@ def checkpoint_problem(path: Path) -> str | None:
             return f"{name} is missing"
         if file.stat().st_size != size:
             return f"{name} has {file.stat().st_size} bytes, {size} when it was saved (cut short)"
+        problem = unreadable_header(file)
+        if problem:
+            return f"{name} {problem}"
+    return None
+
+
+def unreadable_header(file: Path) -> str | None:
+    """Why a weights or state file cannot be opened (its header or index garbled), or None.
+
+    Reads headers only: a safetensors file's JSON header, a torch.save file's zip index. Whether the
+    contents load safely is for the loaders to decide."""
+    import zipfile
+
+    from safetensors import SafetensorError, safe_open
+
+    if file.suffix == ".safetensors":
+        try:
+            with safe_open(file, framework="pt"):
+                return None
+        except (SafetensorError, OSError) as error:
+            return f"has an unreadable header ({str(error).splitlines()[0]})"
+    if file.suffix in (".pt", ".pth", ".bin"):
+        try:
+            with zipfile.ZipFile(file):
+                return None
+        except (zipfile.BadZipFile, OSError) as error:
+            return f"is not a readable torch.save file ({error})"
     return None
 
 
@@ -106,6 +133,12 @@ class ResumeMixin(TrainerCheckpointHooks):
             rotate_checkpoints(
                 self.args.output_dir, save_total_limit, self.state.best_model_checkpoint, use_mtime=True
             )
+
+    def resuming(self, max_steps: int) -> None:
+        """Before a resume: the Trainer keeps the checkpoint's logging/eval/save cadence (its
+        trainer_state.json); a resume that changed them (recorded in run_config_history.yaml) runs at
+        the new ones."""
+        self.state.compute_steps(self.args, max_steps)
 
     def restores_checkpoint_itself(self, checkpoint: str) -> bool:
         return self.is_expert_parallel_zero_1_or_2()

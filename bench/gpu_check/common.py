@@ -340,11 +340,16 @@ def transformers_copy(ours, device: torch.device):
 
 
 def peft_cfg(method: str):
-    """configs/peft/<method>.yaml as the pipelines read it (OmegaConf), or a plain namespace."""
+    """configs/peft/<method>.yaml over the schema's defaults for the keys it leaves out (mixtral_tune.config's
+    PeftConfig), as the pipelines read it (OmegaConf), or a plain namespace."""
     import yaml
 
+    from mixtral_tune.config import PeftConfig
+
     raw = yaml.safe_load((REPO / "configs" / "peft" / f"{method}.yaml").read_text())
-    raw.setdefault("train_router", False)
+    for key in dataclasses.fields(PeftConfig):
+        if key.name != "quant":
+            raw.setdefault(key.name, key.default)
     try:
         from omegaconf import OmegaConf
 

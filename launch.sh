@@ -4,12 +4,16 @@
 #   ./launch.sh demo                      set up the environment, run the demo
 #   ./launch.sh test [pytest args]        set up the environment, run the test suite (not the slow tests)
 #   ./launch.sh lint                      set up, lint (ruff check, ruff format --check)
+#   ./launch.sh test-latest [pytest args] the suite against the newest versions pyproject.toml allows,
+#                                         in a separate ./.venv-latest (no constraints.txt)
 #   ./launch.sh sft +recipe=NAME [k=v..]  torchrun -m mixtral_tune.sft on this node (or several: see below)
 #   ./launch.sh dpo +recipe=NAME [k=v..]  torchrun -m mixtral_tune.dpo
 #
 # Set-up installs into the active virtualenv, or creates ./.venv. torch is installed first and
 # pinned (TORCH_SPEC, default torch==2.13.0; set TORCH_INDEX_URL for a specific wheel index) so
-# that no other requirement pulls a multi-GB build nobody asked for.
+# that no other requirement pulls a multi-GB build nobody asked for. Everything else is installed at
+# the exact versions of constraints.txt (the last green suite); MIXTRAL_TUNE_UNPINNED=1 installs
+# whatever pyproject.toml's ranges resolve to instead. The installed torch stays as it is either way.
 #
 # Multi-node: NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT (SLURM's SLURM_NNODES, SLURM_NODEID and
 # the first host of SLURM_JOB_NODELIST are used when present); several nodes meet at torchrun's c10d
@@ -18,18 +22,56 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
 
+install_torch() {
+  if ! python -c "import torch" 2>/dev/null; then
+    local index_args=()
+    [[ -n "${TORCH_INDEX_URL:-}" ]] && index_args=(--index-url "$TORCH_INDEX_URL")
+    python -m pip install -q "${TORCH_SPEC:-torch==2.13.0}" "${index_args[@]}"
+  fi
+}
+
+# A constraints file holding the installed torch's release, so no install below replaces it (pip
+# accepts a local build such as 2.13.0+cpu or +cu130 for it); with `pinned`, constraints.txt's other
+# lines too.
+write_constraints() {
+  local file=$1 mode=$2
+  echo "torch==$(python -c 'import torch; print(torch.__version__.split("+")[0])')" >"$file"
+  if [[ "$mode" == pinned ]]; then
+    grep -v '^torch==' constraints.txt >>"$file"
+  fi
+}
+
 setup_env() {
   if [[ -z "${VIRTUAL_ENV:-}" ]]; then
     [[ -d .venv ]] || python3 -m venv .venv
     # shellcheck disable=SC1091
     source .venv/bin/activate
   fi
-  if ! python -c "import torch" 2>/dev/null; then
-    local index_args=()
-    [[ -n "${TORCH_INDEX_URL:-}" ]] && index_args=(--index-url "$TORCH_INDEX_URL")
-    python -m pip install -q "${TORCH_SPEC:-torch==2.13.0}" "${index_args[@]}"
+  install_torch
+  local constraints
+  constraints=$(mktemp)
+  if [[ "${MIXTRAL_TUNE_UNPINNED:-0}" == 1 ]]; then
+    write_constraints "$constraints" unpinned
+  else
+    write_constraints "$constraints" pinned
   fi
-  python -m pip install -q -e ".[dev]"
+  python -m pip install -q -c "$constraints" -e ".[dev]"
+  rm -f "$constraints"
+}
+
+# ./.venv-latest, always (whatever virtualenv is active): torch as set-up installs it, everything
+# else upgraded to the newest release pyproject.toml's ranges allow.
+setup_latest_env() {
+  [[ -d .venv-latest ]] || python3 -m venv .venv-latest
+  # shellcheck disable=SC1091
+  source .venv-latest/bin/activate
+  install_torch
+  local constraints
+  constraints=$(mktemp)
+  write_constraints "$constraints" unpinned
+  python -m pip install -q --upgrade --upgrade-strategy eager -c "$constraints" -e ".[dev]"
+  rm -f "$constraints"
+  python -m pip freeze --exclude-editable | grep -v '^nvidia-'
 }
 
 gpu_count() {
@@ -90,12 +132,16 @@ case "$command" in
     ruff check .
     exec ruff format --check .
     ;;
+  test-latest)
+    setup_latest_env
+    exec python -m pytest -q -m "not slow" "$@"
+    ;;
   sft | dpo)
     [[ -n "${VIRTUAL_ENV:-}" || ! -d .venv ]] || source .venv/bin/activate
     run_torchrun "mixtral_tune.${command}" "$@"
     ;;
   *)
-    echo "usage: ./launch.sh demo | test [pytest args] | lint | sft +recipe=NAME [overrides] | dpo +recipe=NAME [overrides]" >&2
+    echo "usage: ./launch.sh demo | test [pytest args] | lint | test-latest [pytest args] | sft +recipe=NAME [overrides] | dpo +recipe=NAME [overrides]" >&2
     exit 2
     ;;
 esac

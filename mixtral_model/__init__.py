@@ -1,4 +1,9 @@
 """Native Mixtral for fine-tuning: `from mixtral_model import MixtralConfig, MixtralForCausalLM, load_tokenizer`."""
+# ruff: noqa: E402  (the version check runs before any library is imported)
+
+from mixtral_compat import check_versions
+
+check_versions()  # before any library is imported: one line naming a library outside the checked range
 
 from mixtral_compat.peft import skip_peft_target_rewrite_for_native_mixtral
 

@@ -1,6 +1,6 @@
 """Grouped-query self-attention with RoPE, a KV cache and three backends.
 
-Backends, chosen by `config._attn_implementation` (set by `attn_implementation=` when loading):
+Backends, chosen by the config's attention implementation (`attn_implementation=` when loading):
 `sdpa` (default, torch.nn.functional.scaled_dot_product_attention), `eager` (explicit softmax,
 reference semantics) and `flash_attention_2` (flash-attn >= 2.3 on CUDA, fp16/bf16).
 """
@@ -8,6 +8,8 @@ reference semantics) and `flash_attention_2` (flash-attn >= 2.3 on CUDA, fp16/bf
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from mixtral_compat.transformers import attn_implementation
 
 from .config import MixtralConfig
 from .flash_attention import flash_attention
@@ -87,7 +89,7 @@ class Attention(nn.Module):
         q_BNTH, k_BKTH = apply_rotary(q_BNTH, cos_BTH, sin_BTH), apply_rotary(k_BKTH, cos_BTH, sin_BTH)
         if cache is not None:
             k_BKTH, v_BKTH = cache.update(k_BKTH, v_BKTH, self.layer_idx)
-        backend = ATTENTION_BACKENDS[self.config._attn_implementation]
+        backend = ATTENTION_BACKENDS[attn_implementation(self.config)]
         out_BTNH = backend(
             q_BNTH, k_BKTH, v_BKTH, layout, self.scale, self.config.attention_dropout, self.training
         )

@@ -39,6 +39,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mixtral_compat.bitsandbytes import compute_dtype, linear4bit_class, quant_state, readable_quant_state
+from mixtral_compat.deepspeed import zero3_data_present
+from mixtral_compat.peft import lora_layer_kind, vanilla_lora_parts
+from mixtral_compat.torch import cpu_has_native_bf16, has_hooks
+
 GROUPED_KERNELS = ("grouped_loop",)
 
 
@@ -64,105 +69,52 @@ class ProjectionView:
     lora: LoraView | None
 
 
-def _has_hooks(module: nn.Module) -> bool:
-    return bool(
-        module._forward_hooks
-        or module._forward_pre_hooks
-        or module._backward_hooks
-        or getattr(module, "_backward_pre_hooks", None)
-    )
-
-
-def _linear4bit_class():
-    try:
-        import bitsandbytes as bnb
-    except ImportError:
-        return None
-    return bnb.nn.Linear4bit
-
-
 def _readable_base(layer: nn.Module) -> str | None:
     """'plain' or '4bit' for a bias-free base layer whose weight can be read, else None."""
-    if _has_hooks(layer) or getattr(layer, "bias", None) is not None:
+    if has_hooks(layer) or getattr(layer, "bias", None) is not None:
         return None
     if type(layer) is nn.Linear:
         return "plain"
-    linear4bit = _linear4bit_class()
+    linear4bit = linear4bit_class()
     if linear4bit is not None and type(layer) is linear4bit:
-        state = getattr(layer.weight, "quant_state", None) or getattr(layer, "quant_state", None)
-        if state is None or getattr(state, "packing_format_for_cpu", False):
-            return None
-        return "4bit"
+        return "4bit" if readable_quant_state(layer) else None
     return None
-
-
-def _lora_layer_classes():
-    try:
-        from peft.tuners.lora import layer as lora_layer
-    except ImportError:
-        return (), ()
-    plain = (lora_layer.Linear,)
-    try:
-        from peft.tuners.lora import bnb as lora_bnb
-
-        quantized = (lora_bnb.Linear4bit,) if hasattr(lora_bnb, "Linear4bit") else ()
-    except ImportError:
-        quantized = ()
-    return plain, quantized
-
-
-def _single_vanilla_adapter(layer: nn.Module) -> str | None:
-    """The one active adapter of a PEFT LoRA layer in the plain case PEFT's forward computes as
-    base(x) + lora_B(lora_A(dropout(x))) * scaling; None otherwise."""
-    if layer.merged or layer.disable_adapters or _has_hooks(layer):
-        return None
-    active = [name for name in layer.active_adapters if name in layer.lora_A]
-    if len(active) != 1:
-        return None
-    name = active[0]
-    if name in getattr(layer, "lora_variant", {}) or getattr(layer, "use_dora", {}).get(name, False):
-        return None
-    lora_A, lora_B = layer.lora_A[name], layer.lora_B[name]
-    if type(lora_A) is not nn.Linear or type(lora_B) is not nn.Linear or lora_B.bias is not None:
-        return None
-    if any(_has_hooks(m) for m in (lora_A, lora_B, layer.lora_dropout[name])):
-        return None
-    return name
 
 
 def read_projection(layers: Sequence[nn.Module]) -> ProjectionView | None:
     """A grouped view of one projection (w1, w3 or w2) over the local experts, or None (use per_expert)."""
-    plain_lora, bnb_lora = _lora_layer_classes()
-    if all(type(layer) in plain_lora + bnb_lora for layer in layers):
-        names = [_single_vanilla_adapter(layer) for layer in layers]
-        if any(name is None for name in names):
+    kinds = {lora_layer_kind(layer) for layer in layers}
+    if kinds == {None}:
+        bases, lora = list(layers), None
+    elif len(kinds) != 1:
+        return None
+    else:
+        parts = [vanilla_lora_parts(layer) for layer in layers]
+        if any(part is None for part in parts):
             return None
-        bases = [layer.base_layer for layer in layers]
-        As = [layer.lora_A[name].weight for layer, name in zip(layers, names, strict=True)]
-        Bs = [layer.lora_B[name].weight for layer, name in zip(layers, names, strict=True)]
-        scalings = {layer.scaling[name] for layer, name in zip(layers, names, strict=True)}
-        dropouts = [layer.lora_dropout[name] for layer, name in zip(layers, names, strict=True)]
+        bases = [part.base for part in parts]
+        dropouts = [part.dropout for part in parts]
+        scalings = {part.scaling for part in parts}
         ps = {getattr(d, "p", 0.0) if isinstance(d, nn.Dropout) else 0.0 for d in dropouts}
-        kinds = {type(d) for d in dropouts}
-        if len(scalings) != 1 or len(ps) != 1 or len(kinds) != 1 or kinds - {nn.Dropout, nn.Identity}:
+        dropout_kinds = {type(d) for d in dropouts}
+        if (
+            len(scalings) != 1
+            or len(ps) != 1
+            or len(dropout_kinds) != 1
+            or dropout_kinds - {nn.Dropout, nn.Identity}
+        ):
             return None
-        if len({a.shape for a in As}) != 1 or len({b.shape for b in Bs}) != 1:
+        if len({part.A.shape for part in parts}) != 1 or len({part.B.shape for part in parts}) != 1:
             return None
         lora = LoraView(
-            A=As,
-            B=Bs,
+            A=[part.A for part in parts],
+            B=[part.B for part in parts],
             dropout=dropouts[0],
             dropouts=dropouts,
             scaling=scalings.pop(),
-            cast_input=all(getattr(layer, "cast_input_dtype_enabled", True) for layer in layers),
-            bnb=type(layers[0]) in bnb_lora,
+            cast_input=all(part.cast_input for part in parts),
+            bnb=kinds.pop() == "4bit",
         )
-        if len({type(layer) for layer in layers}) != 1:
-            return None
-    elif any(type(layer) in plain_lora + bnb_lora for layer in layers):
-        return None
-    else:
-        bases, lora = list(layers), None
     kinds = {_readable_base(base) for base in bases}
     if len(kinds) != 1 or None in kinds:
         return None
@@ -171,8 +123,7 @@ def read_projection(layers: Sequence[nn.Module]) -> ProjectionView | None:
 
 def gathered(weight: torch.Tensor) -> bool:
     """False for a ZeRO-3 partition whose full data is not present right now (outside its leaf module)."""
-    status = getattr(weight, "ds_status", None)
-    return status is None or status.name in ("AVAILABLE", "INFLIGHT") and weight.numel() > 0
+    return zero3_data_present(weight)
 
 
 def projection_weights(view: ProjectionView) -> list[torch.Tensor]:
@@ -182,24 +133,13 @@ def projection_weights(view: ProjectionView) -> list[torch.Tensor]:
 # ---------------------------------------------------------------- base projection
 
 
-def _compute_dtype(base: nn.Module, x: torch.Tensor) -> torch.dtype:
-    """bitsandbytes Linear4bit's compute dtype (it sets it from the first input when unset)."""
-    if not base.compute_type_is_set:
-        base.set_compute_type(x)
-        base.compute_type_is_set = True
-    return base.compute_dtype or x.dtype
-
-
 def _dequantize_all(bases: Sequence[nn.Module], dtype: torch.dtype) -> torch.Tensor:
     """Every expert's 4-bit weight dequantized into one (E, O, I) tensor of `dtype` by bitsandbytes'
     kernel, except on CPU for weights with fewer inputs than a quantization block, where bitsandbytes
     0.50's CPU kernel is wrong (`_dequantize_4bit_cpu`)."""
     import bitsandbytes.functional as bnbF
-    from bitsandbytes.nn.modules import fix_4bit_weight_quant_state_from_module
 
-    for base in bases:
-        fix_4bit_weight_quant_state_from_module(base)
-    states = [base.weight.quant_state for base in bases]
+    states = [quant_state(base) for base in bases]
     first = bases[0].weight
     out_features, in_features = states[0].shape
     if not first.is_cuda and in_features < states[0].blocksize and _same_layout(states):
@@ -257,8 +197,7 @@ def _emulated_low_precision_cpu(t: torch.Tensor) -> bool:
     """bf16/fp16 on a CPU without native bf16 arithmetic (no AVX512-BF16/AMX: e.g. AMD Zen 3)."""
     if t.device.type != "cpu" or t.dtype not in (torch.bfloat16, torch.float16):
         return False
-    native = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
-    return not native
+    return not cpu_has_native_bf16()
 
 
 def _input_grad(grad_MO: torch.Tensor, w_OI: torch.Tensor) -> torch.Tensor:
@@ -353,9 +292,9 @@ def base_projection(view: ProjectionView, x_MI: torch.Tensor, counts: list[int])
     """The base layers' output on the sorted rows, in the dtype each base layer returns."""
     if view.quantized:
         input_dtype = x_MI.dtype
-        compute = _compute_dtype(view.bases[0], x_MI)
+        compute = compute_dtype(view.bases[0], x_MI)
         for base in view.bases[1:]:
-            _compute_dtype(base, x_MI)
+            compute_dtype(base, x_MI)
         return GroupedLinear.apply(x_MI.to(compute), None, view, counts, False).to(input_dtype)
     return GroupedLinear.apply(x_MI, None, view, counts, False, *_trainable_base_weights(view))
 
@@ -367,8 +306,8 @@ def fusable(view: ProjectionView, x_MI: torch.Tensor) -> bool:
         return False
     dtypes = {x_MI.dtype, view.lora.A[0].dtype, view.lora.B[0].dtype}
     if view.quantized:
-        dtypes.add(_compute_dtype(view.bases[0], x_MI))
-        dtypes.update(_compute_dtype(base, x_MI) for base in view.bases[1:])
+        dtypes.add(compute_dtype(view.bases[0], x_MI))
+        dtypes.update(compute_dtype(base, x_MI) for base in view.bases[1:])
     else:
         dtypes.add(view.bases[0].weight.dtype)
     return len(dtypes) == 1
@@ -537,7 +476,7 @@ def loop_numerics(views: Sequence[ProjectionView], x_MD: torch.Tensor) -> LoopNu
         return None
     for view in views:
         if view.quantized:
-            if any(_compute_dtype(base, x_MD) != compute for base in view.bases):
+            if any(compute_dtype(base, x_MD) != compute for base in view.bases):
                 return None
         elif view.bases[0].weight.dtype != compute:
             return None
@@ -571,10 +510,8 @@ def _dequantize_one(base: nn.Module, dtype: torch.dtype) -> torch.Tensor:
     """One expert's 4-bit weight as (O, I) in dtype: bitsandbytes' kernel, or `_dequantize_4bit_cpu`
     where bitsandbytes 0.50's CPU kernel is wrong (as `_dequantize_all`)."""
     import bitsandbytes.functional as bnbF
-    from bitsandbytes.nn.modules import fix_4bit_weight_quant_state_from_module
 
-    fix_4bit_weight_quant_state_from_module(base)
-    state = base.weight.quant_state
+    state = quant_state(base)
     if not base.weight.is_cuda and state.shape[1] < state.blocksize:
         return _dequantize_4bit_cpu([base.weight.data], [state], dtype)[0]
     weight = bnbF.dequantize_4bit(base.weight.data, state)

@@ -22,7 +22,6 @@ from pathlib import Path
 
 import torch.distributed as dist
 from safetensors import SafetensorError
-from transformers import PreTrainedModel
 
 # The module, not its names: mixtral_parallel.expert_parallel imports mixtral_model (its MoE block), so
 # either package may be imported first.
@@ -83,7 +82,7 @@ def check_checkpoint_path(name_or_path) -> None:
 
 # The groups `from_pretrained(..., expert_parallel_size=n)` parallelizes over, for the duration of that
 # call only: transformers' from_pretrained has no argument that reaches the step between building the
-# model on the meta device and reading the weights (`_load_pretrained_model`).
+# model on the meta device and reading the weights (`before_weights_are_read`).
 _LOADING_EXPERT_PARALLEL: ContextVar["expert_parallel.ExpertParallelGroups | None"] = ContextVar(
     "loading_expert_parallel", default=None
 )
@@ -139,16 +138,13 @@ class CheckpointLoadingMixin:
             raise CheckpointError(problem)
         return (model, info) if output_loading_info else model
 
-    @staticmethod
-    def _load_pretrained_model(model, state_dict, checkpoint_files, load_config, expected_keys=None):
-        """transformers' loading step, after the model is built (on the meta device) and before any weight
-        is read: the place `from_pretrained(..., expert_parallel_size=n)` makes it expert-parallel."""
+    def before_weights_are_read(self) -> None:
+        """Called by from_pretrained (`mixtral_compat.transformers.PreTrainedModelHooks`) after the model
+        is built on the meta device and before any weight is read: where
+        `from_pretrained(..., expert_parallel_size=n)` makes it expert-parallel."""
         groups = _LOADING_EXPERT_PARALLEL.get()
         if groups is not None:
-            expert_parallel.parallelize_experts(model, groups)
-        return PreTrainedModel._load_pretrained_model(
-            model, state_dict, checkpoint_files, load_config, expected_keys
-        )
+            expert_parallel.parallelize_experts(self, groups)
 
     def save_pretrained(self, save_directory, state_dict=None, **kwargs):
         """Under expert parallelism a collective (call it on every rank): rank 0 writes one complete

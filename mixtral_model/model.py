@@ -17,6 +17,8 @@ from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
 
+from mixtral_compat.transformers import PreTrainedModelHooks
+
 from .attention import ATTENTION_BACKENDS, Attention
 from .config import MixtralConfig
 from .cross_entropy import cross_entropy_sum
@@ -56,7 +58,7 @@ class DecoderLayer(GradientCheckpointingLayer):
         return h_BTD + moe_out_BTD, router_logits_NE
 
 
-class MixtralPreTrainedModel(CheckpointLoadingMixin, PreTrainedModel):
+class MixtralPreTrainedModel(CheckpointLoadingMixin, PreTrainedModelHooks, PreTrainedModel):
     config_class = MixtralConfig
     config: MixtralConfig
     base_model_prefix = "model"
@@ -68,10 +70,9 @@ class MixtralPreTrainedModel(CheckpointLoadingMixin, PreTrainedModel):
     _supports_attention_backend = False
     _can_compile_fullgraph = False
 
-    def _check_and_adjust_attn_implementation(
-        self, attn_implementation, is_init_check=False, **kwargs
-    ) -> str:
-        """Our backends only: sdpa (default), eager, flash_attention_2 (checked for availability)."""
+    def checked_attn_implementation(self, attn_implementation: str | None) -> str:
+        """The backend transformers sets in the config (`mixtral_compat.transformers.PreTrainedModelHooks`).
+        Our backends only: sdpa (default), eager, flash_attention_2 (checked for availability)."""
         requested = attn_implementation or "sdpa"
         if requested not in ATTENTION_BACKENDS:
             raise ValueError(

@@ -36,6 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mixtral_compat.torch import has_global_forward_hooks, has_hooks
+
 from .config import MixtralConfig
 from .grouped_experts import GROUPED_KERNELS, gathered, grouped_swiglu, read_projection
 
@@ -132,7 +134,7 @@ def expert_layers(experts: Sequence[Expert]) -> list[nn.Module]:
 
 def read_experts(experts: Sequence[Expert]):
     """Grouped views of (w1, w3, w2) over these experts, or None when some projection is not readable."""
-    if any(_module_hooked(expert) for expert in experts):
+    if any(has_hooks(expert, backward=False) for expert in experts):
         return None
     views = tuple(
         read_projection([getattr(expert, name) for expert in experts]) for name in ("w1", "w3", "w2")
@@ -140,22 +142,12 @@ def read_experts(experts: Sequence[Expert]):
     return None if any(v is None for v in views) else views
 
 
-def _module_hooked(module: nn.Module) -> bool:
-    return bool(module._forward_hooks or module._forward_pre_hooks)
-
-
-def _global_hooks() -> bool:
-    from torch.nn.modules import module as torch_module
-
-    return bool(torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks)
-
-
 def expert_backend_for(experts: Sequence[Expert], views=None) -> str:
     """`choose_expert_backend` on the facts of these expert modules (views: `read_experts(experts)`)."""
     views = read_experts(experts) if views is None else views
     weight = expert_layers(experts)[0].weight
     return choose_expert_backend(
-        readable=views is not None and not _global_hooks(),
+        readable=views is not None and not has_global_forward_hooks(),
         partitioned=any(not gathered(p) for p in (p for e in experts for p in e.parameters())),
         device_type=weight.device.type,
     )

@@ -43,6 +43,7 @@ Differences from mistral-common to know about:
 """
 
 import os
+import re
 from collections.abc import Iterator, Sequence
 from importlib import resources
 from pathlib import Path
@@ -109,13 +110,22 @@ CHAT_TEMPLATE = (
 # `{% generation %}` marks, a transformers extension that minijinja-based servers (TGI) and llama.cpp
 # reject. It renders the same text; only `return_assistant_tokens_mask` needs the marks, and
 # `load_tokenizer` puts the training template back on whatever it loads.
-SERVING_CHAT_TEMPLATE = CHAT_TEMPLATE.replace("{%- generation %}", "").replace("{%- endgeneration %}", "")
+GENERATION_MARK = re.compile(r"\{%-?\s*(end)?generation\s*-?%\}")
+
+
+def serving_template(template: str) -> str:
+    """A chat template without its `{% generation %}` / `{% endgeneration %}` marks: the same text rendered."""
+    return GENERATION_MARK.sub("", template)
+
+
+SERVING_CHAT_TEMPLATE = serving_template(CHAT_TEMPLATE)
 
 
 def save_for_serving(tokenizer: PreTrainedTokenizerBase, directory: str | os.PathLike) -> None:
-    """`tokenizer.save_pretrained(directory)` with SERVING_CHAT_TEMPLATE as the saved chat template."""
+    """`tokenizer.save_pretrained(directory)` with its chat template saved without the training marks
+    (SERVING_CHAT_TEMPLATE for Mixtral-Instruct's)."""
     training_template = tokenizer.chat_template
-    tokenizer.chat_template = SERVING_CHAT_TEMPLATE
+    tokenizer.chat_template = serving_template(training_template)
     try:
         tokenizer.save_pretrained(directory)
     finally:
@@ -241,6 +251,29 @@ def encode_chat(
         input_ids.extend(ids)
         assistant_mask.extend([int(is_assistant)] * len(ids))
     return {"input_ids": input_ids, "assistant_mask": assistant_mask}
+
+
+def encode_conversation(
+    tokenizer: PreTrainedTokenizerBase, messages: Sequence[dict], add_generation_prompt: bool = False
+) -> dict[str, list[int]]:
+    """`encode_chat`'s ids and assistant mask in the tokenizer's chat template, whichever it is.
+
+    Mixtral-Instruct's template (CHAT_TEMPLATE): `encode_chat`, the reference held to mistral-common.
+    Any other (a user's `data.chat_template`): transformers' `apply_chat_template` with
+    `return_assistant_tokens_mask=True`, which masks the tokens the template writes inside
+    `{% generation %}` marks. Same conversation rules (`validate_conversation`) either way.
+    """
+    if tokenizer.chat_template == CHAT_TEMPLATE:
+        return encode_chat(tokenizer, messages, add_generation_prompt)
+    validate_conversation(messages, add_generation_prompt)
+    encoded = tokenizer.apply_chat_template(
+        list(messages),
+        add_generation_prompt=add_generation_prompt,
+        tokenize=True,
+        return_dict=True,
+        return_assistant_tokens_mask=True,
+    )
+    return {"input_ids": list(encoded["input_ids"]), "assistant_mask": list(encoded["assistant_masks"])}
 
 
 def _message_texts(messages: Sequence[dict]) -> Iterator[tuple[str, bool]]:

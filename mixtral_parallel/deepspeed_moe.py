@@ -13,7 +13,7 @@ experts -- and divided by the global DP size. How DeepSpeed is made to apply it:
   `deepspeed.utils.groups` are the groups the model routes over. DeepSpeed divides every bucket by the
   DP size and reduces an MoE group's bucket over its EDP group: exactly the rule. The engine turns that
   path on only when it finds a `deepspeed.moe.layer.MoE` module, so a parameter-free
-  `DeepSpeedMoEMarker` is attached to the model.
+  marker (`mixtral_compat.deepspeed.moe_marker`) is attached to the model.
 * ZeRO-3, expert_parallel_size > 1: DeepSpeed 0.19's AutoEP placement attributes on each expert
   parameter (`ds_zero_placement_family="autoep_expert"`, `ds_zero_partition_group_name`,
   `ds_zero_partition_process_group` = the EDP group). ZeRO-3's parameter conversion partitions an
@@ -42,13 +42,20 @@ import inspect
 from dataclasses import dataclass
 
 import torch
-from deepspeed.moe.layer import MoE
 from deepspeed.moe.utils import is_moe_param, split_params_into_different_moe_groups_for_optimizer
 from deepspeed.runtime.zero import GatheredParameters
-from deepspeed.utils import groups, set_z3_leaf_modules
+from deepspeed.utils import set_z3_leaf_modules
 from torch import distributed as dist
 from torch import nn
 
+from mixtral_compat.deepspeed import (
+    adopt_expert_groups,
+    expert_groups,
+    is_zero3_partitioned,
+    mark_zero3_expert_placement,
+    moe_marker,
+    moe_marker_class,
+)
 from mixtral_model.moe import SparseMoeBlock
 from mixtral_parallel.expert_parallel import (
     ExpertParallelGroups,
@@ -57,8 +64,6 @@ from mixtral_parallel.expert_parallel import (
     is_expert_param,
     validate_expert_parallel,
 )
-
-ZERO3_EXPERT_PLACEMENT = "autoep_expert"
 
 
 @dataclass(frozen=True)
@@ -157,31 +162,25 @@ def our_expert_group_ranks(expert_parallel_size: int) -> tuple[list[int], list[i
 def register_expert_groups_with_deepspeed(ep: ExpertParallelGroups) -> None:
     """Make DeepSpeed's `ep_size_N` groups the EP and EDP groups the model routes over (parallel.py).
 
-    deepspeed.utils.groups has no public way to adopt existing groups, so ours go into its group and
-    rank tables under the name its MoE code looks up (a name already there keeps its groups, which
-    span the same ranks: checked).
+    Ours are adopted under the name DeepSpeed's MoE code looks up (`mixtral_compat.deepspeed`; a name
+    already there keeps its groups, which must span the same ranks: checked).
     """
-    name = expert_group_name(ep.size)
-    if name not in groups._get_expert_parallel_group_dict():
-        ep_ranks, edp_ranks = our_expert_group_ranks(ep.size)
-        groups._get_expert_parallel_group_dict()[name] = ep.expert_parallel
-        groups._EXPERT_PARALLEL_GROUP_RANKS[name] = ep_ranks
-        groups._get_expert_data_parallel_group_dict()[name] = ep.expert_data_parallel
-        groups._EXPERT_DATA_PARALLEL_GROUP_RANKS[name] = edp_ranks
+    ep_ranks, edp_ranks = our_expert_group_ranks(ep.size)
+    adopt_expert_groups(
+        expert_group_name(ep.size), ep.expert_parallel, ep_ranks, ep.expert_data_parallel, edp_ranks
+    )
     check_deepspeed_expert_groups(ep.size)
 
 
 def check_deepspeed_expert_groups(expert_parallel_size: int) -> None:
     """DeepSpeed's `ep_size_N` groups must exist and span this rank's EP and EDP ranks."""
     name = expert_group_name(expert_parallel_size)
-    if name not in groups._get_expert_parallel_group_dict():
+    found = expert_groups(name)
+    if found is None:
         raise RuntimeError(
             f"DeepSpeed has no {name} groups; call prepare_for_deepspeed before deepspeed.initialize"
         )
-    actual = (
-        dist.get_process_group_ranks(groups._get_expert_parallel_group(name)),
-        dist.get_process_group_ranks(groups._get_expert_data_parallel_group(name)),
-    )
+    actual = tuple(dist.get_process_group_ranks(group) for group in found)
     expected = our_expert_group_ranks(expert_parallel_size)
     if tuple(actual) != tuple(expected):
         raise RuntimeError(
@@ -199,7 +198,7 @@ def mark_expert_parameters(model: nn.Module, expert_parallel_size: int, zero_sta
     name = expert_group_name(expert_parallel_size)
     expert_params = named_expert_parameters(model)
     for param_name, param in expert_params:
-        if zero_stage == 3 and hasattr(param, "ds_id"):
+        if zero_stage == 3 and is_zero3_partitioned(param):
             raise ValueError(
                 f"{param_name} was partitioned by deepspeed.zero.Init before expert parallelism was set up; "
                 "build the model outside zero.Init (create TrainingArguments(deepspeed=...) after the model)"
@@ -207,41 +206,22 @@ def mark_expert_parameters(model: nn.Module, expert_parallel_size: int, zero_sta
         param.allreduce = False
         param.group_name = name
         if zero_stage == 3:
-            param.ds_zero_placement_family = ZERO3_EXPERT_PLACEMENT
-            param.ds_zero_partition_group_name = name
-            param.ds_zero_partition_process_group = groups._get_expert_data_parallel_group(name)
+            mark_zero3_expert_placement(param, name)
     return len(expert_params)
 
 
-class DeepSpeedMoEMarker(MoE):
-    """A parameter-free module that makes DeepSpeed's engine run its MoE gradient path for our model.
-
-    The engine reduces MoE parameter groups over their expert-data-parallel group only when it finds a
-    `deepspeed.moe.layer.MoE` among the model's modules (`has_moe_layers`); our `SparseMoeBlock` is not
-    one. This marker is, without DeepSpeed's gate or experts: it names the `ep_size_N` groups and, when
-    the engine sets up parallelism, checks that they are there. It holds no experts of its own, so
-    DeepSpeed's per-expert checkpoint files stay empty.
-    """
-
-    def __init__(self, expert_parallel_size: int, num_experts: int):
-        nn.Module.__init__(self)  # MoE.__init__ would build DeepSpeed's own gate and experts.
-        self.ep_size = expert_parallel_size
-        self.expert_group_name = expert_group_name(expert_parallel_size)
-        self.num_experts = num_experts
-        self.num_local_experts = 0
-        self.use_residual = False
-        self.enable_expert_tensor_parallelism = False
-
-    def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False) -> None:
-        check_deepspeed_expert_groups(self.ep_size)
-
-    def forward(self, *args, **kwargs):
-        raise RuntimeError("DeepSpeedMoEMarker only marks the model for DeepSpeed; it has no forward")
-
-
 def attach_moe_marker(model: nn.Module, expert_parallel_size: int, num_experts: int) -> None:
-    if not any(isinstance(m, DeepSpeedMoEMarker) for m in model.modules()):
-        model.add_module("deepspeed_moe_marker", DeepSpeedMoEMarker(expert_parallel_size, num_experts))
+    """A parameter-free `deepspeed.moe.layer.MoE` (`mixtral_compat.deepspeed.moe_marker`), so the engine
+    runs its MoE gradient path for our model; it checks the `ep_size_N` groups when the engine sets up
+    parallelism."""
+    if not any(isinstance(m, moe_marker_class()) for m in model.modules()):
+        marker = moe_marker(
+            expert_parallel_size,
+            expert_group_name(expert_parallel_size),
+            num_experts,
+            lambda: check_deepspeed_expert_groups(expert_parallel_size),
+        )
+        model.add_module("deepspeed_moe_marker", marker)
 
 
 def check_zero_config_for_moe(ds_config: dict) -> None:

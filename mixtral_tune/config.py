@@ -42,10 +42,13 @@ from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from mixtral_model.hub_weights import looks_like_local_path
+from mixtral_tune.chat_template import ChatTemplateError, template_text, template_tokens
+from mixtral_tune.cli import COMMANDS
 from mixtral_tune.shipped import CONFIG_DIR, DATA_DIR, recipe_files
 from mixtral_tune.training.resume import latest_complete_checkpoint
 
-STAGES = ("sft", "dpo")
+# The pipelines: the commands of `mixtral-tune` (mixtral_tune/cli.py) that have a primary config.
+STAGES = tuple(command for command in COMMANDS if (CONFIG_DIR / f"{command}.yaml").is_file())
 DTYPES = {
     "float32": torch.float32,
     "bfloat16": torch.bfloat16,
@@ -161,6 +164,12 @@ class DataConfig:
     num_proc: int | None = None  # preparation worker processes; null = the CPUs this process may use (<= 32)
     cache_dir: str | None = None  # prepared datasets; null = $HF_DATASETS_CACHE/mixtral_tune_prepared
     prepare_on: str = "local_main"  # local_main: local rank 0 of each node prepares | global_main: rank 0
+    # null = Mixtral-Instruct's format | chatml | zephyr | a Jinja file | an inline Jinja string
+    # (mixtral_tune/chat_template.py); assistant-only loss from its {% generation %} marks
+    chat_template: str | None = None
+    chat_template_tokens: list[str] | None = (
+        None  # tokens to add for the template; null = a shipped one's own
+    )
 
 
 @dataclass
@@ -185,6 +194,20 @@ class PeftConfig:
 
 
 @dataclass
+class EvaluationConfig:
+    """What runs at each evaluation besides TRL's metrics (evaluation needs trainer.eval_steps and eval data)."""
+
+    sample_prompts: int = (
+        0  # greedy completions of this many eval prompts, on the console and trackers; 0 = off
+    )
+    sample_max_new_tokens: int = 64
+    # stop after this many evaluations without improving trainer.metric_for_best_model (transformers'
+    # EarlyStoppingCallback; needs trainer.load_best_model_at_end=true); null = off
+    early_stopping_patience: int | None = None
+    early_stopping_threshold: float = 0.0  # the least improvement that counts
+
+
+@dataclass
 class TrainConfig:
     stage: str = MISSING  # sft | dpo: which pipeline this config is for
     output_dir: str = MISSING
@@ -193,6 +216,7 @@ class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     peft: PeftConfig = field(default_factory=PeftConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     deepspeed: dict[str, Any] = field(default_factory=dict)  # DeepSpeed JSON as a dict; {} = off
     trainer: dict[str, Any] = field(default_factory=dict)  # SFTConfig / DPOConfig fields, by TRL's names
     router: RouterWatchConfig = field(default_factory=RouterWatchConfig)
@@ -417,11 +441,17 @@ def check_required_values(cfg: DictConfig) -> None:
 
 def check_stage(cfg: DictConfig) -> None:
     require_choice("stage", cfg.stage, STAGES)
-    if cfg.data.kind != cfg.stage:
-        raise ConfigError(
-            f"data.kind={cfg.data.kind} does not fit the {cfg.stage} pipeline: use data.kind={cfg.stage} "
-            f"with {cfg.stage.upper()} rows, or run the {cfg.data.kind} pipeline"
-        )
+    if cfg.data.kind == cfg.stage:
+        return
+    other = (
+        f"or run the {cfg.data.kind} pipeline (mixtral-tune {cfg.data.kind})"
+        if cfg.data.kind in STAGES
+        else f"there is no {cfg.data.kind} pipeline (pipelines: {', '.join(STAGES)})"
+    )
+    raise ConfigError(
+        f"data.kind={cfg.data.kind} does not fit the {cfg.stage} pipeline: use data.kind={cfg.stage} "
+        f"with {cfg.stage.upper()} rows; {other}"
+    )
 
 
 def check_steps_and_resume(cfg: DictConfig) -> None:
@@ -548,6 +578,10 @@ def check_architecture_matches(cfg: DictConfig, model_config: Any) -> None:
     found["rope_theta"] = (getattr(model_config, "rope_parameters", None) or {}).get(
         "rope_theta", found["rope_theta"]
     )
+    # A checkpoint trained with a template's added tokens (data.chat_template_tokens) has them in its vocabulary.
+    added = len(template_tokens(cfg.data)) if cfg.data.chat_template else 0
+    if found["vocab_size"] is not None and 0 <= found["vocab_size"] - expected["vocab_size"] <= added:
+        found["vocab_size"] = expected["vocab_size"]
     for key, value in expected.items():
         if found[key] is not None and found[key] != value:
             raise ConfigError(
@@ -614,6 +648,7 @@ def check_data(cfg: DictConfig) -> None:
         raise ConfigError(
             "data.path and data.mixture: set exactly one of them (data.path=null when data.mixture lists the sources)"
         )
+    check_chat_template(cfg)
     for key in ("path", "eval_path"):
         require_data_file(f"data.{key}", data[key])
     check_data_format(data)
@@ -641,6 +676,38 @@ def check_columns(key: str, columns: DictConfig, kind: str) -> None:
 
     for column, target in columns.items():
         require_choice(f"{key}.{column}", target, format_columns(kind))
+
+
+def check_chat_template(cfg: DictConfig) -> None:
+    """data.chat_template names a template that exists; SFT's loss mask needs its {% generation %} marks;
+    tokens it adds must be trainable (peft=esft trains only the selected experts)."""
+    from trl.chat_template_utils import has_generation_markers
+
+    data = cfg.data
+    if data.chat_template is not None and template_tokens(data) and cfg.peft.method == "esft":
+        raise ConfigError(
+            f"data.chat_template={data.chat_template} adds tokens ({', '.join(template_tokens(data))}) whose "
+            "embeddings peft=esft would leave untrained: use peft=lora (or none), or a template without new tokens"
+        )
+    if data.chat_template is None:
+        if data.chat_template_tokens:
+            raise ConfigError(
+                "data.chat_template_tokens is set but data.chat_template is null (Mixtral-Instruct's format "
+                "needs no new tokens): set data.chat_template, or drop data.chat_template_tokens"
+            )
+        return
+    try:
+        text = template_text(data.chat_template)
+    except ChatTemplateError as error:
+        raise ConfigError(str(error)) from None
+    if data.kind == "sft" and not has_generation_markers(text):
+        raise ConfigError(
+            "data.chat_template has no {% generation %} ... {% endgeneration %} marks around the assistant "
+            "text (TRL's convention): add them, so the SFT loss knows which tokens to train on"
+        )
+    for token in data.chat_template_tokens or []:
+        if not token or token != token.strip():
+            raise ConfigError(f"data.chat_template_tokens: {token!r} is empty or has surrounding whitespace")
 
 
 def require_data_file(key: str, value: str | None) -> None:
@@ -860,6 +927,51 @@ def check_evaluation(cfg: DictConfig) -> None:
         )
     if strategy == "steps" and trainer_value(cfg, "eval_steps") is None:
         raise ConfigError("trainer.eval_strategy=steps needs trainer.eval_steps=N")
+    check_evaluation_extras(cfg)
+
+
+def evaluates(cfg: DictConfig) -> bool:
+    """Whether the run evaluates: eval data and an eval schedule (as pipeline.training_kwargs sets it)."""
+    has_data = bool(cfg.data.eval_path or cfg.data.eval_fraction > 0)
+    strategy = cfg.trainer.get("eval_strategy") or (
+        "steps" if cfg.trainer.get("eval_steps") is not None else "no"
+    )
+    return has_data and strategy != "no"
+
+
+def check_evaluation_extras(cfg: DictConfig) -> None:
+    """evaluation.*: sample generations and early stopping need evaluations; early stopping also needs
+    transformers' best-model tracking (EarlyStoppingCallback asserts it once training starts)."""
+    extras = cfg.evaluation
+    if extras.sample_prompts < 0:
+        raise ConfigError(f"evaluation.sample_prompts={extras.sample_prompts}: use a count >= 0 (0 = off)")
+    require_positive("evaluation.sample_max_new_tokens", extras.sample_max_new_tokens)
+    wanted = [key for key, on in (("sample_prompts", extras.sample_prompts > 0),
+                                  ("early_stopping_patience", extras.early_stopping_patience is not None)) if on]  # fmt: skip
+    if wanted and not evaluates(cfg):
+        raise ConfigError(
+            f"evaluation.{wanted[0]} acts at each evaluation, but this run does not evaluate: set "
+            "trainer.eval_steps=N and eval data (data.eval_path or data.eval_fraction)"
+        )
+    if extras.sample_prompts > 0 and cfg.stage == "sft" and not cfg.data.completion_only:
+        raise ConfigError(
+            "evaluation.sample_prompts needs data.completion_only=true: a prompt is the tokens before a row's "
+            "first trained token"
+        )
+    if extras.early_stopping_patience is None:
+        return
+    require_positive("evaluation.early_stopping_patience", extras.early_stopping_patience)
+    if not trainer_value(cfg, "load_best_model_at_end"):
+        raise ConfigError(
+            "evaluation.early_stopping_patience needs trainer.load_best_model_at_end=true (and "
+            "trainer.metric_for_best_model, default eval loss): add them"
+        )
+    eval_steps, save_steps = trainer_value(cfg, "eval_steps"), trainer_value(cfg, "save_steps")
+    if cfg.trainer.get("eval_strategy", "steps") == "steps" and save_steps % eval_steps:
+        raise ConfigError(
+            f"trainer.load_best_model_at_end needs trainer.save_steps ({save_steps}) to be a multiple of "
+            f"trainer.eval_steps ({eval_steps}): checkpoints must exist at evaluations"
+        )
 
 
 def check_report_to(cfg: DictConfig) -> None:

@@ -105,7 +105,7 @@ from trl.data_utils import pack_dataset
 import mixtral_model.tokenizer
 from mixtral_model import encode_chat
 from mixtral_model.hub_weights import looks_like_local_path
-from mixtral_model.tokenizer import ROLES, validate_conversation
+from mixtral_model.tokenizer import CHAT_TEMPLATE, ROLES, validate_conversation
 
 logger = logging.getLogger(__name__)
 
@@ -263,7 +263,7 @@ def prepare_dpo_data(data_cfg: Any, tokenizer: PreTrainedTokenizerBase, seed: in
         truncation_mode=data_cfg.dpo_truncation_mode,
     )
     prepared = prepare(data_cfg, tokenizer, seed, convert, DPO_FEATURES, lambda dataset, *_: dataset)
-    check_chat_template_matches_encode_chat(tokenizer, prepared.train[0])
+    check_chat_template_matches_encode_chat(tokenizer, prepared.train[0], data_cfg.chat_template is not None)
     return prepared
 
 
@@ -1100,8 +1100,11 @@ def tokenize_sft_example(
 
 
 def encode_conversation(tokenizer: PreTrainedTokenizerBase, messages: list[dict]) -> dict:
-    """`input_ids` and `assistant_mask` of a conversation in the training chat format."""
-    return encode_chat(tokenizer, messages)
+    """`input_ids` and `assistant_mask` of a conversation in the run's chat template: Mixtral-Instruct's
+    (`encode_chat`), or a user's data.chat_template (its `{% generation %}` marks, via transformers)."""
+    if tokenizer.chat_template == CHAT_TEMPLATE:
+        return encode_chat(tokenizer, messages)
+    return mixtral_model.tokenizer.encode_conversation(tokenizer, messages)
 
 
 def encode_text(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
@@ -1137,10 +1140,14 @@ def dpo_length_outcome(
     return TRUNCATED, sum(lengths)
 
 
-def check_chat_template_matches_encode_chat(tokenizer: PreTrainedTokenizerBase, row: dict) -> None:
-    """DPOTrainer tokenizes with the chat template; it must give the ids SFT trained on (encode_chat)."""
+def check_chat_template_matches_encode_chat(
+    tokenizer: PreTrainedTokenizerBase, row: dict, user_template: bool = False
+) -> None:
+    """DPOTrainer tokenizes with the chat template; it must give the ids SFT trained on (encode_chat, or
+    with a user's data.chat_template, the template's own ids)."""
     conversation = row["prompt"] + row["chosen"]
-    expected = encode_chat(tokenizer, conversation)["input_ids"]
+    encode = encode_conversation if user_template else encode_chat
+    expected = encode(tokenizer, conversation)["input_ids"]
     try:
         rendered = tokenizer.apply_chat_template(conversation, tokenize=True, return_dict=True)["input_ids"]
     except ValueError as error:

@@ -16,6 +16,7 @@ import deepspeed
 import torch
 import transformers
 from huggingface_hub import HfApi
+from transformers import EarlyStoppingCallback
 from omegaconf import DictConfig, OmegaConf
 from transformers.trainer import TRAINING_ARGS_NAME
 
@@ -24,6 +25,7 @@ from mixtral_model.tokenizer import save_for_serving
 from mixtral_parallel.deepspeed_moe import check_parallel_combination, prepare_for_deepspeed
 from mixtral_tune.training.divergence import DivergenceCallback
 from mixtral_tune.training.reporting import RunSummaryCallback, use_lean_console
+from mixtral_tune.training.samples import SampleGenerationsCallback
 from mixtral_tune.training.router_health import add_router_callbacks
 from mixtral_tune.training.safe_load import checkpoint_problem_on_any_rank, load_checkpoint_file
 from mixtral_compat.deepspeed import route_checkpoint_engine_loads
@@ -43,6 +45,8 @@ from mixtral_tune.config import (
     uses_adapters,
     zero_stage,
 )
+from mixtral_tune.chat_template import ChatTemplateError, use_chat_template
+from mixtral_tune.command_help import help_text
 from mixtral_tune.data import DataError, data_plan
 from mixtral_tune.model_card import write_generation_config, write_model_card
 from mixtral_tune.training.model_factory import build_model, write_random_init
@@ -54,7 +58,7 @@ USAGE = """usage: {script} +recipe=NAME|FILE.yaml [deepspeed=NAME|FILE.json] [ke
 def config_from_argv(stage: str, argv: list[str]) -> DictConfig:
     """Compose and validate `configs/<stage>.yaml` with the command-line overrides, or exit with one line."""
     if any(arg in ("-h", "--help") for arg in argv):
-        print(USAGE.format(script=f"mixtral-tune {stage}"))
+        print(help_text(stage, USAGE.format(script=f"mixtral-tune {stage}")))
         sys.exit(0)
     print_only, argv = split_print_config_flag(argv)
     try:
@@ -233,19 +237,19 @@ def build_model_and_args(cfg: DictConfig, tokenizer, make_args, build):
         args = make_args()
         _ = args.device  # torch.distributed up (torchrun without DeepSpeed) before rank 0 writes the base
         prepare_base_checkpoint(cfg, tokenizer)
-        return wire_deepspeed(build_seeded(build, cfg), cfg), args
+        return wire_deepspeed(build_seeded(build, cfg, tokenizer), cfg), args
     prepare_base_checkpoint(cfg, tokenizer)
-    model = wire_deepspeed(build_seeded(build, cfg), cfg)
+    model = wire_deepspeed(build_seeded(build, cfg, tokenizer), cfg)
     return model, make_args()
 
 
-def build_seeded(build, cfg: DictConfig):
+def build_seeded(build, cfg: DictConfig, tokenizer):
     """The model built from trainer.seed on every rank: new LoRA adapters start the same in every run.
     (DeepSpeed's start-up broadcast copies rank 0's dense parameters to the other ranks, but under
     expert parallelism each rank keeps its own experts' adapters, so their init must not depend on
     the RNG state a rank happens to be in.)"""
     transformers.set_seed(cfg.trainer.seed)
-    return build(cfg)
+    return build(cfg, tokenizer)
 
 
 def report_data(prepared, cfg: DictConfig) -> None:
@@ -291,6 +295,16 @@ def keep_environment_out_of_saved_args(args, cfg: DictConfig, directory: Path) -
     from_env = trainer_keys_read_from_env(cfg)
     if from_env and (directory / TRAINING_ARGS_NAME).exists():
         torch.save(dataclasses.replace(args, **from_env), directory / TRAINING_ARGS_NAME)
+
+
+def tokenizer_for(cfg: DictConfig):
+    """The run's tokenizer: model.tokenizer (or Mixtral's) in data.chat_template's format, or exit with one line."""
+    tokenizer = load_tokenizer(cfg.model.tokenizer)
+    try:
+        use_chat_template(tokenizer, cfg.data)
+    except ChatTemplateError as error:
+        fail(error)
+    return tokenizer
 
 
 def load_data_or_exit(prepare, data_cfg, tokenizer, seed: int):
@@ -360,15 +374,32 @@ def stop_if_diverged(trainer, cfg: DictConfig) -> None:
     sys.exit(1)
 
 
+def add_evaluation_callbacks(trainer, cfg: DictConfig) -> None:
+    """evaluation.*: sample generations at each evaluation; early stopping (transformers' callback)."""
+    extras = cfg.evaluation
+    if extras.sample_prompts > 0:
+        trainer.add_callback(
+            SampleGenerationsCallback(trainer, extras.sample_prompts, extras.sample_max_new_tokens)
+        )
+    if extras.early_stopping_patience is not None:
+        trainer.add_callback(
+            EarlyStoppingCallback(
+                early_stopping_patience=extras.early_stopping_patience,
+                early_stopping_threshold=extras.early_stopping_threshold,
+            )
+        )
+
+
 def build_trainer(stage: str, argv: list[str], prepare_data, make_args, trainer_class, reference_model=None):
     """The trainer `run` trains, with its composed config and tokenizer (steps before training)."""
     cfg = config_from_argv(stage, argv)
-    tokenizer = load_tokenizer(cfg.model.tokenizer)
+    tokenizer = tokenizer_for(cfg)
     data = load_data_or_exit(prepare_data, cfg.data, tokenizer, cfg.trainer.seed)
     report_data(data, cfg)
     configure_wandb(cfg)
     model, args = build_model_and_args(cfg, tokenizer, lambda: make_args(cfg), build_model)
-    extra = {"ref_model": reference_model(cfg)} if reference_model else {}
+    # Seeded as the policy was: a vocabulary grown for a chat template gets the same new rows in both.
+    extra = {"ref_model": build_seeded(reference_model, cfg, tokenizer)} if reference_model else {}
     trainer = trainer_class(
         model=model,
         args=args,
@@ -381,4 +412,5 @@ def build_trainer(stage: str, argv: list[str], prepare_data, make_args, trainer_
     trainer.enable_router_stats(model)
     add_router_callbacks(trainer, cfg, model)
     use_lean_console(trainer)
+    add_evaluation_callbacks(trainer, cfg)
     return trainer, cfg, tokenizer

@@ -14,7 +14,9 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from transformers import BitsAndBytesConfig, PreTrainedTokenizerBase
 
+from mixtral_compat.bitsandbytes import keep_4bit_training_layout
 from mixtral_model import MixtralConfig, MixtralForCausalLM
+from mixtral_tune.chat_template import template_tokens
 from mixtral_tune.config import (
     DTYPES,
     LORA_TARGET_MODULES,
@@ -30,13 +32,20 @@ NEVER_QUANTIZED = ["gate", "lm_head"]  # the router and the output head stay in 
 
 
 def random_init_config(cfg: DictConfig, tokenizer: PreTrainedTokenizerBase) -> MixtralConfig:
-    # ArchitectureConfig's fields are MixtralConfig's names
-    return MixtralConfig(
-        **OmegaConf.to_container(cfg.model.architecture),
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
+    # ArchitectureConfig's fields are MixtralConfig's names. Ids of tokens a chat template added lie past the
+    # base vocabulary: the base has none of them (build_model grows the vocabulary and sets eos).
+    architecture = OmegaConf.to_container(cfg.model.architecture)
+    in_base = {
+        f"{name}_token_id": token_id
+        if token_id is not None and token_id < architecture["vocab_size"]
+        else None
+        for name, token_id in (
+            ("pad", tokenizer.pad_token_id),
+            ("bos", tokenizer.bos_token_id),
+            ("eos", tokenizer.eos_token_id),
+        )
+    }
+    return MixtralConfig(**architecture, **in_base)
 
 
 def write_random_init(
@@ -87,27 +96,6 @@ def load_model(cfg: DictConfig, name_or_path: str) -> MixtralForCausalLM:
     return model
 
 
-def keep_4bit_training_layout(model) -> None:
-    """Stop bitsandbytes from repacking 4-bit weights into its CPU inference layout.
-
-    On a CPU with AVX512-BF16, a `Linear4bit` run in eval mode (the trainer's evaluation) rewrites its
-    weight in place into a uint8 tiled layout and changes its quant state. Under ZeRO-3 the weight's
-    storage is DeepSpeed's partition (bf16 quant storage): the next gather hands back the original
-    layout, which the packed quant state misreads, and the checkpoint save asserts uint8 storage.
-    A model being trained keeps the layout it was quantized in.
-    """
-    import bitsandbytes as bnb
-
-    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
-    if layers and not hasattr(layers[0], "support_avx512bf16_for_cpu"):
-        raise RuntimeError(
-            f"bitsandbytes {bnb.__version__}: Linear4bit has no support_avx512bf16_for_cpu switch any more; "
-            "check how this version repacks 4-bit weights on CPU before training with it"
-        )
-    for layer in layers:
-        layer.support_avx512bf16_for_cpu = False
-
-
 def prepare_4bit_for_training(model: MixtralForCausalLM, gradient_checkpointing: bool) -> None:
     """Freeze the 4-bit base and turn on gradient checkpointing (non-reentrant), as
     `peft.prepare_model_for_kbit_training` does, but keep the unquantized weights (embeddings, lm_head,
@@ -124,8 +112,24 @@ def prepare_4bit_for_training(model: MixtralForCausalLM, gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
-def apply_peft(model: MixtralForCausalLM, cfg: DictConfig, gradient_checkpointing: bool):
-    """LoRA (or QLoRA) adapters on the configured targets; the router is never wrapped."""
+def fit_vocabulary(model: MixtralForCausalLM, tokenizer: PreTrainedTokenizerBase | None) -> None:
+    """Embeddings and output head grown to the tokenizer when a chat template added tokens
+    (transformers' `resize_token_embeddings`: new rows drawn around the old rows' mean), and the
+    model's eos the tokenizer's."""
+    if tokenizer is not None and len(tokenizer) > model.config.vocab_size:
+        model.resize_token_embeddings(len(tokenizer))
+        # the template's end of turn, as TRL's clone_chat_template sets it
+        model.config.eos_token_id = tokenizer.eos_token_id
+
+
+def apply_peft(model: MixtralForCausalLM, cfg: DictConfig, gradient_checkpointing: bool, new_tokens=()):
+    """LoRA (or QLoRA) adapters on the configured targets; the router is never wrapped.
+
+    `new_tokens` (ids a chat template added): their embedding rows are trained and saved with the
+    adapter (PEFT's `trainable_token_indices`; the other rows stay frozen), and the output head is
+    trained and saved whole (PEFT's `modules_to_save`): TRL's fused LM-head loss reads the head's
+    `weight` directly, which PEFT's trainable-tokens wrapper would bypass, and a full copy it does not.
+    """
     if cfg.peft.method == "none":
         return model
     if cfg.peft.method == "esft":
@@ -146,7 +150,8 @@ def apply_peft(model: MixtralForCausalLM, cfg: DictConfig, gradient_checkpointin
         lora_alpha=cfg.peft.alpha,
         lora_dropout=cfg.peft.dropout,
         target_modules=targets,
-        modules_to_save=lora_modules_to_save(cfg) or None,
+        modules_to_save=lora_modules_to_save(cfg) + (["lm_head"] if new_tokens else []) or None,
+        trainable_token_indices={"embed_tokens": list(new_tokens)} if new_tokens else None,
         task_type="CAUSAL_LM",
     )
     model = peft.get_peft_model(model, lora)
@@ -168,16 +173,20 @@ def base_model_path(cfg: DictConfig) -> str:
     return cfg.model.name_or_path or str(Path(cfg.output_dir).resolve() / "base")
 
 
-def build_model(cfg: DictConfig):
-    """The trainable model: checkpoint (or random init written to OUTPUT_DIR/base) + PEFT."""
+def build_model(cfg: DictConfig, tokenizer: PreTrainedTokenizerBase | None = None):
+    """The trainable model: checkpoint (or random init written to OUTPUT_DIR/base), its vocabulary
+    fitted to `tokenizer` (a chat template's added tokens), + PEFT."""
     model = load_model(cfg, base_model_path(cfg))
-    return apply_peft(model, cfg, trainer_value(cfg, "activation_checkpointing"))
+    fit_vocabulary(model, tokenizer)
+    new_tokens = tokenizer.convert_tokens_to_ids(template_tokens(cfg.data)) if cfg.data.chat_template else []
+    return apply_peft(model, cfg, trainer_value(cfg, "activation_checkpointing"), new_tokens)
 
 
-def build_frozen_reference(cfg: DictConfig) -> MixtralForCausalLM | None:
+def build_frozen_reference(cfg: DictConfig, tokenizer: PreTrainedTokenizerBase | None = None):
     """DPO reference: None under LoRA/QLoRA (the base with adapters disabled), else a frozen copy of the base."""
     if uses_adapters(cfg):
         return None
     reference = load_model(cfg, base_model_path(cfg))
+    fit_vocabulary(reference, tokenizer)
     reference.requires_grad_(False)
     return reference.eval()

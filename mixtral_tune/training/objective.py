@@ -16,26 +16,20 @@ loss) and makes the model the one owner of the router terms:
 - the aux and z values of that objective are logged as `aux_loss` and `z_loss`, averaged over the
   same micro-batches as TRL's other metrics. The DPO reference adds nothing.
 
-What this leans on in TRL (pinned in pyproject.toml; each is checked and a mismatch raises):
+What this leans on in TRL (the range in mixtral_compat/trl.py; each is checked and a mismatch raises):
 `add_fused_lm_head`'s forward calls the backbone `model.base_model` through `__call__` (so forward
-hooks run) and computes a router term only when `config.output_router_logits` is true; the trainers'
-`aux_loss_enabled` switches their router term and its logging; `_metrics[mode]` lists are averaged
-into each log; in `compute_loss` the policy's forward comes first (DPO runs the reference after it,
-or not at all with precomputed reference log-probs).
+hooks run) and computes a router term only when `config.output_router_logits` is true; in
+`compute_loss` the policy's forward comes first (DPO runs the reference after it, or not at all with
+precomputed reference log-probs). The trainers' internal switch for their router term and their
+metric lists are reached through `mixtral_compat.trl`. The accumulation scaling follows the Trainer's
+documented `loss_is_scaled_for_ga`.
 """
 
 from contextlib import contextmanager
 
 import torch
-import trl
 
-SUPPORTED = "trl>=1.16,<1.17"
-
-
-def _unsupported(trainer, what: str) -> RuntimeError:
-    return RuntimeError(
-        f"trl {trl.__version__}: {type(trainer).__name__} {what}; mixtral_tune/training/objective.py is written for {SUPPORTED}"
-    )
+from mixtral_compat.trl import log_metric, take_over_router_term, unsupported
 
 
 class PolicyRouterLogits:
@@ -69,9 +63,7 @@ class RouterObjectiveMixin:
                 f"router_aux_loss_coef={self.args.router_aux_loss_coef} in the TRL config is a second road "
                 "for the aux-loss coefficient: leave it unset and set model.router_aux_loss_coef"
             )
-        if not hasattr(self, "aux_loss_enabled") or not isinstance(getattr(self, "_metrics", None), dict):
-            raise _unsupported(self, "has no aux_loss_enabled/_metrics to take the router terms over from")
-        self.aux_loss_enabled = False  # TRL adds no router term and requests no router logits
+        take_over_router_term(self)  # TRL adds no router term and requests no router logits
         model = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
         if not hasattr(model, "router_objective"):
             raise TypeError(
@@ -91,10 +83,10 @@ class RouterObjectiveMixin:
             )
         captured = self.policy_router_logits.captured
         if captured is None:
-            raise _unsupported(self, "compute_loss ran no forward of the policy's backbone")
+            raise unsupported(self, "compute_loss ran no forward of the policy's backbone")
         router_logits, attention_mask, with_grad = captured
         if self.model.training and not with_grad:
-            raise _unsupported(self, "compute_loss's first forward ran without gradients (not the policy's)")
+            raise unsupported(self, "compute_loss's first forward ran without gradients (not the policy's)")
         router_loss, aux_loss, z_loss = self.policy.router_objective(router_logits, attention_mask)
         self._log_router_terms(aux_loss, z_loss)
         router_loss = router_loss / self._accumulation_divisor(num_items_in_batch)
@@ -117,9 +109,8 @@ class RouterObjectiveMixin:
         return self.current_gradient_accumulation_steps if scaled else 1
 
     def _log_router_terms(self, aux_loss, z_loss) -> None:
-        """Each enabled term as it entered the objective; TRL averages `_metrics` into each log."""
-        metrics = self._metrics["train" if self.model.training else "eval"]
+        """Each enabled term as it entered the objective, averaged by TRL into each log."""
         if self.policy.config.router_aux_loss_coef != 0:
-            metrics["aux_loss"].append(self.accelerator.gather_for_metrics(aux_loss.detach()).mean().item())
+            log_metric(self, "aux_loss", self.accelerator.gather_for_metrics(aux_loss.detach()).mean().item())
         if z_loss is not None:
-            metrics["z_loss"].append(self.accelerator.gather_for_metrics(z_loss.detach()).mean().item())
+            log_metric(self, "z_loss", self.accelerator.gather_for_metrics(z_loss.detach()).mean().item())

@@ -4,7 +4,9 @@ The HF Trainer writes `checkpoint-<step>/` in this order: model, optimizer and s
 its own DeepSpeed shard), RNG states (each rank its own), then `trainer_state.json`. `ResumeMixin`
 then waits for every rank, writes `checkpoint_complete.json` last (every file of the checkpoint with
 its size), and only then deletes checkpoints beyond `save_total_limit`, so a complete checkpoint is on
-disk at every moment. A checkpoint is complete when its marker is there, its `trainer_state.json`
+disk at every moment. (A TrainerCallback's `on_save` comes too late for that: the Trainer rotates
+inside its save, before the marker could exist; `mixtral_compat.transformers.TrainerCheckpointHooks`
+holds the rotation back.) A checkpoint is complete when its marker is there, its `trainer_state.json`
 names its own step, and every file the marker lists is there with that size: one cut short by a
 crash or `kill -9` (or a file truncated afterwards) is never chosen, and `resume=true` takes the
 newest complete one, naming each newer one it skipped and why.
@@ -14,6 +16,9 @@ import json
 import os
 import sys
 from pathlib import Path
+
+from mixtral_compat.deepspeed import copy_master_weights_to_model
+from mixtral_compat.transformers import TrainerCheckpointHooks, load_trainer_schedule
 
 TRAINER_STATE = "trainer_state.json"
 COMPLETE_MARKER = "checkpoint_complete.json"
@@ -78,7 +83,7 @@ def mark_checkpoint_complete(path: Path) -> None:
     os.replace(partial, path / COMPLETE_MARKER)
 
 
-class ResumeMixin:
+class ResumeMixin(TrainerCheckpointHooks):
     """Put first in a trainer's bases: checkpoints marked complete once every rank has written its
     part, and resume of ZeRO-1/2 runs under expert parallelism with every rank's own experts.
 
@@ -87,34 +92,32 @@ class ResumeMixin:
     ranks, and with adapters those ranks kept their initial expert LoRA weights for one step, so the
     first resumed losses drifted) and each rank's fp32 master weights from its own optimizer file.
     So under expert parallelism the module state is loaded leniently and then overwritten by the
-    masters (`update_lp_params`, collective), as an optimizer step would. ZeRO-3 restores parameters
-    from each rank's own partition and needs nothing.
+    masters (`mixtral_compat.deepspeed.copy_master_weights_to_model`, collective), as an optimizer step
+    would. ZeRO-3 restores parameters from each rank's own partition and needs nothing.
     """
 
-    def _save_checkpoint(self, model, trial):
+    def checkpoint_saved(self, save_total_limit: int | None) -> None:
+        """After the Trainer saved `checkpoint-<step>` (rotation held back): mark it, then rotate."""
         from transformers.trainer_utils import rotate_checkpoints
 
-        limit, self.args.save_total_limit = self.args.save_total_limit, None  # rotated below, once marked
-        try:
-            super()._save_checkpoint(model, trial)
-        finally:
-            self.args.save_total_limit = limit
         self.accelerator.wait_for_everyone()  # every rank's optimizer shard and RNG state are written
         if self.args.should_save:
             mark_checkpoint_complete(Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}")
-            rotate_checkpoints(self.args.output_dir, limit, self.state.best_model_checkpoint, use_mtime=True)
+            rotate_checkpoints(
+                self.args.output_dir, save_total_limit, self.state.best_model_checkpoint, use_mtime=True
+            )
 
-    def _prepare_for_training(self, max_steps, train_dataloader, resume_from_checkpoint):
-        if resume_from_checkpoint is None or not self.is_expert_parallel_zero_1_or_2():
-            return super()._prepare_for_training(max_steps, train_dataloader, resume_from_checkpoint)
+    def restores_checkpoint_itself(self, checkpoint: str) -> bool:
+        return self.is_expert_parallel_zero_1_or_2()
+
+    def restore_checkpoint(self, checkpoint: str) -> None:
+        """After the Trainer wrapped the model (without loading `checkpoint`): DeepSpeed's module state
+        leniently, every rank's fp32 masters over it, then the Trainer's LR scheduler and scaler."""
         from transformers.integrations.deepspeed import deepspeed_load_checkpoint
 
-        model, train_dataloader = super()._prepare_for_training(max_steps, train_dataloader, None)
-        deepspeed_load_checkpoint(self.model_wrapped, resume_from_checkpoint, load_module_strict=False)
-        self.model_wrapped.optimizer.update_lp_params()
-        self._load_optimizer_and_scheduler(resume_from_checkpoint)  # the Trainer's own LR scheduler
-        self._load_scaler(resume_from_checkpoint)
-        return model, train_dataloader
+        deepspeed_load_checkpoint(self.model_wrapped, checkpoint, load_module_strict=False)
+        copy_master_weights_to_model(self.model_wrapped)
+        load_trainer_schedule(self, checkpoint)
 
     def is_expert_parallel_zero_1_or_2(self) -> bool:
         from deepspeed.moe.utils import (

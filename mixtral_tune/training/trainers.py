@@ -15,12 +15,13 @@ Every stage trains through the same stack, outermost first (each mixin calls `su
 
 `NoOutputDirModelCardMixin` (here) keeps TRL's model card out of `output_dir` (ours is in `final/`).
 
-Upgrade hazards: these mixins override Trainer methods whose names and signatures are not public API
-and can change in any transformers or TRL release: `_save_checkpoint`, `_prepare_for_training`,
-`_load_optimizer_and_scheduler`, `_load_scaler` (resume), `save_model(output_dir, _internal_call)`
-(expert-parallel save), `compute_loss` and TRL's `_metrics`/`aux_loss_enabled` (objective),
-`create_optimizer` (DeepSpeed MoE groups). `mixtral_compat` lists the versions they were checked on
-and refuses others at start-up.
+Upgrade hazards: the stack overrides Trainer methods whose names and signatures are not public API
+and can change in any transformers or TRL release -- `_save_checkpoint` and `_prepare_for_training`
+(resume; they live in `mixtral_compat.transformers.TrainerCheckpointHooks`, which also calls
+`_load_optimizer_and_scheduler` and `_load_scaler`) -- and the public `compute_loss` (objective;
+TRL's `aux_loss_enabled`/`_metrics` through `mixtral_compat.trl`), `save_model` (passes every argument
+on) and `create_optimizer`. `mixtral_compat` holds every such internal with the versions it was checked
+on, refuses others at start-up, and tests/test_compat.py fails when one changes shape.
 """
 
 from pathlib import Path
@@ -43,10 +44,10 @@ class ExpertParallelSaveMixin:
     save_pretrained -- or, for a PEFT model, into one complete adapter holding every expert's
     lora_A/lora_B -- instead of rank 0 writing only its own."""
 
-    def save_model(self, output_dir=None, _internal_call=False):
+    def save_model(self, output_dir=None, *args, **kwargs):
         model = self.accelerator.unwrap_model(self.model)
         if expert_parallel_of(model) is None:
-            return super().save_model(output_dir, _internal_call)
+            return super().save_model(output_dir, *args, **kwargs)
         output_dir = output_dir or self.args.output_dir
         if isinstance(model, PeftModel):
             save_expert_parallel_adapter(model, output_dir, gathered_state_dict(model, trainable_only=True))

@@ -3,7 +3,7 @@ qlora_account, held to real tensors by tests/test_qlora_memory.py), and the byte
 saves for backward while it is recomputed, measured with saved-tensor hooks on a model whose shapes are
 8x7B's scaled down in proportion (hidden 4096/16, intermediate 14336/16, vocab 32000/16, 4096/16 tokens,
 the same 32/8 heads, 8 experts top-2) and scaled back up by 16 x 16 = 256 (every saved tensor is
-tokens x a width). Built as bench/gpu_check.py's whole-model section builds it (the factory's QLoRA
+tokens x a width). Built as bench/gpu_check/mixtral_8x7b_qlora.py builds it (the factory's QLoRA
 preparation and LoRA, gradient checkpointing, TRL's fused LM head).
 
     python bench/qlora_memory_account.py
@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import bench.gpu_check as g  # noqa: E402
+import bench.gpu_check.common as g  # noqa: E402
+from bench.gpu_check.mixtral_8x7b_qlora import fused_lm_head, one_layer_saved_bytes  # noqa: E402
 from mixtral_tune.config import LORA_TARGET_MODULES  # noqa: E402
 from mixtral_tune.memory import GB, qlora_account  # noqa: E402
 
@@ -53,12 +54,12 @@ def _one_layer_saved(backend: str, autocast: bool) -> dict[str, float]:
     cfg = g.peft_cfg("qlora")
     model = g.build_ours(config, torch.device("cpu"))
     g.quantize_nf4_(model, g.bnb_config(cfg), torch.device("cpu"))
-    g.fused_lm_head(model)
+    fused_lm_head(model)
     model = g.apply_peft_ours(model, cfg, True)
     g.set_expert_backend(model, backend)
     ids = torch.randint(0, config.vocab_size, (1, TOKENS), generator=torch.Generator().manual_seed(0))
     context = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if autocast else contextlib.nullcontext
-    saved = g.one_layer_saved_bytes(
+    saved = one_layer_saved_bytes(
         model, lambda m: m(input_ids=ids, labels=ids, fused_lm_head=True).loss, context
     )
     return {k: v * SCALE * SCALE / GB for k, v in saved.items()}

@@ -13,7 +13,10 @@ Rows (TRL conventions):
        ending with assistant), or `prompt` + `completion`, each a string or a message list.
   DPO  `prompt` (string or message list ending with a user turn) + `chosen` + `rejected` (strings
        or assistant-message lists; a chosen/rejected list that repeats the prompt has it stripped).
-       Without `prompt`, the messages shared by chosen and rejected are the prompt.
+       Without `prompt`, the messages shared by chosen and rejected are the prompt. (ORPO and CPO/SimPO
+       take the same rows.)
+  KTO  `prompt` (as DPO's) + `completion` (as DPO's chosen) + `label` (true: desirable, false:
+       undesirable): unpaired feedback, as TRL's KTOTrainer takes it.
 
 Every row is checked: invalid JSON, missing field, wrong type, empty text, broken role alternation.
 Bad rows are dropped and reported per source (file and row index, a few examples); loading fails
@@ -105,6 +108,9 @@ TOKENS = datasets.List(datasets.Value("int32"))
 MESSAGES = datasets.List({"role": datasets.Value("string"), "content": datasets.Value("string")})
 SFT_FEATURES = datasets.Features({"input_ids": TOKENS, "labels": TOKENS, **STATUS})
 DPO_FEATURES = datasets.Features({"prompt": MESSAGES, "chosen": MESSAGES, "rejected": MESSAGES, **STATUS})
+KTO_FEATURES = datasets.Features(
+    {"prompt": MESSAGES, "completion": MESSAGES, "label": datasets.Value("bool"), **STATUS}
+)
 
 
 class DataError(ValueError):
@@ -178,6 +184,13 @@ class DpoExample:
     rejected: list[dict]
 
 
+@dataclass
+class KtoExample:
+    prompt: list[dict]
+    completion: list[dict]
+    label: bool  # true: a desirable completion (thumbs up), false: an undesirable one
+
+
 @dataclass(frozen=True)
 class Source:
     """One data source: a local file or a hub dataset split, with a column renaming and a weight."""
@@ -220,6 +233,19 @@ def prepare_dpo_data(data_cfg: Any, tokenizer: PreTrainedTokenizerBase, seed: in
     )
     prepared = prepare(data_cfg, tokenizer, seed, convert, DPO_FEATURES, lambda dataset, _: dataset)
     check_chat_template_matches_encode_chat(tokenizer, prepared.train[0])
+    return prepared
+
+
+def prepare_kto_data(data_cfg: Any, tokenizer: PreTrainedTokenizerBase, seed: int) -> PreparedData:
+    """Conversational prompt/completion/label train/eval datasets for TRL's KTOTrainer from `cfg.data`."""
+    convert = partial(
+        kto_convert_batch, tokenizer=tokenizer, max_length=data_cfg.max_length, truncation=data_cfg.truncation
+    )
+    prepared = prepare(data_cfg, tokenizer, seed, convert, KTO_FEATURES, lambda dataset, _: dataset)
+    first = prepared.train[0]
+    check_chat_template_matches_encode_chat(
+        tokenizer, {"prompt": first["prompt"], "chosen": first["completion"]}
+    )
     return prepared
 
 
@@ -632,6 +658,28 @@ def dpo_convert_batch(batch: dict, *, columns, tokenizer, max_length, truncation
     return out
 
 
+def kto_convert_batch(batch: dict, *, columns, tokenizer, max_length, truncation) -> dict:
+    out = {"prompt": [], "completion": [], "label": [], PROBLEM: [], DETAIL: [], ROW_INDEX: []}
+    for index, row in rows_of(batch, columns):
+        detail = ""
+        try:
+            example = parse_kto_row(row)
+            # TRL's KTO collator cuts long rows as DPO's keep_start does (the prompt kept, the completion cut)
+            problem = dpo_length_outcome(
+                tokenizer, DpoExample(example.prompt, example.completion, example.completion),
+                max_length, truncation, "keep_start",
+            )  # fmt: skip
+        except BadRow as reason:
+            example, problem, detail = KtoExample([], [], False), reason.kind, str(reason).split(": ", 1)[1]
+        out["prompt"].append(example.prompt)
+        out["completion"].append(example.completion)
+        out["label"].append(example.label)
+        out[PROBLEM].append(problem)
+        out[DETAIL].append(detail)
+        out[ROW_INDEX].append(index)
+    return out
+
+
 def parse_sft_row(row: Any) -> SftExample:
     """An SFT row as a conversation, or BadRow."""
     row = require_object(row)
@@ -672,6 +720,28 @@ def parse_dpo_row(row: Any) -> DpoExample:
         if completion[-1]["role"] != "assistant":
             raise BadRow("broken alternation", f"'{key}' must end with an assistant message")
     return DpoExample(prompt, chosen, rejected)
+
+
+def parse_kto_row(row: Any) -> KtoExample:
+    """An unpaired KTO row (TRL's convention: `prompt`, `completion`, boolean `label`), or BadRow."""
+    row = require_object(row)
+    for key in ("prompt", "completion", "label"):
+        if key not in row:
+            raise BadRow("missing field", f"'{key}'")
+    if not isinstance(row["label"], bool):
+        raise BadRow(
+            "wrong type", f"'label' must be true (desirable) or false (undesirable), got {row['label']!r}"
+        )
+    prompt = parse_turns(row, "prompt", "user")
+    completion = strip_prompt(prompt, parse_turns(row, "completion", "assistant"))
+    if not prompt or prompt[-1]["role"] != "user":
+        raise BadRow("broken alternation", "the prompt must end with a user message")
+    if not completion:
+        raise BadRow("empty text", "'completion' has no assistant message after the prompt")
+    require_conversation(prompt + completion, "prompt + completion")
+    if completion[-1]["role"] != "assistant":
+        raise BadRow("broken alternation", "'completion' must end with an assistant message")
+    return KtoExample(prompt, completion, row["label"])
 
 
 def strip_prompt(prompt: list[dict], completion: list[dict]) -> list[dict]:

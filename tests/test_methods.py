@@ -9,6 +9,7 @@ shows the z term in each trainer's loss when it is on. Rows, config checks and t
 """
 
 import json
+import re
 
 import datasets
 import pytest
@@ -21,8 +22,9 @@ from trl.experimental.cpo import CPOConfig, CPOTrainer
 from trl.experimental.orpo import ORPOConfig, ORPOTrainer
 
 from mixtral_tune import cpo, kto, orpo, pipeline
-from mixtral_tune.config import ConfigError, load_config
+from mixtral_tune.config import ConfigError, load_config, recipe_files
 from mixtral_tune.data import BadRow, parse_kto_row, prepare_dpo_data, prepare_kto_data
+from mixtral_tune.estimate import estimate_run
 from mixtral_tune.training.model_factory import build_frozen_reference
 from mixtral_tune.training.objective import RouterObjectiveMixin
 
@@ -221,3 +223,18 @@ def test_cli_lists_the_command_and_a_recipe_for_another_stage_is_refused(stage, 
         cli([stage, "+recipe=tiny/dpo", f"output_dir={tmp_path}"])
     assert exit_.value.code == 2
     assert "launch it with mixtral-tune dpo" in capsys.readouterr().err
+
+
+ONE_GPU_ESTIMATE = re.compile(r"^# Estimate: (?P<gib>[\d.]+) GiB of GPU memory on one GPU ")
+
+
+@pytest.mark.parametrize(
+    "recipe", ["mixtral-8x7b/kto_qlora", "mixtral-8x7b/orpo_qlora", "mixtral-8x7b/simpo_qlora"]
+)
+def test_one_gpu_recipe_headers_state_the_estimate_function_s_number(recipe):
+    header = [
+        line for line in recipe_files()[recipe].read_text().splitlines() if ONE_GPU_ESTIMATE.match(line)
+    ]
+    assert len(header) == 1, f"{recipe}: no one-GPU estimate line in its header"
+    stated = float(ONE_GPU_ESTIMATE.match(header[0])["gib"])
+    assert stated == estimate_run([f"+recipe={recipe}"], world_size=1).summary()["gpu_memory_gib"]

@@ -155,7 +155,8 @@ def test_the_router_terms_of_the_trained_forward_enter_the_loss_and_the_logs(met
         loss, metrics = trainer.get_batch_loss_metrics(model, batch, mode)
         without, _ = super(RouterObjectiveMixin, trainer).get_batch_loss_metrics(model, batch, mode)
         prefix = "eval_" if mode == "eval" else ""
-        both = trainer.concatenated_inputs(batch, padding_value=trainer.padding_value)
+        pad = trainer.padding_value if method == "orpo" else trainer.pad_token_id
+        both = trainer.concatenated_inputs(batch, padding_value=pad)
         trained = (both["concatenated_input_ids"], both["concatenated_attention_mask"])
         kl_forward = None
     expected, aux, z = router_terms(model, policy, *trained)

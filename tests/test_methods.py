@@ -9,18 +9,21 @@ shows the z term in each trainer's loss when it is on. Rows, config checks and t
 """
 
 import json
+import math
 import re
 
 import datasets
+import peft
 import pytest
 import torch
 import transformers
 import trl
 from omegaconf import OmegaConf
-from pipeline_runs import REPO, SMALL_MODEL, train_losses
+from pipeline_runs import REPO, SMALL_MODEL, log_history, run_pipeline, train_losses
 from trl.experimental.cpo import CPOConfig, CPOTrainer
 from trl.experimental.orpo import ORPOConfig, ORPOTrainer
 
+from mixtral_model import encode_chat
 from mixtral_tune import cpo, kto, orpo, pipeline
 from mixtral_tune.config import ConfigError, load_config, recipe_files
 from mixtral_tune.data import BadRow, parse_kto_row, prepare_dpo_data, prepare_kto_data
@@ -239,3 +242,43 @@ def test_one_gpu_recipe_headers_state_the_estimate_function_s_number(recipe):
     assert len(header) == 1, f"{recipe}: no one-GPU estimate line in its header"
     stated = float(ONE_GPU_ESTIMATE.match(header[0])["gib"])
     assert stated == estimate_run([f"+recipe={recipe}"], world_size=1).summary()["gpu_memory_gib"]
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("method", list(METHODS))
+def test_two_rank_zero2_lora_runs_train_with_the_router_terms_and_save_an_adapter_transformers_loads(
+    method, tmp_path
+):
+    """2 gloo ranks, DeepSpeed ZeRO-2, LoRA on attention and experts: every step logs a finite loss and
+    the aux term; the final adapter is trained and loads onto transformers' Mixtral through PEFT."""
+    stage = "cpo" if method == "simpo" else method
+    out = tmp_path / "run"
+    overrides = argv(method, out, "max_steps=3", "trainer.save_steps=3", "deepspeed=zero2", "peft=lora")
+    run_pipeline(stage, [*overrides, "peft.dropout=0.0"], nproc=2)
+    steps = [entry for entry in log_history(out / "final") if "loss" in entry and "train_loss" not in entry]
+    assert len(steps) == 3 and all(math.isfinite(e["loss"]) and e["aux_loss"] > 0 for e in steps), steps
+    adapter = peft.PeftModel.from_pretrained(
+        transformers.MixtralForCausalLM.from_pretrained(out / "base"), out / "final"
+    )
+    lora_b = [p for name, p in adapter.named_parameters() if "lora_B" in name]
+    assert lora_b and any(p.abs().max() > 0 for p in lora_b), "empty adapter"
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_trl_tokenizes_the_rows_as_encode_chat_does(method, tmp_path):
+    """Each TRL trainer tokenizes the prepared rows its own way (KTO: the chat template's ids; ORPO and CPO:
+    the rendered text re-tokenized); every way must give encode_chat's ids (the format SFT trains on)."""
+    trainer = build(method, tmp_path)
+    row = json.loads((REPO / "data" / METHODS[method][-1]).read_text().splitlines()[0])
+    tokenizer = trainer.processing_class
+    tokenized = trainer.train_dataset[0]
+    if method == "kto":
+        ids = tokenized["prompt_ids"] + tokenized["completion_ids"]
+        expected = encode_chat(tokenizer, row["prompt"] + row["completion"])["input_ids"]
+        assert ids == expected
+        return
+    for answer in ("chosen", "rejected"):
+        expected = encode_chat(tokenizer, row["prompt"] + row[answer])["input_ids"]
+        assert tokenized[f"{answer}_input_ids"] == expected, answer
+        prompt_length = len(encode_chat(tokenizer, row["prompt"])["input_ids"])
+        assert tokenized[f"{answer}_labels"] == [-100] * prompt_length + expected[prompt_length:]

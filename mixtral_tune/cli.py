@@ -26,14 +26,17 @@ COMMANDS = {
     "kto": "KTO alignment on unpaired feedback (TRL KTOTrainer): +recipe=NAME|FILE.yaml [key=value ...]",
     "orpo": "ORPO, no reference model (TRL experimental ORPOTrainer): +recipe=NAME|FILE.yaml [key=value ...]",
     "cpo": "CPO and SimPO (trainer.loss_type=simpo; TRL experimental CPOTrainer): +recipe=NAME|FILE.yaml [...]",
+    "esft-select": "score experts on the recipe's data, write the ESFT selection: +recipe=NAME [--score gate|token] [--threshold P]",
     "export": "merge a LoRA/QLoRA adapter into its base, shard by shard: ADAPTER_DIR EXPORT_DIR [--base PATH]",
     "demo": "the tiny SFT -> DPO demo on CPU, with held-out evaluation: [--output-dir DIR] [--seed S]",
 }
 
+MODULES = {"esft-select": "esft"}  # commands whose module has another name
+
 
 def usage() -> str:
     lines = [f"usage: mixtral-tune {{{','.join(COMMANDS)}}} [ARGS ...]", ""]
-    lines += [f"  {name:<7} {text}" for name, text in COMMANDS.items()]
+    lines += [f"  {name:<12} {text}" for name, text in COMMANDS.items()]
     lines += [
         "",
         "`mixtral-tune COMMAND --help` shows a command's arguments.",
@@ -63,5 +66,5 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: unknown command '{command}': use one of {', '.join(COMMANDS)} (mixtral-tune --help)",
               file=sys.stderr)  # fmt: skip
         return 2
-    importlib.import_module(f"mixtral_tune.{command}").main(args)
+    importlib.import_module(f"mixtral_tune.{MODULES.get(command, command)}").main(args)
     return 0

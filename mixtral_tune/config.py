@@ -56,7 +56,8 @@ DTYPES = {
     "float16": torch.float16,
 }  # name -> torch dtype
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
-PEFT_METHODS = ("none", "lora", "qlora")
+PEFT_METHODS = ("none", "lora", "qlora", "esft")
+ADAPTER_METHODS = ("lora", "qlora")  # methods that train PEFT adapters (the rest train weights in place)
 QUANT_TYPES = ("nf4", "fp4")
 REPORT_TO_PACKAGES = {"wandb": "wandb", "tensorboard": "tensorboard"}  # extras in pyproject.toml
 SFT_LOSS_TYPES = ("nll", "dft")  # TRL 1.16 SFTTrainer
@@ -162,6 +163,7 @@ class PeftConfig:
     dropout: float = 0.05
     targets: str = "both"  # attention | experts | both
     train_router: bool = False  # train the router weights fully (PEFT modules_to_save); never LoRA-wrapped
+    esft_selection: str | None = None  # `mixtral-tune esft-select` output: train (peft=esft) or LoRA only those experts
     quant: QuantConfig = field(default_factory=QuantConfig)
 
 
@@ -537,10 +539,41 @@ def require_data_file(key: str, value: str | None) -> None:
         raise ConfigError(f"{key}={value} is not a file: fix the path, or give a hub dataset name")
 
 
+def check_esft(cfg: DictConfig) -> None:
+    """peft.esft_selection: required by peft=esft, restricts LoRA's expert targets, meaningless otherwise."""
+    peft = cfg.peft
+    if peft.method == "esft" and not peft.esft_selection:
+        raise ConfigError(
+            "peft=esft needs peft.esft_selection=FILE: write one with `mixtral-tune esft-select +recipe=...`"
+        )
+    if not peft.esft_selection:
+        return
+    if peft.method == "none":
+        raise ConfigError("peft.esft_selection is set but peft=none trains every weight: use peft=esft (or lora)")
+    if peft.method in ADAPTER_METHODS and peft.targets == "attention":
+        raise ConfigError(
+            "peft.esft_selection restricts LoRA on experts, but peft.targets=attention has none: "
+            "use peft.targets=experts (or both)"
+        )
+    from mixtral_tune.esft import SelectionError, load_selection
+
+    arch = cfg.model.architecture
+    try:
+        load_selection(peft.esft_selection, arch.num_hidden_layers, arch.num_local_experts)
+    except SelectionError as error:
+        raise ConfigError(str(error)) from error
+
+
+def uses_adapters(cfg: DictConfig) -> bool:
+    """Whether the run trains PEFT adapters (LoRA/QLoRA) rather than weights in place."""
+    return cfg.peft.method in ADAPTER_METHODS
+
+
 def check_peft(cfg: DictConfig) -> None:
     peft = cfg.peft
     require_choice("peft.method", peft.method, PEFT_METHODS)
-    if peft.method == "none":
+    check_esft(cfg)
+    if peft.method in ("none", "esft"):
         return
     require_positive("peft.r", peft.r)
     require_positive("peft.alpha", peft.alpha)

@@ -6,6 +6,7 @@ files and rows, parallel combination) is checked before a model is built or an o
 """
 
 import os  # noqa: I001  (mixtral_model.quiet comes before deepspeed)
+import shutil
 import sys
 from pathlib import Path
 
@@ -30,6 +31,7 @@ from mixtral_tune.config import (
     report_to,
     resume_checkpoint,
     trainer_value,
+    uses_adapters,
     zero_stage,
 )
 from mixtral_tune.data import DataError
@@ -51,7 +53,7 @@ def config_from_argv(stage: str, argv: list[str]) -> DictConfig:
         if print_only:
             print(OmegaConf.to_yaml(cfg, resolve=True), end="")
             sys.exit(0)
-        check_parallel_combination(zero_stage(cfg), cfg.model.expert_parallel_size, cfg.peft.method != "none")
+        check_parallel_combination(zero_stage(cfg), cfg.model.expert_parallel_size, uses_adapters(cfg))
         check_checkpoint_architecture(cfg)
         check_output_dir(cfg)
         check_hub_access(cfg)
@@ -238,6 +240,8 @@ def save_final(trainer, cfg: DictConfig, tokenizer) -> str:
         OmegaConf.save(cfg, Path(final) / "run_config.yaml", resolve=True)
         trainer.state.save_to_json(str(Path(final) / "trainer_state.json"))
         write_generation_config(Path(final), tokenizer)
+        if cfg.peft.esft_selection:  # which experts were trained, beside the weights
+            shutil.copyfile(cfg.peft.esft_selection, Path(final) / "esft_selection.json")
         is_adapter = (Path(final) / "adapter_config.json").exists()
         write_model_card(Path(final), cfg, trainer.state.log_history, is_adapter)
         if trainer.args.push_to_hub:

@@ -19,7 +19,10 @@ import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-BUILD_INPUTS = ("pyproject.toml", "README.md", "mixtral_model", "mixtral_tune", "configs", "recipes", "data")
+BUILD_INPUTS = (
+    "pyproject.toml", "README.md", "mixtral_model", "mixtral_parallel", "mixtral_compat", "mixtral_tune", "configs",
+    "recipes", "data",
+)  # fmt: skip
 
 
 def run(command: list, cwd: Path, env: dict, timeout: int = 300) -> subprocess.CompletedProcess:
@@ -75,7 +78,10 @@ def test_help_of_the_command_and_of_python_m(installed):
     command, python = env_dir / "bin" / "mixtral-tune", env_dir / "bin" / "python"
     for help_command in ([command, "--help"], [python, "-m", "mixtral_tune", "--help"]):
         out = run(help_command, work, env, timeout=60).stdout
-        assert out.startswith("usage: mixtral-tune {sft,dpo,kto,orpo,cpo,export,demo}") and "tiny/sft" in out
+        assert (
+            out.startswith("usage: mixtral-tune {sft,dpo,kto,orpo,cpo,esft-select,export,demo}")
+            and "tiny/sft" in out
+        )
     wrong = subprocess.run([command, "train"], cwd=work, env=env, capture_output=True, text=True)
     assert wrong.returncode == 2 and wrong.stderr.startswith("error: unknown command 'train'")
 
@@ -87,7 +93,13 @@ def test_a_few_tiny_sft_steps_from_outside_the_checkout(installed):
          f"data.cache_dir={work / 'prepared'}"], work, env)  # fmt: skip
     final = work / "run" / "final"
     saved = {path.name for path in final.iterdir()}
-    assert {"config.json", "model.safetensors", "tokenizer.json", "run_config.yaml", "trainer_state.json"} <= saved
+    assert {
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "run_config.yaml",
+        "trainer_state.json",
+    } <= saved
     config = yaml.safe_load((final / "run_config.yaml").read_text())
     assert Path(config["data"]["path"]).is_relative_to(purelib)  # the demo data shipped in the package
     shebang = (env_dir / "bin" / "mixtral-tune").read_text().splitlines()[0]

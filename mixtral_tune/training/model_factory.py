@@ -14,7 +14,15 @@ from omegaconf import DictConfig, OmegaConf
 from transformers import BitsAndBytesConfig, PreTrainedTokenizerBase
 
 from mixtral_model import MixtralConfig, MixtralForCausalLM
-from mixtral_tune.config import DTYPES, lora_modules_to_save, lora_target_modules, trainer_value
+from mixtral_tune.config import (
+    DTYPES,
+    LORA_TARGET_MODULES,
+    lora_modules_to_save,
+    lora_target_modules,
+    trainer_value,
+    uses_adapters,
+)
+from mixtral_tune.esft import freeze_all_but_selected, load_selection, lora_target_regex
 
 NEVER_QUANTIZED = ["gate", "lm_head"]  # the router and the output head stay in the compute dtype
 
@@ -115,13 +123,24 @@ def apply_peft(model: MixtralForCausalLM, cfg: DictConfig, gradient_checkpointin
     """LoRA (or QLoRA) adapters on the configured targets; the router is never wrapped."""
     if cfg.peft.method == "none":
         return model
+    if cfg.peft.method == "esft":
+        freeze_all_but_selected(model, selected_experts(cfg, model))
+        if cfg.peft.train_router:
+            for name, module in model.named_modules():
+                if name.endswith(".gate"):
+                    module.requires_grad_(True)
+        return model
     if cfg.peft.method == "qlora":
         prepare_4bit_for_training(model, gradient_checkpointing)
+    targets = lora_target_modules(cfg)
+    if cfg.peft.esft_selection:  # LoRA on the selected experts only (and attention, as peft.targets says)
+        attention = [name for name in targets if name not in LORA_TARGET_MODULES["experts"]]
+        targets = lora_target_regex(selected_experts(cfg, model), attention)
     lora = peft.LoraConfig(
         r=cfg.peft.r,
         lora_alpha=cfg.peft.alpha,
         lora_dropout=cfg.peft.dropout,
-        target_modules=lora_target_modules(cfg),
+        target_modules=targets,
         modules_to_save=lora_modules_to_save(cfg) or None,
         task_type="CAUSAL_LM",
     )
@@ -131,6 +150,12 @@ def apply_peft(model: MixtralForCausalLM, cfg: DictConfig, gradient_checkpointin
     # experts through its ParamWrapper, which refuses any lora_dropout != 0, even for inference.
     model.peft_config["default"].lora_dropout = 0.0
     return model
+
+
+def selected_experts(cfg: DictConfig, model) -> list[list[int]]:
+    return load_selection(
+        cfg.peft.esft_selection, model.config.num_hidden_layers, model.config.num_local_experts
+    )
 
 
 def base_model_path(cfg: DictConfig) -> str:
@@ -145,8 +170,8 @@ def build_model(cfg: DictConfig):
 
 
 def build_frozen_reference(cfg: DictConfig) -> MixtralForCausalLM | None:
-    """DPO reference: None under PEFT (the base with adapters disabled), else a frozen copy of the base."""
-    if cfg.peft.method != "none":
+    """DPO reference: None under LoRA/QLoRA (the base with adapters disabled), else a frozen copy of the base."""
+    if uses_adapters(cfg):
         return None
     reference = load_model(cfg, base_model_path(cfg))
     reference.requires_grad_(False)

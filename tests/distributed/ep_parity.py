@@ -23,8 +23,9 @@ sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).res
 
 from mixtral_reference import max_relative_diff, tiny_config  # noqa: E402
 
-from mixtral_model import MixtralConfig, MixtralForCausalLM, parallel  # noqa: E402
+from mixtral_model import MixtralConfig, MixtralForCausalLM  # noqa: E402
 from mixtral_model.moe import SparseMoeBlock, expert_capacity, plan_slots, route_top_k  # noqa: E402
+from mixtral_parallel import expert_parallel as parallel  # noqa: E402
 from mixtral_parallel.expert_parallel import is_expert_param, new_expert_parallel_groups, parallelize_experts  # noqa: E402
 
 WORLD = 2

@@ -64,6 +64,9 @@ SLOW = {
     # every setting of dpo_lora_ep but the DPO stage is sft_lora_ep's (non-slow); DPO with LoRA under EP=2 and
     # ZeRO-3 also runs in tests/test_pipelines.py
     "mixtral-8x7b/dpo_lora_ep",
+    # every setting of simpo_qlora but the CPO/SimPO loss is orpo_qlora's (non-slow; the two experimental TRL
+    # trainers share their code path); the SimPO loss runs in tiny/simpo
+    "mixtral-8x7b/simpo_qlora",
 }
 
 

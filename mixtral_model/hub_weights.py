@@ -69,13 +69,13 @@ def problem_on_any_rank(problem: str | None) -> str | None:
 
 def looks_like_local_path(name_or_path) -> bool:
     """A hub id is `name` or `namespace/name`; anything else (absolute, ./, ~, deeper, or a data file
-    name: .jsonl/.json/.parquet) is a local path. The one rule for models, tokenizers and datasets."""
+    name: .jsonl/.json/.parquet/.csv/.arrow) is a local path. The one rule for models, tokenizers and datasets."""
     text = str(name_or_path)
     return (
         not isinstance(name_or_path, str)
         or text.startswith(("/", ".", "~"))
         or text.count("/") > 1
-        or Path(text).suffix in (".jsonl", ".json", ".parquet")
+        or Path(text).suffix in (".jsonl", ".json", ".parquet", ".csv", ".arrow")
     )
 
 

@@ -64,7 +64,6 @@ SFT_LOSS_TYPES = ("nll", "dft")  # TRL 1.16 SFTTrainer
 DATA_TRUNCATION = ("truncate", "drop")
 DPO_TRUNCATION_MODES = ("keep_start", "keep_end")
 DATA_PREPARE_ON = ("local_main", "global_main")
-DATA_FIELDS = ("messages", "prompt", "completion", "chosen", "rejected", "label")
 DPO_LOSS_TYPES = (
     "sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard",
     "aot", "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm",
@@ -116,24 +115,30 @@ class ModelConfig:
 class DataSourceConfig:
     """One source of data.mixture (alignment-handbook `dataset_mixture` semantics)."""
 
-    path: str = MISSING  # local .jsonl/.json/.parquet file, or a hub dataset name
+    path: str = MISSING  # a data file, a directory, or a hub dataset name (as data.path)
     config: str | None = None  # hub dataset config (subset) name
     revision: str | None = None  # hub dataset revision (branch, tag or commit)
-    split: str = "train"  # hub datasets only
-    columns: dict[str, str] = field(default_factory=dict)  # rename: source column -> messages/prompt/...
+    split: str = "train"  # hub datasets and directories with splits
+    columns: dict[str, str] = field(
+        default_factory=dict
+    )  # rename, over data.columns: source column -> format column
     weight: float = 1.0  # fraction of this source's rows used, drawn with trainer.seed
 
 
 @dataclass
 class DataConfig:
-    path: str | None = MISSING  # local .jsonl/.json/.parquet file, or a hub dataset name; null with mixture
-    # sft: messages or prompt/completion rows; dpo (also for orpo, cpo): prompt/chosen/rejected rows;
-    # kto: prompt/completion/label rows
-    kind: str = MISSING
-    split: str = "train"  # hub datasets only
+    # .jsonl/.json/.parquet/.csv/.arrow file, a directory (save_to_disk, or data files), or a hub
+    # dataset name; null with mixture
+    path: str | None = MISSING
+    kind: str = MISSING  # the rows' pipeline: sft | dpo (also for orpo and cpo: preference rows) | kto
+    format: str = "auto"  # auto (each row's own, from its columns) | a name of mixtral_tune/data.py FORMATS
+    columns: dict[str, str] = field(default_factory=dict)  # rename: source column -> format column
+    split: str = "train"  # hub datasets and directories with splits
+    config: str | None = None  # hub dataset config (subset) name
+    revision: str | None = None  # hub dataset revision (branch, tag or commit)
     mixture: list[DataSourceConfig] = field(default_factory=list)  # several sources instead of `path`
-    eval_path: str | None = None
-    eval_split: str = "test"  # hub datasets only
+    eval_path: str | None = None  # eval source (as path); a data group's is dropped with the group's data
+    eval_split: str = "test"  # split of eval_path (hub datasets and directories with splits)
     eval_fraction: float = 0.0  # held out from the training rows (path or mixture) when no eval_path
     max_length: int = 2048
     truncation: str = "truncate"  # longer rows: truncate (keep the prompt, cut the completion) | drop
@@ -280,11 +285,36 @@ def compose(config_name: str, overrides: list[str] | tuple[str, ...] = ()) -> Di
     overrides = rewrite_overrides(overrides)
     try:
         with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-            cfg = hydra_compose(config_name=config_name, overrides=overrides)
+            cfg = hydra_compose(config_name=config_name, overrides=overrides, return_hydra_config=True)
     except (HydraException, OmegaConfBaseException) as error:
         raise ConfigError(describe_composition_error(error)) from error
+    with open_dict(cfg):
+        data_group = cfg.pop("hydra").runtime.choices.get("data")
     normalize_trainer(cfg)
+    drop_eval_of_replaced_data(cfg, data_group, overrides)
     return cfg
+
+
+def drop_eval_of_replaced_data(cfg: DictConfig, data_group: str | None, overrides: list[str]) -> None:
+    """Eval follows the data: a data group's eval_path belongs to that group's training data. When the
+    training data was replaced (data.path or data.mixture set by a recipe or the command line) and the
+    eval source is still the group's, it is dropped (eval then comes from data.eval_fraction, or
+    nowhere), unless the command line names data.eval_path itself."""
+    group_file = CONFIG_DIR / "data" / f"{data_group}.yaml"
+    if "data" not in cfg or OmegaConf.is_missing(cfg.data, "path") or not group_file.is_file():
+        return
+    if not cfg.data.eval_path:
+        return
+    if any(override.lstrip("+").startswith("data.eval_path=") for override in overrides):
+        return
+    group = OmegaConf.load(group_file)
+
+    def mixture_paths(data) -> list[str]:
+        return [str(source.path) for source in data.get("mixture") or []]
+
+    same_data = group.get("path") == cfg.data.path and mixture_paths(group) == mixture_paths(cfg.data)
+    if not same_data and group.get("eval_path") == cfg.data.eval_path:
+        cfg.data.eval_path = None
 
 
 def load_config(config_name: str, overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
@@ -523,6 +553,7 @@ def check_data(cfg: DictConfig) -> None:
         )
     for key in ("path", "eval_path"):
         require_data_file(f"data.{key}", data[key])
+    check_data_format(data)
     for number, source in enumerate(data.mixture):
         require_data_file(f"data.mixture[{number}].path", source.path)
         if not 0.0 < source.weight <= 1.0:
@@ -530,13 +561,28 @@ def check_data(cfg: DictConfig) -> None:
                 f"data.mixture[{number}].weight={source.weight} must be within (0, 1]: it is the fraction of "
                 "that source's rows used"
             )
-        for column, target in source.columns.items():
-            require_choice(f"data.mixture[{number}].columns.{column}", target, DATA_FIELDS)
+        check_columns(f"data.mixture[{number}].columns", source.columns, data.kind)
+
+
+def check_data_format(data: DictConfig) -> None:
+    """data.format names a row format of the pipeline (mixtral_tune/data.py FORMATS); data.columns
+    renames columns to columns those formats read."""
+    from mixtral_tune.data import format_names
+
+    require_choice("data.format", data.format, ("auto", *format_names(data.kind)))
+    check_columns("data.columns", data.columns, data.kind)
+
+
+def check_columns(key: str, columns: DictConfig, kind: str) -> None:
+    from mixtral_tune.data import format_columns
+
+    for column, target in columns.items():
+        require_choice(f"{key}.{column}", target, format_columns(kind))
 
 
 def require_data_file(key: str, value: str | None) -> None:
-    if value and looks_like_local_path(value) and not Path(value).expanduser().is_file():
-        raise ConfigError(f"{key}={value} is not a file: fix the path, or give a hub dataset name")
+    if value and looks_like_local_path(value) and not Path(value).expanduser().exists():
+        raise ConfigError(f"{key}={value} does not exist: fix the path, or give a hub dataset name")
 
 
 def check_esft(cfg: DictConfig) -> None:

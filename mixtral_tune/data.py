@@ -1,26 +1,42 @@
-"""Datasets of the SFT and DPO pipelines: load, validate every row, tokenize, pack; once per job, cached.
+"""Datasets of the SFT and DPO pipelines: load, detect each row's format, validate, tokenize, pack;
+once per job, cached.
 
 Sources: `data.path` (one source, kept in its order) or `data.mixture` (several, alignment-handbook
 `dataset_mixture` semantics: each source's `weight` is the fraction of its rows used, drawn with the
-run's seed; the sources are concatenated and shuffled with the seed). `data.eval_fraction` holds out
-a test fraction of the training rows, drawn with the seed. A source is a local `.jsonl` / `.json` /
-`.parquet` file (chosen by extension; a `.json` list is read whole, a `.jsonl` line by line) or a hub
-dataset (`config`, `revision`, `split`); `columns` renames its columns to ours. A path that looks local
-but does not exist is a FileNotFoundError naming it, never a hub lookup.
+run's seed; the sources are concatenated and shuffled with the seed). A source is a local file
+(.jsonl read line by line, .json a list read whole, .parquet, .csv, .arrow), a local directory
+(`datasets.save_to_disk` output, read with `datasets.load_from_disk` (its `split` for a DatasetDict),
+or a hub-style folder of data files, read with `datasets.load_dataset`), or a hub dataset
+(`datasets.load_dataset` with `config`, `split`, `revision`). `data.columns` (a mixture source's
+`columns`) renames the source's columns to the names of a format. A path that looks local but does
+not exist is a FileNotFoundError naming it, never a hub lookup.
 
-Rows (TRL conventions):
-  SFT  `messages`: [{role, content}, ...] (optional system first, then user/assistant alternating,
-       ending with assistant), or `prompt` + `completion`, each a string or a message list.
-  DPO  `prompt` (string or message list ending with a user turn) + `chosen` + `rejected` (strings
-       or assistant-message lists; a chosen/rejected list that repeats the prompt has it stripped).
-       Without `prompt`, the messages shared by chosen and rejected are the prompt. (ORPO and CPO/SimPO
-       take the same rows.)
-  KTO  `prompt` (as DPO's) + `completion` (as DPO's chosen) + `label` (true: desirable, false:
-       undesirable): unpaired feedback, as TRL's KTOTrainer takes it.
+Row formats (FORMATS, one entry per format; `data.format=auto` detects each row's format from its
+columns, in the table's order; `data.format=NAME` reads every row as NAME):
+  sft  messages           `messages`: [{role, content}, ...] (TRL conversational language modelling)
+       sharegpt           `conversations`: [{from, value}, ...], optional `system`; `from` is
+                          system | human/user | gpt/assistant/bot/model/chatgpt (any case); others refused
+       alpaca             `instruction`, optional `input`, `output`, optional `system`: the user turn is
+                          instruction and input joined by a newline, empty parts left out, as
+                          LLaMA-Factory's AlpacaDatasetConverter (src/llamafactory/data/converter.py)
+       prompt_completion  `prompt` + `completion`, each a string or a message list (TRL prompt-completion)
+       text               `text` (TRL language modelling): every token trained, EOS appended as TRL does,
+                          packed with TRL's `bfd_split` (long texts are split, never cut); a run's
+                          text rows cannot be mixed with chat rows
+  dpo  preference         `prompt` (string or message list ending with a user turn) + `chosen` +
+                          `rejected` (strings or assistant-message lists; a chosen/rejected list that
+                          repeats the prompt has it stripped). Without `prompt` (TRL's implicit prompt),
+                          the messages shared by chosen and rejected are the prompt. (ORPO and
+                          CPO/SimPO take these rows too.)
+  kto  unpaired           `prompt` (as preference's) + `completion` (as its chosen) + `label` (true:
+                          desirable, false: undesirable): unpaired feedback, as TRL's KTOTrainer takes it
+Chat rules for every chat format: an optional system message first, then user/assistant alternating,
+ending with assistant. A null value counts as an absent column.
 
-Every row is checked: invalid JSON, missing field, wrong type, empty text, broken role alternation.
-Bad rows are dropped and reported per source (file and row index, a few examples); loading fails
-with one line when a source has no usable rows or more than data.max_bad_fraction bad ones. Row
+Every row is checked: invalid JSON, no format fits (missing field), wrong type, empty text, unknown
+role, broken role alternation. Bad rows are dropped and reported per source (file and row index, a few
+examples); loading fails with one line when a source has no usable rows (naming the columns found and
+the formats accepted when no row fits a format) or more than data.max_bad_fraction bad ones. Row
 indices are 0-based positions in the source (for .jsonl: the line).
 
 Long rows (more than data.max_length tokens) are not bad rows and never fail a run by themselves.
@@ -30,10 +46,16 @@ kept whole and TRL's DPOTrainer truncates them with data.dpo_truncation_mode; a 
 alone fills max_length under keep_start is dropped here, as TRL would drop it. data.truncation=drop
 drops every long row. The report counts truncated and dropped rows apart from bad ones.
 
+Evaluation rows come from data.eval_path (a source as above: split data.eval_split, columns renamed
+by data.columns), from a data.eval_fraction of the training rows held out with the seed, or from
+nowhere. `data_plan` gives the lines every run prints at start: each source with its formats, rows,
+tokens, truncated and dropped rows, then the eval source and its size.
+
 Outputs:
   SFT  `input_ids`, `labels` (-100 outside the assistant turns, or outside the completion for
        prompt/completion rows, when data.completion_only). With data.packing, rows are packed up to
-       data.max_length by TRL's `pack_dataset` (best-fit decreasing) and carry `seq_lengths`; TRL's
+       data.max_length by TRL's `pack_dataset` (best-fit decreasing; `bfd_split` for text rows,
+       which are always packed) and carry `seq_lengths`; TRL's
        padding-free collator turns them into position ids restarting at 0 for every sequence and
        masks the first label of every sequence, so no token is trained across a boundary.
   DPO  conversational rows {prompt, chosen, rejected} as TRL's DPOTrainer takes them; it renders
@@ -49,7 +71,8 @@ a budget, and count truncated and dropped long rows. Packing and boundary maskin
 Once per job: preparation runs as batched `datasets.map` passes (data.num_proc worker processes)
 whose results are saved under data.cache_dir, keyed by a fingerprint of everything that decides
 them (sources and their files' size and mtime, the data settings, the seed, the tokenizer, the
-code of this file and of the tokenizer module). The preparing process (data.prepare_on: the local
+code of this file and of the tokenizer module; the format and column settings are data settings).
+The preparing process (data.prepare_on: the local
 main of each node, or only the global main) writes the result and publishes it with one rename;
 the other ranks wait for it and read it. A later launch with the same fingerprint reads the cache
 and tokenizes nothing. Bad-row budgets are checked after reading, so changing them needs no
@@ -87,7 +110,7 @@ from mixtral_model.tokenizer import ROLES, validate_conversation
 logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
-LOCAL_FORMATS = {".jsonl": "jsonl", ".json": "json", ".parquet": "parquet"}
+LOCAL_FORMATS = {".jsonl": "jsonl", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}
 
 # Outcome of one row (the `__problem` column): kept as is, kept truncated, dropped as long, or bad.
 KEPT, TRUNCATED = "", "truncated"
@@ -99,10 +122,13 @@ WAIT_TIMEOUT_S = 6 * 3600
 DONE = "prepared.json"  # written last: its presence marks a complete cache entry
 
 ROW_INDEX, LINE, PROBLEM, DETAIL = "__row_index", "__line", "__problem", "__detail"
+FORMAT, NUM_TOKENS = "__format", "__tokens"  # the row's format; its tokens (DPO: chosen + rejected sequences)
 STATUS = {
     PROBLEM: datasets.Value("string"),
     DETAIL: datasets.Value("string"),
     ROW_INDEX: datasets.Value("int64"),
+    FORMAT: datasets.Value("string"),
+    NUM_TOKENS: datasets.Value("int64"),
 }
 TOKENS = datasets.List(datasets.Value("int32"))
 MESSAGES = datasets.List({"role": datasets.Value("string"), "content": datasets.Value("string")})
@@ -122,7 +148,7 @@ class BadRow(ValueError):
 
     def __init__(self, kind: str, detail: str):
         super().__init__(f"{kind}: {detail}")
-        self.kind = kind
+        self.kind, self.detail = kind, detail
 
 
 @dataclass
@@ -135,6 +161,8 @@ class RowReport:
     examples: list[tuple[int, str, str]] = field(default_factory=list)  # (row index, kind, detail)
     truncated: int = 0
     dropped_long: dict[str, int] = field(default_factory=dict)  # too long | prompt too long
+    formats: dict[str, int] = field(default_factory=dict)  # usable rows by format
+    tokens: int = 0  # of the usable rows
 
     @property
     def bad(self) -> int:
@@ -169,6 +197,11 @@ class PreparedData:
     train: datasets.Dataset
     eval: datasets.Dataset | None
     reports: list[RowReport]
+    plan: dict = field(default_factory=dict)  # what data_plan prints: rows, tokens, eval source, packing
+
+    @property
+    def packed(self) -> bool:
+        return bool(self.plan.get("packed"))
 
 
 @dataclass
@@ -185,6 +218,11 @@ class DpoExample:
 
 
 @dataclass
+class TextExample:
+    text: str  # language modelling: every token trained
+
+
+@dataclass
 class KtoExample:
     prompt: list[dict]
     completion: list[dict]
@@ -193,19 +231,20 @@ class KtoExample:
 
 @dataclass(frozen=True)
 class Source:
-    """One data source: a local file or a hub dataset split, with a column renaming and a weight."""
+    """One data source: a local file, a local directory or a hub dataset (its split), with a column
+    renaming and a weight."""
 
     path: str
     split: str = "train"
     config: str | None = None
     revision: str | None = None
-    columns: tuple[tuple[str, str], ...] = ()  # (source column, our field)
+    columns: tuple[tuple[str, str], ...] = ()  # (source column, a format's column)
     weight: float = 1.0
 
     @property
     def name(self) -> str:
         if is_local(self.path):
-            return self.path
+            return f"{self.path}[{self.split}]" if Path(self.path).expanduser().is_dir() else self.path
         return f"{self.path}{f'/{self.config}' if self.config else ''}[{self.split}]"
 
 
@@ -214,6 +253,7 @@ def prepare_sft_data(data_cfg: Any, tokenizer: PreTrainedTokenizerBase, seed: in
     convert = partial(
         sft_convert_batch,
         tokenizer=tokenizer,
+        row_format=data_cfg.format,
         max_length=data_cfg.max_length,
         completion_only=data_cfg.completion_only,
         truncation=data_cfg.truncation,
@@ -227,11 +267,12 @@ def prepare_dpo_data(data_cfg: Any, tokenizer: PreTrainedTokenizerBase, seed: in
     convert = partial(
         dpo_convert_batch,
         tokenizer=tokenizer,
+        row_format=data_cfg.format,
         max_length=data_cfg.max_length,
         truncation=data_cfg.truncation,
         truncation_mode=data_cfg.dpo_truncation_mode,
     )
-    prepared = prepare(data_cfg, tokenizer, seed, convert, DPO_FEATURES, lambda dataset, _: dataset)
+    prepared = prepare(data_cfg, tokenizer, seed, convert, DPO_FEATURES, lambda dataset, *_: dataset)
     check_chat_template_matches_encode_chat(tokenizer, prepared.train[0])
     return prepared
 
@@ -239,9 +280,13 @@ def prepare_dpo_data(data_cfg: Any, tokenizer: PreTrainedTokenizerBase, seed: in
 def prepare_kto_data(data_cfg: Any, tokenizer: PreTrainedTokenizerBase, seed: int) -> PreparedData:
     """Conversational prompt/completion/label train/eval datasets for TRL's KTOTrainer from `cfg.data`."""
     convert = partial(
-        kto_convert_batch, tokenizer=tokenizer, max_length=data_cfg.max_length, truncation=data_cfg.truncation
+        kto_convert_batch,
+        tokenizer=tokenizer,
+        row_format=data_cfg.format,
+        max_length=data_cfg.max_length,
+        truncation=data_cfg.truncation,
     )
-    prepared = prepare(data_cfg, tokenizer, seed, convert, KTO_FEATURES, lambda dataset, _: dataset)
+    prepared = prepare(data_cfg, tokenizer, seed, convert, KTO_FEATURES, lambda dataset, *_: dataset)
     first = prepared.train[0]
     check_chat_template_matches_encode_chat(
         tokenizer, {"prompt": first["prompt"], "chosen": first["completion"]}
@@ -270,12 +315,40 @@ def prepare(data_cfg, tokenizer, seed: int, convert, features, finish) -> Prepar
                 logger.warning(report.summary(data_cfg.max_reported_bad_rows))
     for report in reports:
         enforce_bad_row_budget(report, data_cfg.max_bad_fraction)
-    if meta["eval_error"]:
-        raise DataError(meta["eval_error"])
+    if meta["error"]:
+        raise DataError(meta["error"])
     splits = datasets.load_from_disk(str(entry / "datasets"))
     return PreparedData(
-        train=splits["train"], eval=splits["eval"] if "eval" in splits else None, reports=reports
+        train=splits["train"],
+        eval=splits["eval"] if "eval" in splits else None,
+        reports=reports,
+        plan=meta["plan"],
     )
+
+
+def data_plan(prepared: PreparedData) -> list[str]:
+    """The lines every run prints at start: each source (its rows by format, tokens, bad, truncated and
+    dropped rows), the training set, and where the eval rows come from."""
+    plan = prepared.plan
+    tokens = "tokens (chosen + rejected)" if plan.get("kind") == "dpo" else "tokens"
+    lines = []
+    for report in prepared.reports:
+        formats = (
+            ", ".join(f"{count} {name}" for name, count in sorted(report.formats.items())) or "none usable"
+        )
+        lines.append(
+            f"[data] {report.source}: {report.total} rows ({formats}), {report.tokens} {tokens}; "
+            f"{report.bad} bad, {report.long_rows()}"
+        )
+    packed = f", packed into {plan['train_sequences']} sequences" if plan["packed"] else ""
+    lines.append(f"[data] train: {plan['train_rows']} rows, {plan['train_tokens']} {tokens}{packed}")
+    if plan["eval_rows"]:
+        lines.append(
+            f"[data] eval: {plan['eval_source']}: {plan['eval_rows']} rows, {plan['eval_tokens']} {tokens}"
+        )
+    else:
+        lines.append("[data] eval: none (set data.eval_path or data.eval_fraction to evaluate)")
+    return lines
 
 
 def once_per_job(entry: Path, prepare_on: str, build: Callable[[Path], None]) -> None:
@@ -359,9 +432,11 @@ def file_identity(source: Source) -> list:
         stat = local.stat()
         return [str(local.resolve()), stat.st_size, stat.st_mtime_ns]
     if local.is_dir():
-        raise DataError(
-            f"{source.path} is a directory: point data.path / data.eval_path at a .jsonl, .json or .parquet file"
-        )
+        files = sorted(path for path in local.rglob("*") if path.is_file())
+        stats = [
+            [str(path.relative_to(local)), path.stat().st_size, path.stat().st_mtime_ns] for path in files
+        ]
+        return [str(local.resolve()), source.config, source.split, stats]
     if is_local(source.path):
         raise FileNotFoundError(
             f"data file not found: {source.path} (fix data.path / data.eval_path, or give a hub dataset name)"
@@ -403,25 +478,64 @@ def build_entry(
     train = datasets.concatenate_datasets(train_parts)
     if data_cfg.mixture:  # as alignment-handbook: a mixture is shuffled, a single dataset keeps its order
         train = train.shuffle(seed=seed)
-    eval_split, eval_error = None, None
+    eval_split, error, eval_source = None, None, "none"
     if eval_sources:
         eval_split, report = convert_source(
             eval_sources[0], convert, features, scratch / "eval", num_proc, seed
         )
         reports.append(report)
+        eval_source = eval_sources[0].name
     elif data_cfg.eval_fraction > 0:
         if len(train) < 2:
-            eval_error = f"data.eval_fraction: only {len(train)} usable row(s), too few to hold any out; set data.eval_path"
+            error = f"data.eval_fraction: only {len(train)} usable row(s), too few to hold any out; set data.eval_path"
         else:
             split = train.train_test_split(test_size=data_cfg.eval_fraction, seed=seed)
             train, eval_split = split["train"], split["test"]
-    splits = {"train": finish(train, scratch / "finish_train")}
-    if eval_split is not None:
-        splits["eval"] = finish(eval_split, scratch / "finish_eval")
+            eval_source = f"data.eval_fraction={data_cfg.eval_fraction} of the training rows (seed {seed})"
+    error = error or mixed_text_and_chat(reports)
+    language_modelling = any(TEXT in report.formats for report in reports)
+    plan = {
+        "train_rows": len(train),
+        "train_tokens": total_tokens(train),
+        "eval_source": eval_source,
+        "eval_rows": len(eval_split) if eval_split is not None else 0,
+        "eval_tokens": total_tokens(eval_split) if eval_split is not None else 0,
+        "packed": bool(data_cfg.get("packing")) or language_modelling,
+        "kind": data_cfg.kind,
+    }
+    splits = {"train": train} | ({"eval": eval_split} if eval_split is not None else {})
+    splits = {
+        name: finish(
+            split.remove_columns([FORMAT, NUM_TOKENS]), scratch / f"finish_{name}", language_modelling
+        )
+        for name, split in splits.items()
+    }
+    plan["train_sequences"] = len(splits["train"])
     datasets.DatasetDict(splits).save_to_disk(str(work / "datasets"))
     shutil.rmtree(scratch)
-    meta = {"reports": [report_to_dict(report) for report in reports], "eval_error": eval_error}
+    meta = {"reports": [report_to_dict(report) for report in reports], "error": error, "plan": plan}
     (work / DONE).write_text(json.dumps(meta))
+
+
+def total_tokens(dataset: datasets.Dataset) -> int:
+    return int(pc.sum(dataset.with_format("arrow")[NUM_TOKENS]).as_py() or 0)  # through the indices mapping
+
+
+def mixed_text_and_chat(reports: list[RowReport]) -> str | None:
+    """Text rows are packed and trained on every token: chat rows in the same run would be too."""
+    text = {report.source: report.formats[TEXT] for report in reports if TEXT in report.formats}
+    chat = {
+        report.source: sum(count for name, count in report.formats.items() if name != TEXT)
+        for report in reports
+        if set(report.formats) - {TEXT}
+    }
+    if not (text and chat):
+        return None
+    return (
+        f"language-modelling text rows ({', '.join(f'{s}: {n}' for s, n in text.items())}) and chat rows "
+        f"({', '.join(f'{s}: {n}' for s, n in chat.items())}) in one run: train them in separate runs "
+        "(text rows are packed and trained on every token)"
+    )
 
 
 def convert_source(source: Source, convert, features, scratch: Path, num_proc: int, seed: int):
@@ -447,7 +561,7 @@ def convert_source(source: Source, convert, features, scratch: Path, num_proc: i
     kept = np.flatnonzero(
         pc.is_in(converted.data.column(PROBLEM), pa.array([KEPT, TRUNCATED])).to_numpy(zero_copy_only=False)
     )
-    return converted.select(kept).remove_columns(list(STATUS)), report
+    return converted.select(kept).remove_columns([PROBLEM, DETAIL, ROW_INDEX]), report
 
 
 def row_report(name: str, converted: datasets.Dataset) -> RowReport:
@@ -457,6 +571,10 @@ def row_report(name: str, converted: datasets.Dataset) -> RowReport:
     counts.pop(KEPT, None)
     report.dropped_long = {kind: counts.pop(kind) for kind in LONG_DROPS if kind in counts}
     report.bad_counts = counts
+    usable = pc.is_in(problems, pa.array([KEPT, TRUNCATED]))
+    formats = pc.value_counts(pc.filter(converted.data.column(FORMAT), usable))
+    report.formats = {item["values"].as_py(): item["counts"].as_py() for item in formats}
+    report.tokens = int(pc.sum(pc.filter(converted.data.column(NUM_TOKENS), usable)).as_py() or 0)
     if counts:
         bad_mask = pc.invert(pc.is_in(problems, pa.array([KEPT, TRUNCATED, *LONG_DROPS])))
         first = np.flatnonzero(bad_mask.to_numpy(zero_copy_only=False))[:MAX_KEPT_EXAMPLES]
@@ -475,6 +593,11 @@ def report_from_dict(values: dict) -> RowReport:
 
 def enforce_bad_row_budget(report: RowReport, max_bad_fraction: float) -> None:
     if report.total == report.bad + report.dropped:
+        if set(report.bad_counts) == {UNKNOWN_FORMAT}:
+            raise DataError(
+                f"{report.source}: no row fits a format ({report.examples[0][2]}): rename your columns "
+                "with data.columns (e.g. data.columns.question=prompt), or set data.format"
+            )
         if report.bad:
             raise DataError(
                 f"{report.source}: no usable rows ({report.bad} of {report.total} bad: {report.counts()}"
@@ -495,15 +618,16 @@ def enforce_bad_row_budget(report: RowReport, max_bad_fraction: float) -> None:
 
 
 def finish_sft(
-    dataset: datasets.Dataset, scratch: Path, *, max_length: int, packing: bool
+    dataset: datasets.Dataset, scratch: Path, language_modelling: bool, *, max_length: int, packing: bool
 ) -> datasets.Dataset:
-    if not packing:
+    """Packed rows (TRL's pack_dataset) with data.packing or for text rows, else the rows as they are."""
+    if not (packing or language_modelling):
         return dataset
     scratch.mkdir(parents=True)
     return pack_dataset(
         dataset.select_columns(["input_ids", "labels"]),
         max_length,
-        strategy="bfd",
+        strategy="bfd_split" if language_modelling else "bfd",  # text: long rows split, not cut
         map_kwargs={"batch_size": 10000, "cache_file_name": str(scratch / "packed.arrow")},
     )
 
@@ -513,7 +637,12 @@ def finish_sft(
 
 
 def sources_of(data_cfg) -> tuple[list[Source], list[Source]]:
-    """Train sources (data.mixture, or data.path) and the eval source (data.eval_path), if any."""
+    """Train sources (data.mixture, or data.path) and the eval source (data.eval_path), if any.
+
+    data.columns renames the columns of every source; a mixture source's own `columns` go on top.
+    The eval source is read with data.config and data.revision when it is the same hub dataset.
+    """
+    columns = dict(data_cfg.columns or {})
     if data_cfg.mixture:
         train = [
             Source(
@@ -521,17 +650,32 @@ def sources_of(data_cfg) -> tuple[list[Source], list[Source]]:
                 split=item.split,
                 config=item.config,
                 revision=item.revision,
-                columns=tuple(sorted(dict(item.columns or {}).items())),
+                columns=tuple(sorted((columns | dict(item.columns or {})).items())),
                 weight=float(item.weight),
             )
             for item in data_cfg.mixture
         ]
     else:
-        train = [Source(path=str(data_cfg.path), split=data_cfg.split)]
-    eval_sources = (
-        [Source(path=str(data_cfg.eval_path), split=data_cfg.eval_split)] if data_cfg.eval_path else []
+        train = [
+            Source(
+                path=str(data_cfg.path),
+                split=data_cfg.split,
+                config=data_cfg.config,
+                revision=data_cfg.revision,
+                columns=tuple(sorted(columns.items())),
+            )
+        ]
+    if not data_cfg.eval_path:
+        return train, []
+    same = str(data_cfg.eval_path) == str(data_cfg.path)
+    evaluation = Source(
+        path=str(data_cfg.eval_path),
+        split=data_cfg.eval_split,
+        config=data_cfg.config if same else None,
+        revision=data_cfg.revision if same else None,
+        columns=tuple(sorted(columns.items())),
     )
-    return train, eval_sources
+    return train, [evaluation]
 
 
 def is_local(path: str) -> bool:
@@ -542,10 +686,11 @@ def load_source(source: Source, scratch: Path) -> datasets.Dataset:
     """A source as a Dataset: `__line` (the JSON text of a row) for .jsonl/.json, the columns otherwise,
     and `__row_index` (the row's position in the source)."""
     local = Path(source.path).expanduser()
-    file_type = LOCAL_FORMATS.get(local.suffix, "") if local.is_file() else None
+    file_type = LOCAL_FORMATS.get(local.suffix.lower(), "") if local.is_file() else None
     if local.is_file() and not file_type:
         raise DataError(
-            f"{source.path}: unsupported file type '{local.suffix}'; use .jsonl, .json or .parquet"
+            f"{source.path}: unsupported file type '{local.suffix}'; use .jsonl, .json, .parquet, .csv or "
+            ".arrow, a directory (datasets.save_to_disk, or data files), or a hub dataset name"
         )
     line_features = datasets.Features({LINE: datasets.Value("string"), ROW_INDEX: datasets.Value("int64")})
     if file_type == "jsonl":
@@ -560,9 +705,28 @@ def load_source(source: Source, scratch: Path) -> datasets.Dataset:
         )
     if file_type == "parquet":
         dataset = datasets.Dataset.from_parquet(str(local), cache_dir=str(scratch))
-    else:
+    elif file_type == "csv":
+        dataset = datasets.Dataset.from_csv(str(local), cache_dir=str(scratch))
+    elif file_type == "arrow":
+        dataset = datasets.Dataset.from_file(str(local))
+    elif local.is_dir() and ((local / "dataset_dict.json").exists() or (local / "state.json").exists()):
+        dataset = load_saved(source, local)
+    else:  # a hub dataset, or a local folder of data files: datasets infers the builder and the splits
         dataset = load_hub_split(source)
     return dataset.add_column(ROW_INDEX, np.arange(len(dataset)))
+
+
+def load_saved(source: Source, local: Path) -> datasets.Dataset:
+    """A `datasets.save_to_disk` directory: the Dataset, or the source's split of a DatasetDict."""
+    saved = datasets.load_from_disk(str(local))
+    if not isinstance(saved, datasets.DatasetDict):
+        return saved
+    if source.split not in saved:
+        raise DataError(
+            f"{source.path} has no split '{source.split}' (it has {', '.join(saved)}): set data.split "
+            "(data.eval_split for data.eval_path, or the mixture source's split)"
+        )
+    return saved[source.split]
 
 
 def jsonl_lines(path: str) -> Iterator[dict]:
@@ -589,26 +753,32 @@ def load_hub_split(source: Source) -> datasets.Dataset:
         return datasets.load_dataset(source.path, source.config, split=source.split, revision=source.revision)
     except (FileNotFoundError, ValueError, ConnectionError) as error:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        what = "dataset folder" if Path(source.path).expanduser().is_dir() else "hub dataset"
         raise DataError(
-            f"could not load hub dataset '{source.path}' split '{source.split}': {first_line}"
+            f"could not load {what} '{source.path}' split '{source.split}': {first_line}"
         ) from error
 
 
 def rows_of(batch: dict, columns: dict[str, str]) -> Iterator[tuple[int, Any]]:
-    """(row index, row) pairs of a batch: parsed JSON lines, or column values renamed by `columns`."""
+    """(row index, row) pairs of a batch: parsed JSON lines, or column values, renamed by `columns`;
+    a null value is an absent column."""
     indices = batch[ROW_INDEX]
     if LINE in batch:
         for index, line in zip(indices, batch[LINE], strict=True):
             row = parse_json_line(line)
-            yield index, rename(row, columns) if isinstance(row, dict) else row
+            yield index, present(rename(row, columns)) if isinstance(row, dict) else row
         return
     names = [name for name in batch if name != ROW_INDEX]
     for position, index in enumerate(indices):
-        yield index, rename({name: batch[name][position] for name in names}, columns)
+        yield index, present(rename({name: batch[name][position] for name in names}, columns))
 
 
 def rename(row: dict, columns: dict[str, str]) -> dict:
     return {columns.get(key, key): value for key, value in row.items()} if columns else row
+
+
+def present(row: dict) -> dict:
+    return {key: value for key, value in row.items() if value is not None}
 
 
 def parse_json_line(line: str) -> Any:
@@ -622,87 +792,155 @@ def parse_json_line(line: str) -> Any:
 # Row conversion (batched map functions)
 
 
-def sft_convert_batch(batch: dict, *, columns, tokenizer, max_length, completion_only, truncation) -> dict:
-    out = {"input_ids": [], "labels": [], PROBLEM: [], DETAIL: [], ROW_INDEX: []}
+def sft_convert_batch(
+    batch: dict, *, columns, tokenizer, row_format, max_length, completion_only, truncation
+) -> dict:
+    out = {"input_ids": [], "labels": [], **{key: [] for key in STATUS}}
     for index, row in rows_of(batch, columns):
+        name, input_ids, labels, detail = "", [], [], ""
         try:
+            name, example = parse_row(row, "sft", row_format)
             input_ids, labels, problem = tokenize_sft_example(
-                tokenizer, parse_sft_row(row), max_length, completion_only, truncation
+                tokenizer, example, max_length, completion_only, truncation
             )
-            detail = ""
         except BadRow as reason:
-            input_ids, labels, problem, detail = [], [], reason.kind, str(reason).split(": ", 1)[1]
+            problem, detail = reason.kind, reason.detail
         out["input_ids"].append(input_ids)
         out["labels"].append(labels)
-        out[PROBLEM].append(problem)
-        out[DETAIL].append(detail)
-        out[ROW_INDEX].append(index)
+        append_status(out, problem, detail, index, name, len(input_ids))
     return out
 
 
-def dpo_convert_batch(batch: dict, *, columns, tokenizer, max_length, truncation, truncation_mode) -> dict:
-    out = {"prompt": [], "chosen": [], "rejected": [], PROBLEM: [], DETAIL: [], ROW_INDEX: []}
+def dpo_convert_batch(
+    batch: dict, *, columns, tokenizer, row_format, max_length, truncation, truncation_mode
+) -> dict:
+    out = {"prompt": [], "chosen": [], "rejected": [], **{key: [] for key in STATUS}}
     for index, row in rows_of(batch, columns):
-        detail = ""
+        name, example, tokens, detail = "", DpoExample([], [], []), 0, ""
         try:
-            example = parse_dpo_row(row)
-            problem = dpo_length_outcome(tokenizer, example, max_length, truncation, truncation_mode)
+            name, example = parse_row(row, "dpo", row_format)
+            problem, tokens = dpo_length_outcome(tokenizer, example, max_length, truncation, truncation_mode)
         except BadRow as reason:
-            example, problem, detail = DpoExample([], [], []), reason.kind, str(reason).split(": ", 1)[1]
+            problem, detail = reason.kind, reason.detail
         out["prompt"].append(example.prompt)
         out["chosen"].append(example.chosen)
         out["rejected"].append(example.rejected)
-        out[PROBLEM].append(problem)
-        out[DETAIL].append(detail)
-        out[ROW_INDEX].append(index)
+        append_status(out, problem, detail, index, name, tokens)
     return out
 
 
-def kto_convert_batch(batch: dict, *, columns, tokenizer, max_length, truncation) -> dict:
-    out = {"prompt": [], "completion": [], "label": [], PROBLEM: [], DETAIL: [], ROW_INDEX: []}
+def kto_convert_batch(batch: dict, *, columns, tokenizer, row_format, max_length, truncation) -> dict:
+    out = {"prompt": [], "completion": [], "label": [], **{key: [] for key in STATUS}}
     for index, row in rows_of(batch, columns):
-        detail = ""
+        name, example, tokens, detail = "", KtoExample([], [], False), 0, ""
         try:
-            example = parse_kto_row(row)
-            # TRL's KTO collator cuts long rows as DPO's keep_start does (the prompt kept, the completion cut)
-            problem = dpo_length_outcome(
+            name, example = parse_row(row, "kto", row_format)
+            # TRL's KTO collator cuts long rows as DPO's keep_start does (the prompt kept, the completion cut);
+            # the pair counts the one sequence twice: halved below
+            problem, tokens = dpo_length_outcome(
                 tokenizer, DpoExample(example.prompt, example.completion, example.completion),
                 max_length, truncation, "keep_start",
             )  # fmt: skip
+            tokens //= 2
         except BadRow as reason:
-            example, problem, detail = KtoExample([], [], False), reason.kind, str(reason).split(": ", 1)[1]
+            problem, detail = reason.kind, reason.detail
         out["prompt"].append(example.prompt)
         out["completion"].append(example.completion)
         out["label"].append(example.label)
-        out[PROBLEM].append(problem)
-        out[DETAIL].append(detail)
-        out[ROW_INDEX].append(index)
+        append_status(out, problem, detail, index, name, tokens)
     return out
 
 
-def parse_sft_row(row: Any) -> SftExample:
-    """An SFT row as a conversation, or BadRow."""
+def append_status(out: dict, problem: str, detail: str, index: int, name: str, tokens: int) -> None:
+    for key, value in ((PROBLEM, problem), (DETAIL, detail), (ROW_INDEX, index), (FORMAT, name),
+                       (NUM_TOKENS, tokens if problem in (KEPT, TRUNCATED) else 0)):  # fmt: skip
+        out[key].append(value)
+
+
+def parse_row(row: Any, stage: str, row_format: str = "auto") -> tuple[str, Any]:
+    """(format name, example) of a row: the first format of FORMATS for `stage` whose required
+    columns the row has (only `row_format` unless auto), or BadRow."""
     row = require_object(row)
-    if "messages" in row:
-        messages = parse_messages(row, "messages")
-        require_conversation(messages, "messages")
-        if messages[-1]["role"] != "assistant":
-            raise BadRow("broken alternation", "'messages' must end with an assistant message")
-        return SftExample(messages)
-    if "prompt" in row and "completion" in row:
-        prompt = parse_turns(row, "prompt", "user")
-        completion = parse_turns(row, "completion", "assistant")
-        require_conversation(prompt + completion, "prompt + completion")
-        return SftExample(prompt + completion, num_prompt_messages=len(prompt))
-    raise BadRow("missing field", "expected 'messages', or 'prompt' and 'completion'")
+    candidates = [fmt for fmt in FORMATS if fmt.stage == stage and row_format in ("auto", fmt.name)]
+    for fmt in candidates:
+        if all(column in row for column in fmt.required):
+            return fmt.name, fmt.parse(row)
+    if len(candidates) == 1:
+        missing = ", ".join(f"'{column}'" for column in candidates[0].required if column not in row)
+        raise BadRow("missing field", f"{missing} ({candidates[0].describe()})")
+    found = ", ".join(sorted(row)) or "none"
+    accepted = "; ".join(fmt.describe() for fmt in candidates)
+    raise BadRow(UNKNOWN_FORMAT, f"columns found: {found}; {stage} formats: {accepted}")
 
 
-def parse_dpo_row(row: Any) -> DpoExample:
+def parse_messages_row(row: dict) -> SftExample:
+    messages = parse_messages(row, "messages")
+    require_conversation(messages, "messages")
+    if messages[-1]["role"] != "assistant":
+        raise BadRow("broken alternation", "'messages' must end with an assistant message")
+    return SftExample(messages)
+
+
+def parse_prompt_completion_row(row: dict) -> SftExample:
+    prompt = parse_turns(row, "prompt", "user")
+    completion = parse_turns(row, "completion", "assistant")
+    require_conversation(prompt + completion, "prompt + completion")
+    return SftExample(prompt + completion, num_prompt_messages=len(prompt))
+
+
+def parse_sharegpt_row(row: dict) -> SftExample:
+    """ShareGPT `conversations` of {from, value} turns (with SHAREGPT_ROLES), an optional `system` column."""
+    turns = row["conversations"]
+    if not isinstance(turns, list) or not turns:
+        raise BadRow(
+            "wrong type", f"'conversations' must be a non-empty list of turns, got {type(turns).__name__}"
+        )
+    messages = []
+    for index, turn in enumerate(turns):
+        if not isinstance(turn, dict) or "from" not in turn or "value" not in turn:
+            raise BadRow("missing field", f"'conversations'[{index}] must have 'from' and 'value'")
+        role = SHAREGPT_ROLES.get(str(turn["from"]).lower())
+        if role is None:
+            raise BadRow(
+                "unknown role",
+                f"'conversations'[{index}].from={turn['from']!r} (known: {', '.join(SHAREGPT_ROLES)})",
+            )
+        messages.append(
+            {"role": role, "content": require_text(turn["value"], f"'conversations'[{index}].value")}
+        )
+    if "system" in row and messages[0]["role"] != "system":
+        system = require_text(row["system"], "'system'", allow_empty=True)
+        messages = ([{"role": "system", "content": system}] if system else []) + messages
+    require_conversation(messages, "conversations")
+    if messages[-1]["role"] != "assistant":
+        raise BadRow("broken alternation", "'conversations' must end with an assistant turn")
+    return SftExample(messages)
+
+
+def parse_alpaca_row(row: dict) -> SftExample:
+    """Alpaca: the user turn is `instruction` and `input` joined by a newline (empty parts left out), as
+    LLaMA-Factory's AlpacaDatasetConverter; `output` is the assistant turn, `system` the system prompt."""
+    parts = [
+        require_text(row[key], f"'{key}'", allow_empty=True) for key in ("instruction", "input") if key in row
+    ]
+    user = "\n".join(part for part in parts if part)
+    if not user.strip():
+        raise BadRow("empty text", "'instruction' and 'input' are empty")
+    system = require_text(row["system"], "'system'", allow_empty=True) if "system" in row else ""
+    messages = [{"role": "system", "content": system}] if system else []
+    messages += [
+        {"role": "user", "content": user},
+        {"role": "assistant", "content": require_text(row["output"], "'output'")},
+    ]
+    return SftExample(messages)
+
+
+def parse_text_row(row: dict) -> TextExample:
+    return TextExample(require_text(row["text"], "'text'"))
+
+
+def parse_dpo_row(row: dict) -> DpoExample:
     """A DPO row as prompt messages + chosen/rejected assistant messages, or BadRow."""
-    row = require_object(row)
-    for key in ("chosen", "rejected"):
-        if key not in row:
-            raise BadRow("missing field", f"'{key}'")
     if "prompt" in row:
         prompt = parse_turns(row, "prompt", "user")
         chosen = strip_prompt(prompt, parse_turns(row, "chosen", "assistant"))
@@ -722,12 +960,8 @@ def parse_dpo_row(row: Any) -> DpoExample:
     return DpoExample(prompt, chosen, rejected)
 
 
-def parse_kto_row(row: Any) -> KtoExample:
+def parse_kto_row(row: dict) -> KtoExample:
     """An unpaired KTO row (TRL's convention: `prompt`, `completion`, boolean `label`), or BadRow."""
-    row = require_object(row)
-    for key in ("prompt", "completion", "label"):
-        if key not in row:
-            raise BadRow("missing field", f"'{key}'")
     if not isinstance(row["label"], bool):
         raise BadRow(
             "wrong type", f"'label' must be true (desirable) or false (undesirable), got {row['label']!r}"
@@ -742,6 +976,55 @@ def parse_kto_row(row: Any) -> KtoExample:
     if completion[-1]["role"] != "assistant":
         raise BadRow("broken alternation", "'completion' must end with an assistant message")
     return KtoExample(prompt, completion, row["label"])
+
+
+@dataclass(frozen=True)
+class RowFormat:
+    """One row format: the pipeline it feeds, the columns that identify it, and its parser."""
+
+    name: str
+    stage: str  # sft | dpo | kto: data.kind
+    required: tuple[str, ...]
+    optional: tuple[str, ...]
+    parse: Callable[[dict], Any]
+
+    def describe(self) -> str:
+        optional = f" [{', '.join(self.optional)}]" if self.optional else ""
+        return f"{self.name} ({', '.join(self.required)}{optional})"
+
+
+TEXT, UNKNOWN_FORMAT = "text", "unknown format"
+SHAREGPT_ROLES = {
+    "system": "system",
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "bot": "assistant",
+    "model": "assistant",
+    "chatgpt": "assistant",
+}
+# Detection order: the first format whose required columns a row has. A new row kind is one entry.
+FORMATS = (
+    RowFormat("messages", "sft", ("messages",), (), parse_messages_row),
+    RowFormat("sharegpt", "sft", ("conversations",), ("system",), parse_sharegpt_row),
+    RowFormat("alpaca", "sft", ("instruction", "output"), ("input", "system"), parse_alpaca_row),
+    RowFormat("prompt_completion", "sft", ("prompt", "completion"), (), parse_prompt_completion_row),
+    RowFormat(TEXT, "sft", ("text",), (), parse_text_row),
+    RowFormat("preference", "dpo", ("chosen", "rejected"), ("prompt",), parse_dpo_row),
+    RowFormat("unpaired", "kto", ("prompt", "completion", "label"), (), parse_kto_row),
+)
+
+
+def format_names(stage: str) -> tuple[str, ...]:
+    return tuple(fmt.name for fmt in FORMATS if fmt.stage == stage)
+
+
+def format_columns(stage: str) -> tuple[str, ...]:
+    """Every column a format of `stage` reads: what data.columns may rename a column to."""
+    return tuple(
+        dict.fromkeys(c for fmt in FORMATS if fmt.stage == stage for c in fmt.required + fmt.optional)
+    )
 
 
 def strip_prompt(prompt: list[dict], completion: list[dict]) -> list[dict]:
@@ -767,6 +1050,14 @@ def require_object(row: Any) -> dict:
     if not isinstance(row, dict):
         raise BadRow("wrong type", f"row must be an object, got {type(row).__name__}")
     return row
+
+
+def require_text(value: Any, what: str, allow_empty: bool = False) -> str:
+    if not isinstance(value, str):
+        raise BadRow("wrong type", f"{what} must be a string, got {type(value).__name__}")
+    if not allow_empty and not value.strip():
+        raise BadRow("empty text", f"{what} is empty")
+    return value
 
 
 def parse_turns(row: dict, key: str, role: str) -> list[dict]:
@@ -822,18 +1113,22 @@ def tokenize_sft_example(
     completion_only: bool,
     truncation: str = "truncate",
 ) -> tuple[list[int], list[int], str]:
-    """(input_ids, labels, outcome) of one conversation, encoded by `encode_chat`.
+    """(input_ids, labels, outcome) of one conversation, encoded by `encode_conversation` (a text row:
+    `encode_text`, every token trained, never cut: packing splits it).
 
     The prompt is everything before the first assistant token (before the completion for
     prompt/completion rows). A longer row than max_length is cut after max_length tokens
     (truncate: the prompt stays whole, or the row is dropped when the prompt alone fills
     max_length) or dropped (drop); a dropped row comes back with no tokens.
     """
-    encoded = encode_chat(tokenizer, example.messages)
+    if isinstance(example, TextExample):
+        input_ids = encode_text(tokenizer, example.text)
+        return input_ids, list(input_ids), KEPT
+    encoded = encode_conversation(tokenizer, example.messages)
     input_ids, trained = encoded["input_ids"], encoded["assistant_mask"]
     if example.num_prompt_messages is not None:
         prompt_length = len(
-            encode_chat(tokenizer, example.messages[: example.num_prompt_messages])["input_ids"]
+            encode_conversation(tokenizer, example.messages[: example.num_prompt_messages])["input_ids"]
         )
         trained = [0] * prompt_length + trained[prompt_length:]
     else:
@@ -850,28 +1145,42 @@ def tokenize_sft_example(
     return input_ids, [t if m else IGNORE_INDEX for t, m in zip(input_ids, trained, strict=True)], outcome
 
 
+def encode_conversation(tokenizer: PreTrainedTokenizerBase, messages: list[dict]) -> dict:
+    """`input_ids` and `assistant_mask` of a conversation in the training chat format."""
+    return encode_chat(tokenizer, messages)
+
+
+def encode_text(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
+    """A language-modelling row as TRL's SFTTrainer tokenizes it: the EOS token appended to the text
+    unless it ends with it, then the tokenizer (which adds BOS)."""
+    if not text.endswith(tokenizer.eos_token):
+        text += tokenizer.eos_token
+    return tokenizer(text)["input_ids"]
+
+
 def dpo_length_outcome(
     tokenizer: PreTrainedTokenizerBase,
     example: DpoExample,
     max_length: int,
     truncation: str,
     truncation_mode: str,
-) -> str:
-    """KEPT, TRUNCATED (TRL's collator will cut it with `truncation_mode`) or a long-row drop."""
-    longest = max(
-        len(encode_chat(tokenizer, example.prompt + c)["input_ids"])
+) -> tuple[str, int]:
+    """(outcome, tokens of the chosen and rejected sequences): KEPT, TRUNCATED (TRL's collator will
+    cut it with `truncation_mode`) or a long-row drop."""
+    lengths = [
+        len(encode_conversation(tokenizer, example.prompt + c)["input_ids"])
         for c in (example.chosen, example.rejected)
-    )
-    if longest <= max_length:
-        return KEPT
+    ]
+    if max(lengths) <= max_length:
+        return KEPT, sum(lengths)
     if truncation == "drop":
-        return TOO_LONG
+        return TOO_LONG, 0
     if (
         truncation_mode == "keep_start"
-        and len(encode_chat(tokenizer, example.prompt)["input_ids"]) >= max_length
+        and len(encode_conversation(tokenizer, example.prompt)["input_ids"]) >= max_length
     ):
-        return PROMPT_TOO_LONG  # TRL drops it too: keep_start would leave no completion token
-    return TRUNCATED
+        return PROMPT_TOO_LONG, 0  # TRL drops it too: keep_start would leave no completion token
+    return TRUNCATED, sum(lengths)
 
 
 def check_chat_template_matches_encode_chat(tokenizer: PreTrainedTokenizerBase, row: dict) -> None:

@@ -34,7 +34,7 @@ from mixtral_tune.config import (
     uses_adapters,
     zero_stage,
 )
-from mixtral_tune.data import DataError
+from mixtral_tune.data import DataError, data_plan
 from mixtral_tune.model_card import write_generation_config, write_model_card
 from mixtral_tune.training.model_factory import build_model, write_random_init
 
@@ -225,10 +225,16 @@ def build_seeded(build, cfg: DictConfig):
     return build(cfg)
 
 
-def report_data(prepared, max_examples: int) -> None:
+def report_data(prepared, cfg: DictConfig) -> None:
+    """The data plan, then the bad and long rows of each source (rank 0); text rows switch packing on."""
+    if prepared.packed and not cfg.data.packing:
+        cfg.data.packing = True  # SFTConfig(padding_free=...) follows; run_config.yaml records it
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    print("\n".join(data_plan(prepared)), flush=True)
     for report in prepared.reports:
         if report.bad or report.truncated or report.dropped:
-            print(report.summary(max_examples), flush=True)
+            print(report.summary(cfg.data.max_reported_bad_rows), flush=True)
 
 
 def save_final(trainer, cfg: DictConfig, tokenizer) -> str:
@@ -276,7 +282,7 @@ def build_trainer(stage: str, argv: list[str], prepare_data, make_args, trainer_
     cfg = config_from_argv(stage, argv)
     tokenizer = load_tokenizer(cfg.model.tokenizer)
     data = load_data_or_exit(prepare_data, cfg.data, tokenizer, cfg.trainer.seed)
-    report_data(data, cfg.data.max_reported_bad_rows)
+    report_data(data, cfg)
     configure_wandb(cfg)
     model, args = build_model_and_args(cfg, tokenizer, lambda: make_args(cfg), build_model)
     extra = {"ref_model": reference_model(cfg)} if reference_model else {}

@@ -32,7 +32,7 @@ SFT_BAD = TEST_DATA / "sft_bad.jsonl"
 DPO_BAD = TEST_DATA / "dpo_bad.jsonl"
 SFT_BAD_ROWS = {
     1: "invalid JSON",
-    2: "missing field",
+    2: "unknown format",
     3: "wrong type",
     4: "empty text",
     5: "broken alternation",
@@ -142,7 +142,7 @@ def test_too_many_bad_rows_fail_with_one_line_naming_file_and_threshold(tokenize
 
 
 def test_no_usable_rows_fail_with_one_line(tokenizer, tmp_path):
-    path = write_jsonl(tmp_path / "all_bad.jsonl", [{"text": "x"}, {"messages": []}])
+    path = write_jsonl(tmp_path / "all_bad.jsonl", [{"note": "x"}, {"messages": []}])
     with pytest.raises(DataError, match="no usable rows") as caught:
         prepare_sft_data(data_cfg(path, max_bad_fraction=1.0), tokenizer, seed=0)
     assert str(path) in str(caught.value) and "\n" not in str(caught.value)
@@ -167,9 +167,11 @@ def test_unreachable_hub_dataset_fails_with_one_line(tokenizer):
     assert "\n" not in str(caught.value)
 
 
-def test_a_directory_is_not_a_data_file(tokenizer, tmp_path):
-    with pytest.raises(DataError, match="is a directory"):
-        prepare_sft_data(data_cfg(tmp_path), tokenizer, seed=0)
+def test_a_directory_without_data_files_fails_with_one_line(tokenizer, tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="could not load dataset folder") as caught:
+        prepare_sft_data(data_cfg(tmp_path / "empty"), tokenizer, seed=0)
+    assert str(tmp_path / "empty") in str(caught.value) and "\n" not in str(caught.value)
 
 
 def test_json_and_parquet_files_load_like_jsonl(tokenizer, tmp_path):
@@ -374,15 +376,15 @@ def test_mixture_renames_columns_and_holds_out_a_test_fraction(tokenizer, tmp_pa
 def test_bad_rows_are_reported_with_their_source_and_row_in_a_mixture(tokenizer, tmp_path, caplog):
     good = numbered_rows("row", 10)
     first = write_jsonl(tmp_path / "first.jsonl", good[:3] + [{"messages": "not a list"}] + good[3:])
-    second = write_jsonl(tmp_path / "second.jsonl", good[:7] + [{"text": "no chat"}] + good[7:])
+    second = write_jsonl(tmp_path / "second.jsonl", good[:7] + [{"note": "no chat"}] + good[7:])
     sources = [{"path": str(first), "weight": 1.0}, {"path": str(second), "weight": 1.0}]
     with caplog.at_level(logging.WARNING):
         prepared = prepare_sft_data(mixture_cfg(sources), tokenizer, seed=0)
     reports = {report.source: report for report in prepared.reports}
     assert [row[:2] for row in reports[str(first)].examples] == [(3, "wrong type")]
-    assert [row[:2] for row in reports[str(second)].examples] == [(7, "missing field")]
+    assert [row[:2] for row in reports[str(second)].examples] == [(7, "unknown format")]
     assert f"{first}: 11 rows, 1 bad" in caplog.text and "  row 3: wrong type" in caplog.text
-    assert f"{second}: 11 rows, 1 bad" in caplog.text and "  row 7: missing field" in caplog.text
+    assert f"{second}: 11 rows, 1 bad" in caplog.text and "  row 7: unknown format" in caplog.text
 
 
 def test_a_row_index_is_the_line_in_the_file_even_for_a_weighted_source(tokenizer, tmp_path):
@@ -489,7 +491,7 @@ def test_long_dpo_rows_are_left_to_trl_truncation_or_dropped(tokenizer, tmp_path
 
 
 def test_a_second_prepare_reads_the_cache_and_tokenizes_nothing(tokenizer, tmp_path, monkeypatch):
-    path = write_jsonl(tmp_path / "rows.jsonl", numbered_rows("row", 30) + [{"text": "bad"}])
+    path = write_jsonl(tmp_path / "rows.jsonl", numbered_rows("row", 30) + [{"note": "bad"}])
     cfg = data_cfg(path, eval_fraction=0.1, packing=True)
     first = prepare_sft_data(cfg, tokenizer, seed=0)
 
@@ -514,7 +516,7 @@ def test_a_second_prepare_reads_the_cache_and_tokenizes_nothing(tokenizer, tmp_p
 
 def test_worker_processes_give_the_same_rows_as_one(tokenizer, tmp_path, monkeypatch):
     monkeypatch.setattr(data_module, "MIN_ROWS_PER_PROC", 10)
-    path = write_jsonl(tmp_path / "rows.jsonl", numbered_rows("row", 40) + [{"text": "bad"}])
+    path = write_jsonl(tmp_path / "rows.jsonl", numbered_rows("row", 40) + [{"note": "bad"}])
     one = prepare_sft_data(data_cfg(path, num_proc=1, cache_dir=str(tmp_path / "one")), tokenizer, seed=0)
     two = prepare_sft_data(data_cfg(path, num_proc=2, cache_dir=str(tmp_path / "two")), tokenizer, seed=0)
     assert one.train.to_list() == two.train.to_list() and one.reports == two.reports

@@ -26,7 +26,7 @@ from trl.experimental.orpo import ORPOConfig, ORPOTrainer
 from mixtral_model import encode_chat
 from mixtral_tune import cpo, kto, orpo, pipeline
 from mixtral_tune.config import ConfigError, load_config, recipe_files
-from mixtral_tune.data import BadRow, parse_kto_row, prepare_dpo_data, prepare_kto_data
+from mixtral_tune.data import BadRow, parse_row, prepare_dpo_data, prepare_kto_data
 from mixtral_tune.estimate import estimate_run
 from mixtral_tune.training.model_factory import build_frozen_reference
 from mixtral_tune.training.objective import RouterObjectiveMixin
@@ -178,16 +178,17 @@ def test_the_router_terms_of_the_trained_forward_enter_the_loss_and_the_logs(met
 
 def test_kto_rows_as_trl_takes_them_and_bad_ones_named():
     row = {"prompt": "Reverse: a b", "completion": "b a", "label": False}
-    example = parse_kto_row(row)
+    name, example = parse_row(row, "kto")
+    assert name == "unpaired" and example.label is False
     assert example.prompt == [{"role": "user", "content": "Reverse: a b"}]
-    assert example.completion == [{"role": "assistant", "content": "b a"}] and example.label is False
+    assert example.completion == [{"role": "assistant", "content": "b a"}]
     for broken, kind in (
         ({**row, "label": "yes"}, "wrong type"),
         ({k: v for k, v in row.items() if k != "label"}, "missing field"),
         ({**row, "completion": ""}, "empty text"),
     ):
         with pytest.raises(BadRow, match=kind):
-            parse_kto_row(broken)
+            parse_row(broken, "kto")
     shipped = [json.loads(line) for line in (REPO / "data" / "kto_train.jsonl").read_text().splitlines()]
     pairs = [json.loads(line) for line in (REPO / "data" / "dpo_train.jsonl").read_text().splitlines()]
     assert len(shipped) == 2 * len(pairs)  # TRL's unpair_preference_dataset of the DPO rows

@@ -8,6 +8,7 @@
 #                                         in a separate ./.venv-latest (no constraints.txt)
 #   ./launch.sh sft +recipe=NAME [k=v..]  torchrun -m mixtral_tune.sft on this node (or several: see below)
 #   ./launch.sh dpo +recipe=NAME [k=v..]  torchrun -m mixtral_tune.dpo
+#   ./launch.sh kto|orpo|cpo +recipe=NAME  torchrun -m mixtral_tune.kto (.orpo, .cpo; SimPO: cpo +recipe=tiny/simpo)
 #
 # Set-up installs into the active virtualenv, or creates ./.venv. torch is installed first and
 # pinned (TORCH_SPEC, default torch==2.13.0; set TORCH_INDEX_URL for a specific wheel index) so
@@ -136,12 +137,12 @@ case "$command" in
     setup_latest_env
     exec python -m pytest -q -m "not slow" "$@"
     ;;
-  sft | dpo)
+  sft | dpo | kto | orpo | cpo)
     [[ -n "${VIRTUAL_ENV:-}" || ! -d .venv ]] || source .venv/bin/activate
     run_torchrun "mixtral_tune.${command}" "$@"
     ;;
   *)
-    echo "usage: ./launch.sh demo | test [pytest args] | lint | test-latest [pytest args] | sft +recipe=NAME [overrides] | dpo +recipe=NAME [overrides]" >&2
+    echo "usage: ./launch.sh demo | test [pytest args] | lint | test-latest [pytest args] | sft|dpo|kto|orpo|cpo +recipe=NAME [overrides]" >&2
     exit 2
     ;;
 esac

@@ -9,6 +9,8 @@ neighbouring letters swapped.
 Writes, next to this script (deterministic, seed below):
   sft_train.jsonl, sft_eval.jsonl   {"messages": [user, assistant]}
   dpo_train.jsonl, dpo_eval.jsonl   {"prompt": [user], "chosen": [assistant], "rejected": [assistant]}
+  kto_train.jsonl, kto_eval.jsonl   {"prompt": [user], "completion": [assistant], "label": bool}: each DPO
+                                    row unpaired into its chosen (true) and its rejected (false) row
 Held-out strings never appear in any training file.
 
 Run: python data/make_demo_data.py
@@ -75,6 +77,14 @@ def dpo_row(rng: random.Random, letters: tuple[str, ...]) -> dict:
     }
 
 
+def kto_rows(dpo: dict) -> list[dict]:
+    """A preference pair as two unpaired KTO rows (TRL's `unpair_preference_dataset`): chosen first."""
+    return [
+        {"prompt": dpo["prompt"], "completion": dpo["chosen"], "label": True},
+        {"prompt": dpo["prompt"], "completion": dpo["rejected"], "label": False},
+    ]
+
+
 def write_jsonl(path: Path, rows: list[dict]) -> None:
     with path.open("w") as handle:
         for row in rows:
@@ -88,8 +98,12 @@ def main() -> None:
     out = Path(__file__).parent
     write_jsonl(out / "sft_train.jsonl", [sft_row(s) for s in training[:SFT_TRAIN_ROWS]])
     write_jsonl(out / "sft_eval.jsonl", [sft_row(s) for s in held_out[:SFT_EVAL_ROWS]])
-    write_jsonl(out / "dpo_train.jsonl", [dpo_row(rng, s) for s in training[SFT_TRAIN_ROWS:]])
-    write_jsonl(out / "dpo_eval.jsonl", [dpo_row(rng, s) for s in held_out[SFT_EVAL_ROWS:]])
+    dpo_train = [dpo_row(rng, s) for s in training[SFT_TRAIN_ROWS:]]
+    dpo_eval = [dpo_row(rng, s) for s in held_out[SFT_EVAL_ROWS:]]
+    write_jsonl(out / "dpo_train.jsonl", dpo_train)
+    write_jsonl(out / "dpo_eval.jsonl", dpo_eval)
+    write_jsonl(out / "kto_train.jsonl", [row for pair in dpo_train for row in kto_rows(pair)])
+    write_jsonl(out / "kto_eval.jsonl", [row for pair in dpo_eval for row in kto_rows(pair)])
 
 
 if __name__ == "__main__":

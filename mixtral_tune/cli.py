@@ -1,7 +1,11 @@
-"""The `mixtral-tune` command: one entry point for the SFT and DPO pipelines, the export and the demo.
+"""The `mixtral-tune` command: one entry point for the pipelines (SFT, DPO, KTO, ORPO, CPO/SimPO), the
+export and the demo.
 
     mixtral-tune sft +recipe=tiny/sft max_steps=3            (Hydra overrides, as train/sft.py takes them)
     mixtral-tune dpo +recipe=tiny/dpo model.name_or_path=outputs/tiny-sft/final
+    mixtral-tune kto +recipe=tiny/kto model.name_or_path=outputs/tiny-sft/final
+    mixtral-tune orpo +recipe=tiny/orpo
+    mixtral-tune cpo +recipe=tiny/simpo                       (SimPO is CPO's loss_type=simpo, as in TRL)
     mixtral-tune export OUTPUT_DIR/final EXPORT_DIR
     mixtral-tune demo --seed 1
 
@@ -19,6 +23,9 @@ from mixtral_tune.shipped import recipe_files
 COMMANDS = {
     "sft": "supervised fine-tuning (TRL SFTTrainer): +recipe=NAME|FILE.yaml [key=value ...] [--print-config]",
     "dpo": "DPO alignment (TRL DPOTrainer): +recipe=NAME|FILE.yaml [key=value ...] [--print-config]",
+    "kto": "KTO alignment on unpaired feedback (TRL KTOTrainer): +recipe=NAME|FILE.yaml [key=value ...]",
+    "orpo": "ORPO, no reference model (TRL experimental ORPOTrainer): +recipe=NAME|FILE.yaml [key=value ...]",
+    "cpo": "CPO and SimPO (trainer.loss_type=simpo; TRL experimental CPOTrainer): +recipe=NAME|FILE.yaml [...]",
     "esft-select": "score experts on the recipe's data, write the ESFT selection: +recipe=NAME [--score gate|token] [--threshold P]",
     "export": "merge a LoRA/QLoRA adapter into its base, shard by shard: ADAPTER_DIR EXPORT_DIR [--base PATH]",
     "demo": "the tiny SFT -> DPO demo on CPU, with held-out evaluation: [--output-dir DIR] [--seed S]",

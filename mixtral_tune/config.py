@@ -1,8 +1,8 @@
-"""Typed Hydra configuration of the SFT and DPO pipelines: schema, composition, validation.
+"""Typed Hydra configuration of the pipelines (SFT, DPO, KTO, ORPO, CPO/SimPO): schema, composition, validation.
 
 The schema below is registered with Hydra's ConfigStore and composed with the groups in `configs/`
-(`model`, `data`, `peft`, `deepspeed`, `trainer`) from the primary configs `configs/sft.yaml` and
-`configs/dpo.yaml` (`mixtral_tune/shipped.py` finds them, installed or in a checkout). Struct mode
+(`model`, `data`, `peft`, `deepspeed`, `trainer`) from the primary configs `configs/<stage>.yaml`
+(`mixtral_tune/shipped.py` finds them, installed or in a checkout). Struct mode
 rejects unknown keys and OmegaConf rejects wrong types at compose time; `validate` adds the
 cross-field checks. Both fail before any model is built, with a one-line `ConfigError` naming the
 key and the fix.
@@ -13,9 +13,10 @@ an option of the group `recipe` at the global package, so it can override group 
 (`override /peft: qlora`) and any value. Command-line overrides still win over the recipe:
 `+recipe=tiny/sft max_steps=5 peft=lora`. `deepspeed=` takes a group name or a DeepSpeed JSON file.
 
-The `trainer` section is TRL's own: its keys are the fields of `SFTConfig` / `DPOConfig` (TRL 1.16)
-and reach them unchanged, so every TRL option works (`trainer.loss_weights=[1,0.5]`,
-`trainer.eval_strategy=epoch`); a key neither of them has fails with the closest TRL name.
+The `trainer` section is TRL's own: its keys are the fields of the stage's TRL config (TRL 1.16:
+`SFTConfig`, `DPOConfig`, `KTOConfig`, and the experimental `ORPOConfig` and `CPOConfig` of
+`trl.experimental`) and reach them unchanged, so every TRL option works (`trainer.loss_weights=[1,0.5]`,
+`trainer.eval_strategy=epoch`); a key the stage's config lacks fails with the closest TRL name.
 """
 
 import dataclasses
@@ -50,6 +51,9 @@ from mixtral_tune.training.resume import checkpoint_problem, checkpoint_step, la
 
 # The pipelines: the commands of `mixtral-tune` (mixtral_tune/cli.py) that have a primary config.
 STAGES = tuple(command for command in COMMANDS if (CONFIG_DIR / f"{command}.yaml").is_file())
+# The rows each pipeline trains on (data.kind): ORPO and CPO/SimPO take DPO's preference rows.
+STAGE_DATA_KINDS = {"sft": "sft", "dpo": "dpo", "kto": "kto", "orpo": "dpo", "cpo": "dpo"}
+DATA_KINDS = ("sft", "dpo", "kto")
 DTYPES = {
     "float32": torch.float32,
     "bfloat16": torch.bfloat16,
@@ -68,6 +72,8 @@ DPO_LOSS_TYPES = (
     "sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard",
     "aot", "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm",
 )  # fmt: skip
+KTO_LOSS_TYPES = ("kto", "apo_zero_unpaired")  # TRL 1.16 KTOTrainer
+CPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "simpo", "alphapo")  # TRL 1.16 experimental CPOTrainer
 LORA_TARGET_MODULES = {
     "attention": ["q_proj", "k_proj", "v_proj", "o_proj"],
     "experts": ["w1", "w2", "w3"],
@@ -145,7 +151,7 @@ class DataConfig:
     # .jsonl/.json/.parquet/.csv/.arrow file, a directory (save_to_disk, or data files), or a hub
     # dataset name; null with mixture
     path: str | None = MISSING
-    kind: str = MISSING  # the pipeline the rows are for: sft | dpo
+    kind: str = MISSING  # the rows' pipeline: sft | dpo (also for orpo and cpo: preference rows) | kto
     format: str = "auto"  # auto (each row's own, from its columns) | a name of mixtral_tune/data.py FORMATS
     columns: dict[str, str] = field(default_factory=dict)  # rename: source column -> format column
     split: str = "train"  # hub datasets and directories with splits
@@ -210,7 +216,7 @@ class EvaluationConfig:
 
 @dataclass
 class TrainConfig:
-    stage: str = MISSING  # sft | dpo: which pipeline this config is for
+    stage: str = MISSING  # sft | dpo | kto | orpo | cpo: which pipeline this config is for
     output_dir: str = MISSING
     max_steps: int = MISSING  # -1 = train for trainer.num_train_epochs
     resume: Any = False  # false | true (latest checkpoint in output_dir) | path to a checkpoint dir
@@ -220,7 +226,7 @@ class TrainConfig:
     peft: PeftConfig = field(default_factory=PeftConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     deepspeed: dict[str, Any] = field(default_factory=dict)  # DeepSpeed JSON as a dict; {} = off
-    trainer: dict[str, Any] = field(default_factory=dict)  # SFTConfig / DPOConfig fields, by TRL's names
+    trainer: dict[str, Any] = field(default_factory=dict)  # the stage's TRL config fields, by TRL's names
     router: RouterWatchConfig = field(default_factory=RouterWatchConfig)
 
 
@@ -416,7 +422,7 @@ def drop_eval_of_replaced_data(cfg: DictConfig, data_group: str | None, override
 
 
 def load_config(config_name: str, overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
-    """Compose and validate the config of pipeline `config_name` (sft | dpo), or raise ConfigError."""
+    """Compose and validate the config of pipeline `config_name` (one of STAGES), or raise ConfigError."""
     cfg = compose(config_name, overrides)
     if cfg.stage != config_name:
         raise ConfigError(
@@ -501,16 +507,18 @@ def check_required_values(cfg: DictConfig) -> None:
 
 def check_stage(cfg: DictConfig) -> None:
     require_choice("stage", cfg.stage, STAGES)
-    if cfg.data.kind == cfg.stage:
+    kind = STAGE_DATA_KINDS[cfg.stage]
+    if cfg.data.kind == kind:
         return
+    takers = [stage for stage, rows in STAGE_DATA_KINDS.items() if rows == cfg.data.kind]
     other = (
-        f"or run the {cfg.data.kind} pipeline (mixtral-tune {cfg.data.kind})"
-        if cfg.data.kind in STAGES
+        f"or run a pipeline that trains on them (mixtral-tune {'|'.join(takers)})"
+        if takers
         else f"there is no {cfg.data.kind} pipeline (pipelines: {', '.join(STAGES)})"
     )
     raise ConfigError(
-        f"data.kind={cfg.data.kind} does not fit the {cfg.stage} pipeline: use data.kind={cfg.stage} "
-        f"with {cfg.stage.upper()} rows; {other}"
+        f"data.kind={cfg.data.kind} does not fit the {cfg.stage} pipeline: use data.kind={kind} "
+        f"with {kind.upper()} rows; {other}"
     )
 
 
@@ -711,7 +719,7 @@ def check_attention(cfg: DictConfig) -> None:
 
 def check_data(cfg: DictConfig) -> None:
     data = cfg.data
-    require_choice("data.kind", data.kind, STAGES)
+    require_choice("data.kind", data.kind, DATA_KINDS)
     require_positive("data.max_length", data.max_length)
     require_choice("data.truncation", data.truncation, DATA_TRUNCATION)
     require_choice("data.dpo_truncation_mode", data.dpo_truncation_mode, DPO_TRUNCATION_MODES)
@@ -719,7 +727,12 @@ def check_data(cfg: DictConfig) -> None:
     if data.num_proc is not None:
         require_positive("data.num_proc", data.num_proc)
     if data.packing and data.kind != "sft":
-        raise ConfigError("data.packing=true is for SFT data only: set data.packing=false for DPO")
+        raise ConfigError(f"data.packing=true is for SFT data only: set data.packing=false for {cfg.stage}")
+    if cfg.stage in ("kto", "orpo", "cpo") and data.dpo_truncation_mode != "keep_start":
+        raise ConfigError(
+            f"data.dpo_truncation_mode={data.dpo_truncation_mode}: TRL's {cfg.stage.upper()} trainer keeps the "
+            "prompt and cuts the completion (keep_start) only; set data.dpo_truncation_mode=keep_start"
+        )
     if not 0.0 <= data.max_bad_fraction <= 1.0:
         raise ConfigError(f"data.max_bad_fraction={data.max_bad_fraction} must be within [0, 1]")
     if not 0.0 <= data.eval_fraction < 1.0:
@@ -928,7 +941,15 @@ def trl_config_class(stage: str) -> type:
     """TRL's argument class of a pipeline (imported on first use: TRL is slow to import)."""
     import trl
 
-    return {"sft": trl.SFTConfig, "dpo": trl.DPOConfig}[stage]
+    if stage == "orpo":
+        from trl.experimental.orpo import ORPOConfig
+
+        return ORPOConfig
+    if stage == "cpo":
+        from trl.experimental.cpo import CPOConfig
+
+        return CPOConfig
+    return {"sft": trl.SFTConfig, "dpo": trl.DPOConfig, "kto": trl.KTOConfig}[stage]
 
 
 def trainer_value(cfg: DictConfig, key: str) -> Any:
@@ -1012,10 +1033,7 @@ def check_trainer(cfg: DictConfig) -> None:
         )
     check_evaluation(cfg)
     check_report_to(cfg)
-    if cfg.stage == "dpo":
-        check_dpo_loss(cfg)
-    else:
-        require_choice("trainer.loss_type", trainer_value(cfg, "loss_type"), SFT_LOSS_TYPES)
+    STAGE_CHECKS[cfg.stage](cfg)
 
 
 def check_evaluation(cfg: DictConfig) -> None:
@@ -1096,8 +1114,7 @@ def check_dpo_loss(cfg: DictConfig) -> None:
     loss_types = list(trainer_value(cfg, "loss_type"))
     for loss_type in loss_types:
         require_choice("trainer.loss_type", loss_type, DPO_LOSS_TYPES)
-    if trainer_value(cfg, "beta") <= 0:
-        raise ConfigError(f"trainer.beta={trainer_value(cfg, 'beta')} must be positive")
+    check_beta(cfg)
     smoothing = trainer_value(cfg, "label_smoothing")
     if "exo_pair" in loss_types and smoothing <= 0:
         raise ConfigError(
@@ -1120,6 +1137,54 @@ def check_dpo_loss(cfg: DictConfig) -> None:
             f"trainer.f_divergence_type={divergence} works only with loss types {', '.join(sorted(divergence_losses))}: "
             "change trainer.loss_type or use f_divergence_type=reverse_kl"
         )
+
+
+def check_sft_loss(cfg: DictConfig) -> None:
+    require_choice("trainer.loss_type", trainer_value(cfg, "loss_type"), SFT_LOSS_TYPES)
+
+
+def check_beta(cfg: DictConfig) -> None:
+    if trainer_value(cfg, "beta") <= 0:
+        raise ConfigError(f"trainer.beta={trainer_value(cfg, 'beta')} must be positive")
+
+
+def check_kto_loss(cfg: DictConfig) -> None:
+    """KTO settings TRL's KTOTrainer would only reject once the models are built."""
+    loss_type = trainer_value(cfg, "loss_type")
+    require_choice("trainer.loss_type", loss_type, KTO_LOSS_TYPES)
+    check_beta(cfg)
+    for key in ("desirable_weight", "undesirable_weight"):
+        require_positive(f"trainer.{key}", trainer_value(cfg, key))
+    if loss_type == "kto" and trainer_value(cfg, "per_device_train_batch_size") < 2:
+        raise ConfigError(
+            "trainer.loss_type=kto estimates its KL term from the other rows of each micro-batch: set "
+            "trainer.per_device_train_batch_size >= 2 (or trainer.loss_type=apo_zero_unpaired)"
+        )
+    if loss_type == "kto" and trainer_value(cfg, "train_sampling_strategy") != "sequential":
+        raise ConfigError(
+            "trainer.loss_type=kto pairs each row with its neighbours for the KL term, so rows must be read in "
+            "order: set trainer.train_sampling_strategy=sequential (shuffle the data file instead)"
+        )
+
+
+def check_cpo_loss(cfg: DictConfig) -> None:
+    """CPO/SimPO settings TRL's CPOTrainer would only reject once the model is built."""
+    require_choice("trainer.loss_type", trainer_value(cfg, "loss_type"), CPO_LOSS_TYPES)
+    check_beta(cfg)
+    if trainer_value(cfg, "cpo_alpha") < 0:
+        raise ConfigError(
+            f"trainer.cpo_alpha={trainer_value(cfg, 'cpo_alpha')} must be >= 0 (0: no NLL term)"
+        )
+
+
+# The loss settings of each pipeline, checked after the fields common to every TRL config.
+STAGE_CHECKS = {
+    "sft": check_sft_loss,
+    "dpo": check_dpo_loss,
+    "kto": check_kto_loss,
+    "orpo": check_beta,
+    "cpo": check_cpo_loss,
+}
 
 
 def value_fits(value: Any, annotation: Any) -> bool:

@@ -26,7 +26,10 @@ columns, in the table's order; `data.format=NAME` reads every row as NAME):
   dpo  preference         `prompt` (string or message list ending with a user turn) + `chosen` +
                           `rejected` (strings or assistant-message lists; a chosen/rejected list that
                           repeats the prompt has it stripped). Without `prompt` (TRL's implicit prompt),
-                          the messages shared by chosen and rejected are the prompt.
+                          the messages shared by chosen and rejected are the prompt. (ORPO and
+                          CPO/SimPO take these rows too.)
+  kto  unpaired           `prompt` (as preference's) + `completion` (as its chosen) + `label` (true:
+                          desirable, false: undesirable): unpaired feedback, as TRL's KTOTrainer takes it
 Chat rules for every chat format: an optional system message first, then user/assistant alternating,
 ending with assistant. A null value counts as an absent column.
 
@@ -134,6 +137,9 @@ TOKENS = datasets.List(datasets.Value("int32"))
 MESSAGES = datasets.List({"role": datasets.Value("string"), "content": datasets.Value("string")})
 SFT_FEATURES = datasets.Features({"input_ids": TOKENS, "labels": TOKENS, **STATUS})
 DPO_FEATURES = datasets.Features({"prompt": MESSAGES, "chosen": MESSAGES, "rejected": MESSAGES, **STATUS})
+KTO_FEATURES = datasets.Features(
+    {"prompt": MESSAGES, "completion": MESSAGES, "label": datasets.Value("bool"), **STATUS}
+)
 
 
 class DataError(ValueError):
@@ -219,6 +225,13 @@ class TextExample:
     text: str  # language modelling: every token trained
 
 
+@dataclass
+class KtoExample:
+    prompt: list[dict]
+    completion: list[dict]
+    label: bool  # true: a desirable completion (thumbs up), false: an undesirable one
+
+
 @dataclass(frozen=True)
 class Source:
     """One data source: a local file, a local directory or a hub dataset (its split), with a column
@@ -264,6 +277,23 @@ def prepare_dpo_data(data_cfg: Any, tokenizer: PreTrainedTokenizerBase, seed: in
     )
     prepared = prepare(data_cfg, tokenizer, seed, convert, DPO_FEATURES, lambda dataset, *_: dataset)
     check_chat_template_matches_encode_chat(tokenizer, prepared.train[0], data_cfg.chat_template is not None)
+    return prepared
+
+
+def prepare_kto_data(data_cfg: Any, tokenizer: PreTrainedTokenizerBase, seed: int) -> PreparedData:
+    """Conversational prompt/completion/label train/eval datasets for TRL's KTOTrainer from `cfg.data`."""
+    convert = partial(
+        kto_convert_batch,
+        tokenizer=tokenizer,
+        row_format=data_cfg.format,
+        max_length=data_cfg.max_length,
+        truncation=data_cfg.truncation,
+    )
+    prepared = prepare(data_cfg, tokenizer, seed, convert, KTO_FEATURES, lambda dataset, *_: dataset)
+    first = prepared.train[0]
+    check_chat_template_matches_encode_chat(
+        tokenizer, {"prompt": first["prompt"], "chosen": first["completion"]}
+    )
     return prepared
 
 
@@ -824,6 +854,28 @@ def dpo_convert_batch(
     return out
 
 
+def kto_convert_batch(batch: dict, *, columns, tokenizer, row_format, max_length, truncation) -> dict:
+    out = {"prompt": [], "completion": [], "label": [], **{key: [] for key in STATUS}}
+    for index, row in rows_of(batch, columns):
+        name, example, tokens, detail = "", KtoExample([], [], False), 0, ""
+        try:
+            name, example = parse_row(row, "kto", row_format)
+            # TRL's KTO collator cuts long rows as DPO's keep_start does (the prompt kept, the completion cut);
+            # the pair counts the one sequence twice: halved below
+            problem, tokens = dpo_length_outcome(
+                tokenizer, DpoExample(example.prompt, example.completion, example.completion),
+                max_length, truncation, "keep_start",
+            )  # fmt: skip
+            tokens //= 2
+        except BadRow as reason:
+            problem, detail = reason.kind, reason.detail
+        out["prompt"].append(example.prompt)
+        out["completion"].append(example.completion)
+        out["label"].append(example.label)
+        append_status(out, problem, detail, index, name, tokens)
+    return out
+
+
 def append_status(out: dict, problem: str, detail: str, index: int, name: str, tokens: int) -> None:
     for key, value in ((PROBLEM, problem), (DETAIL, detail), (ROW_INDEX, index), (FORMAT, name),
                        (NUM_TOKENS, tokens if problem in (KEPT, TRUNCATED) else 0)):  # fmt: skip
@@ -933,12 +985,30 @@ def parse_dpo_row(row: dict) -> DpoExample:
     return DpoExample(prompt, chosen, rejected)
 
 
+def parse_kto_row(row: dict) -> KtoExample:
+    """An unpaired KTO row (TRL's convention: `prompt`, `completion`, boolean `label`), or BadRow."""
+    if not isinstance(row["label"], bool):
+        raise BadRow(
+            "wrong type", f"'label' must be true (desirable) or false (undesirable), got {row['label']!r}"
+        )
+    prompt = parse_turns(row, "prompt", "user")
+    completion = strip_prompt(prompt, parse_turns(row, "completion", "assistant"))
+    if not prompt or prompt[-1]["role"] != "user":
+        raise BadRow("broken alternation", "the prompt must end with a user message")
+    if not completion:
+        raise BadRow("empty text", "'completion' has no assistant message after the prompt")
+    require_conversation(prompt + completion, "prompt + completion")
+    if completion[-1]["role"] != "assistant":
+        raise BadRow("broken alternation", "'completion' must end with an assistant message")
+    return KtoExample(prompt, completion, row["label"])
+
+
 @dataclass(frozen=True)
 class RowFormat:
     """One row format: the pipeline it feeds, the columns that identify it, and its parser."""
 
     name: str
-    stage: str  # sft | dpo: data.kind
+    stage: str  # sft | dpo | kto: data.kind
     required: tuple[str, ...]
     optional: tuple[str, ...]
     parse: Callable[[dict], Any]
@@ -967,6 +1037,7 @@ FORMATS = (
     RowFormat("prompt_completion", "sft", ("prompt", "completion"), (), parse_prompt_completion_row),
     RowFormat(TEXT, "sft", ("text",), (), parse_text_row),
     RowFormat("preference", "dpo", ("chosen", "rejected"), ("prompt",), parse_dpo_row),
+    RowFormat("unpaired", "kto", ("prompt", "completion", "label"), (), parse_kto_row),
 )
 
 

@@ -18,7 +18,7 @@ Memory (bytes on one GPU):
   W/n ranks holding the same experts); each rank holds E/n experts of every layer;
 - optimizer offload (DeepSpeed ZeRO-Offload) moves the fp32 master copy, the moments and the
   gradient partitions to CPU memory (reported as `cpu_per_rank`);
-- full-model DPO holds a frozen reference copy of the weights, placed like the policy's;
+- full-model DPO and KTO hold a frozen reference copy of the weights, placed like the policy's;
 - ZeRO-3 also holds one layer gathered at a time (its attention and its rank's experts, weights and
   gradients): every MoE block is a ZeRO-3 leaf module, gathered whole;
 - activations with gradient checkpointing: each layer's input (T x hidden) kept for the backward, plus
@@ -27,13 +27,15 @@ Memory (bytes on one GPU):
   layer's working set is kept, and with transformers' `every_n_layers` (trainer.activation_checkpointing_kwargs)
   that of every layer it leaves out. This working set is a lower bound: PEFT's fp32 adapter inputs and the norms'
   fp32 copies are not in it (README, "Memory back for speed", has a GPU measurement).
-  T = micro-batch x sequence length tokens (x2 under DPO: chosen and
+  T = micro-batch x sequence length tokens (x2 under DPO, ORPO and CPO: chosen and
   rejected). The logits: one fp32 tile of TRL's fused LM head (up to 32768 tokens) and its gradient;
+  ORPO and CPO (TRL's experimental trainers) build all T x vocab fp32 logits and their gradient;
 - not counted: DeepSpeed's communication buckets, CUDA context and allocator fragmentation.
 
 Communication (bytes each rank sends per optimizer step, = bytes it receives; ring collectives):
 - ZeRO-3 all-gather of the weights: every micro-batch, once for the forward and once for the backward
-  (the recomputation shares the backward's gather), once more for DPO's reference forward; a shard
+  (the recomputation shares the backward's gather), once more for each further forward (DPO's
+  reference; KTO's reference and its two no-gradient forwards on the KL completions: STAGE_PASSES); a shard
   group of size S sends (S-1)/S of the gathered bytes; experts are gathered only within their
   expert-data-parallel group (nothing moves when it is one rank);
 - reduce-scatter of the trainable gradients: every micro-batch at ZeRO-2/3 (DeepSpeed reduces each
@@ -41,7 +43,7 @@ Communication (bytes each rank sends per optimizer step, = bytes it receives; ri
   all-reduce); ZeRO-1/2 all-gather the updated trainable weights once per step;
 - expert-parallel all-to-all of the tokens: per MoE layer, the k rows of every token go to their
   experts (dispatch) and come back (combine): hidden x k x T x dtype bytes each way, once per forward
-  (the recomputation and DPO's reference forward included) and once in the backward; with uniform
+  (the recomputation and the further forwards of DPO and KTO included) and once in the backward; with uniform
   routing (n-1)/n of the rows leave the rank. The per-expert row counts (E int64) are not counted.
 """
 
@@ -183,6 +185,20 @@ class Estimate:
         return "\n".join(lines)
 
 
+# stage -> (sequences per row in the trained forward, forward passes per micro-batch not counting the
+# recomputation, whether TRL scores the labels with its fused LM head). DPO: chosen and rejected, policy and
+# reference; KTO: one completion, and a no-gradient forward of the policy and of the reference on the
+# mismatched (KL) completions besides the two; ORPO and CPO: chosen and rejected, no reference, full logits.
+STAGE_PASSES = {
+    "sft": (1, 1, True),
+    "dpo": (2, 2, True),
+    "kto": (1, 4, True),
+    "orpo": (2, 1, False),
+    "cpo": (2, 1, False),
+}
+REFERENCE_STAGES = ("dpo", "kto")  # PEFT: adapter-disabled forwards; full: a frozen copy of the model
+
+
 def estimate_layout(
     model_config,
     *,
@@ -207,7 +223,7 @@ def estimate_layout(
     `checkpoint_every` is transformers' `every_n_layers` (layers 0, n, 2n, ... are checkpointed)."""
     s = Shape.of(model_config)
     W, n = world_size, expert_parallel_size
-    if peft not in PEFT_METHODS or optimizer not in OPTIMIZER_MOMENT_BYTES or stage not in ("sft", "dpo"):
+    if peft not in PEFT_METHODS or optimizer not in OPTIMIZER_MOMENT_BYTES or stage not in STAGE_PASSES:
         raise ValueError(f"peft={peft}, optimizer={optimizer}, stage={stage}: see estimate_layout's choices")
     if n < 1 or W % n or s.experts % n:
         raise ValueError(f"expert_parallel_size={n} must divide the world size {W} and {s.experts} experts")
@@ -246,10 +262,13 @@ def estimate_layout(
         "optimizer_states": 0 if offload_optimizer else sharded(trainable, optimizer_bytes, zero_stage >= 1),
     }
     cpu = sharded(trainable, optimizer_bytes + 4, True) if offload_optimizer else 0  # + fp32 grad partitions
-    if stage == "dpo" and peft == "none":  # full-model DPO: a frozen reference copy, placed like the policy
+    sequences, forwards, fused_head = STAGE_PASSES[stage]
+    if (
+        stage in REFERENCE_STAGES and peft == "none"
+    ):  # full model: a frozen reference copy, placed like the policy
         memory["reference_weights"] = sharded((dense * b, experts_local * b), 1, zero_stage == 3)
 
-    tokens = micro_batch * seq_len * (2 if stage == "dpo" else 1)
+    tokens = micro_batch * seq_len * sequences
     shapes = s.linear_shapes()
     attention_params = sum(i * o for name, (i, o) in shapes.items() if name in ATTENTION)
     expert_params = sum(i * o for name, (i, o) in shapes.items() if name in EXPERT)
@@ -273,11 +292,10 @@ def estimate_layout(
         checkpointed * tokens * s.hidden * b + (s.layers - checkpointed) * layer_work
         + (layer_work if checkpointed else 0)
     )  # fmt: skip
-    memory["logits_tile"] = min(tokens, LOGITS_TILE) * s.vocab * 4 * 2
+    # fp32 logits and their gradient: a tile of them under TRL's fused LM head, all of them without it
+    memory["logits_tile"] = (min(tokens, LOGITS_TILE) if fused_head else tokens) * s.vocab * 4 * 2
 
     # ---- communication, bytes each rank sends per optimizer step
-    frozen_reference = stage == "dpo"  # PEFT: adapter-disabled forward; full: a frozen copy of the model
-    forwards = 1 + int(frozen_reference)  # forward passes per micro-batch (not counting the recomputation)
     ring_dense, ring_expert = (W - 1) / W, (edp - 1) / edp
     gathered = (base_bytes[0] + trainable[0] * b) * ring_dense + (
         base_bytes[1] + trainable[1] * b

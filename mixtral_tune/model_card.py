@@ -95,10 +95,21 @@ def routing_drift(values: dict[str, float]) -> list[str]:
     return rows
 
 
+TRAINER_CLASSES = {
+    "sft": "SFTTrainer",
+    "dpo": "DPOTrainer",
+    "kto": "KTOTrainer",
+    "orpo": "ORPOTrainer (trl.experimental)",
+    "cpo": "CPOTrainer (trl.experimental)",
+}
+
+
 def write_model_card(final_dir: Path, cfg: DictConfig, log_history: list[dict], is_adapter: bool) -> None:
     base = cfg.model.name_or_path or f"random init ({Path(cfg.output_dir) / 'base'})"
     values = last_values(log_history)
-    trainer_class = {"sft": "SFTTrainer", "dpo": "DPOTrainer"}[cfg.stage]
+    trainer_class = TRAINER_CLASSES[cfg.stage]
+    if cfg.stage == "cpo":
+        trainer_class += f", loss_type={cfg.trainer.get('loss_type', 'sigmoid')}"
     data = cfg.data
     eval_data = data.eval_path or (
         f"{data.eval_fraction:.0%} held out of the training data" if data.eval_fraction else "none"

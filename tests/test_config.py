@@ -10,6 +10,7 @@ from omegaconf import OmegaConf
 from mixtral_model.hub_weights import looks_like_local_path
 from mixtral_tune import config as config_module
 from mixtral_tune.config import (
+    STAGE_DATA_KINDS,
     ConfigError,
     check_architecture_matches,
     compose,
@@ -80,7 +81,7 @@ def test_recipe_composes_and_validates(recipe, monkeypatch):
     # validated as launched: an expert-parallel recipe (EP=8) on the 8 ranks its header names
     monkeypatch.setenv("WORLD_SIZE", str(cfg.model.expert_parallel_size))
     validate(cfg)
-    assert cfg.stage == stage_of(recipe) == cfg.data.kind
+    assert cfg.stage == stage_of(recipe) and cfg.data.kind == STAGE_DATA_KINDS[cfg.stage]
     assert cfg.max_steps == -1 or cfg.max_steps > 0
 
 

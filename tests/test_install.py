@@ -78,7 +78,10 @@ def test_help_of_the_command_and_of_python_m(installed):
     command, python = env_dir / "bin" / "mixtral-tune", env_dir / "bin" / "python"
     for help_command in ([command, "--help"], [python, "-m", "mixtral_tune", "--help"]):
         out = run(help_command, work, env, timeout=60).stdout
-        assert out.startswith("usage: mixtral-tune {sft,dpo,export,demo}") and "tiny/sft" in out
+        assert (
+            out.startswith("usage: mixtral-tune {sft,dpo,kto,orpo,cpo,esft-select,export,demo}")
+            and "tiny/sft" in out
+        )
     wrong = subprocess.run([command, "train"], cwd=work, env=env, capture_output=True, text=True)
     assert wrong.returncode == 2 and wrong.stderr.startswith("error: unknown command 'train'")
 

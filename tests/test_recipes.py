@@ -47,6 +47,7 @@ TINY = {
 STAND_INS = {  # hub dataset -> bundled (train, eval) files with the same row shape
     "HuggingFaceH4/ultrachat_200k": ("ultrachat_tiny.jsonl", "ultrachat_tiny_test.jsonl"),
     "HuggingFaceH4/ultrafeedback_binarized": ("ultrafeedback_tiny.jsonl", "ultrafeedback_tiny_test.jsonl"),
+    "trl-lib/kto-mix-14k": ("kto_mix_tiny.jsonl", "kto_mix_tiny_test.jsonl"),
 }
 PACKED_LENGTH = 256  # the stand-in conversations are 26-170 tokens; 4096-token bins would need 16x the data
 STEPS = 2  # the recipes warm up for 1 of 2 steps (learning rate 0 at step 1): step 2 trains
@@ -63,6 +64,9 @@ SLOW = {
     # every setting of dpo_lora_ep but the DPO stage is sft_lora_ep's (non-slow); DPO with LoRA under EP=2 and
     # ZeRO-3 also runs in tests/test_pipelines.py
     "mixtral-8x7b/dpo_lora_ep",
+    # every setting of simpo_qlora but the CPO/SimPO loss is orpo_qlora's (non-slow; the two experimental TRL
+    # trainers share their code path); the SimPO loss runs in tiny/simpo
+    "mixtral-8x7b/simpo_qlora",
 }
 
 

@@ -5,6 +5,7 @@
   ultrafeedback_tiny.jsonl  HuggingFaceH4/ultrafeedback_binarized rows: prompt, prompt_id, chosen and
                             rejected as [user, assistant] conversations that repeat the prompt, messages,
                             score_chosen, score_rejected.
+  kto_mix_tiny(_test).jsonl trl-lib/kto-mix-14k rows: prompt [user], completion [assistant], label (bool).
 
 The text is seeded word salad of 20-250 tokens per row: the recipe tests need the shape, not
 the meaning. Run from the repository root: python tests/data/make_recipe_fixtures.py
@@ -59,6 +60,14 @@ def ultrafeedback_row(rng: random.Random) -> dict:
     }
 
 
+def kto_mix_row(rng: random.Random) -> dict:
+    return {
+        "prompt": [{"content": sentence(rng, 5, 30), "role": "user"}],
+        "completion": [{"content": sentence(rng, 10, 60), "role": "assistant"}],
+        "label": rng.random() < 0.5,
+    }
+
+
 def write(path: Path, rows: list[dict]) -> None:
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
 
@@ -69,3 +78,5 @@ if __name__ == "__main__":
     write(HERE / "ultrachat_tiny_test.jsonl", [ultrachat_row(rng) for _ in range(16)])
     write(HERE / "ultrafeedback_tiny.jsonl", [ultrafeedback_row(rng) for _ in range(32)])
     write(HERE / "ultrafeedback_tiny_test.jsonl", [ultrafeedback_row(rng) for _ in range(8)])
+    write(HERE / "kto_mix_tiny.jsonl", [kto_mix_row(rng) for _ in range(32)])
+    write(HERE / "kto_mix_tiny_test.jsonl", [kto_mix_row(rng) for _ in range(8)])

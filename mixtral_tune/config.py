@@ -275,6 +275,9 @@ RESUME_CHANGES = {
     **{f"data.{key}": TRAINS for key in ("path", "kind", "format", "columns", "split", "config", "revision",
        "mixture", "eval_fraction", "max_length", "truncation", "dpo_truncation_mode", "packing",
        "completion_only")},
+    **{f"data.{key}": TRAINS for key in ("chat_template", "chat_template_tokens")},
+    # sample generations watch the run; early stopping may end it sooner
+    **{f"evaluation.{item.name}": OBSERVES for item in dataclasses.fields(EvaluationConfig)},
     **{f"data.{key}": OBSERVES for key in ("eval_path", "eval_split", "max_bad_fraction",
        "max_reported_bad_rows", "num_proc", "cache_dir", "prepare_on")},
     **{f"peft.{key}": TRAINS for key in ("method", "r", "alpha", "dropout", "targets", "train_router", "esft_selection")},

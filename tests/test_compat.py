@@ -307,6 +307,9 @@ def test_trainer_hooks_hold_rotation_back_and_hand_resume_over():
         def checkpoint_saved(self, save_total_limit):
             seen.append(("saved", save_total_limit, self.args.save_total_limit))
 
+        def resuming(self, max_steps):
+            seen.append(("resuming", max_steps))
+
         def restores_checkpoint_itself(self, checkpoint):
             return checkpoint == "ours"
 
@@ -319,10 +322,14 @@ def test_trainer_hooks_hold_rotation_back_and_hand_resume_over():
     seen.clear()
     assert trainer._prepare_for_training(3, "loader", "theirs") == ("wrapped", "loader")
     assert trainer._prepare_for_training(3, "loader", "ours") == ("wrapped", "loader")
+    assert trainer._prepare_for_training(3, "loader", None) == ("wrapped", "loader")
     assert seen == [
+        ("resuming", 3),
         ("trainer prepares, loading", "theirs"),
+        ("resuming", 3),
         ("trainer prepares, loading", None),
         ("we restore", "ours"),
+        ("trainer prepares, loading", None),
     ]
 
 

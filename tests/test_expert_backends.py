@@ -129,7 +129,7 @@ def test_grouped_equals_per_expert_fp32(kind, dropout, backend):
 def test_grouped_equals_per_expert_bf16(kind, dropout, backend):
     reference = run(kind, "per_expert", torch.bfloat16, dropout)
     # bf16 sums in another order differ by a few units in the last place, more on other CPUs' bf16 kernels
-    # (README, Tests: what the GPU machine's CPU gave)
+    # (docs/reference.md, Tests: what the GPU machine's CPU gave)
     assert_same(run(kind, backend, torch.bfloat16, dropout), reference, tol=3e-2)
 
 

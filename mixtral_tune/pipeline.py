@@ -6,7 +6,6 @@ files and rows, parallel combination) is checked before a model is built or an o
 """
 
 import os  # noqa: I001  (mixtral_model.quiet comes before deepspeed)
-import dataclasses
 import shutil
 import sys
 from pathlib import Path
@@ -18,7 +17,6 @@ import transformers
 from huggingface_hub import HfApi
 from transformers import EarlyStoppingCallback
 from omegaconf import DictConfig, OmegaConf
-from transformers.trainer import TRAINING_ARGS_NAME
 
 from mixtral_model import MixtralConfig, load_tokenizer
 from mixtral_model.tokenizer import save_for_serving
@@ -31,7 +29,11 @@ from mixtral_tune.training.router_health import add_router_callbacks
 from mixtral_tune.training.safe_load import checkpoint_problem_on_any_rank, load_checkpoint_file
 from mixtral_compat.deepspeed import route_checkpoint_engine_loads
 from mixtral_tune import run_dir
-from mixtral_tune.training.resume import checkpoint_step, latest_complete_checkpoint
+from mixtral_tune.training.resume import (
+    checkpoint_step,
+    keep_environment_out_of_saved_args,
+    latest_complete_checkpoint,
+)
 from mixtral_tune.config import (
     ConfigError,
     activation_checkpointing_kwargs,
@@ -316,7 +318,7 @@ def save_final(trainer, cfg: DictConfig, tokenizer) -> str:
     if trainer.args.should_save:
         save_for_serving(tokenizer, str(staged))
         OmegaConf.save(saved_config(cfg), staged / "run_config.yaml")
-        keep_environment_out_of_saved_args(trainer.args, cfg, staged)
+        keep_environment_out_of_saved_args(trainer.args, trainer.args_from_environment, staged)
         trainer.state.save_to_json(str(staged / "trainer_state.json"))
         write_generation_config(staged, tokenizer)
         if cfg.peft.esft_selection:  # which experts were trained, beside the weights
@@ -329,14 +331,6 @@ def save_final(trainer, cfg: DictConfig, tokenizer) -> str:
                 repo_id=trainer.hub_model_id, folder_path=str(final), commit_message="final model"
             )
     return str(final)
-
-
-def keep_environment_out_of_saved_args(args, cfg: DictConfig, directory: Path) -> None:
-    """training_args.bin (the Trainer's pickled arguments) with every trainer.* value read from the
-    environment written as its `${oc.env:...}` source, as run_config.yaml keeps it."""
-    from_env = trainer_keys_read_from_env(cfg)
-    if from_env and (directory / TRAINING_ARGS_NAME).exists():
-        torch.save(dataclasses.replace(args, **from_env), directory / TRAINING_ARGS_NAME)
 
 
 def tokenizer_for(cfg: DictConfig):
@@ -512,6 +506,7 @@ def build_trainer(stage: str, argv: list[str], prepare_data, make_args, trainer_
         callbacks=[RunSummaryCallback(cfg.output_dir), DivergenceCallback()],
         **extra,
     )
+    trainer.args_from_environment = trainer_keys_read_from_env(cfg)  # saved as ${oc.env:...}, not values
     trainer.enable_router_stats(model)
     add_router_callbacks(trainer, cfg, model)
     use_lean_console(trainer)

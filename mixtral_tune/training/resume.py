@@ -12,10 +12,14 @@ crash or `kill -9` (or a file truncated afterwards) is never chosen, and `resume
 newest complete one, naming each newer one it skipped and why.
 """
 
+import copy
 import json
 import os
 import sys
 from pathlib import Path
+
+import torch
+from transformers.trainer import TRAINING_ARGS_NAME
 
 from mixtral_compat.deepspeed import copy_master_weights_to_model
 from mixtral_compat.transformers import TrainerCheckpointHooks, load_trainer_schedule
@@ -110,6 +114,17 @@ def mark_checkpoint_complete(path: Path) -> None:
     os.replace(partial, path / COMPLETE_MARKER)
 
 
+def keep_environment_out_of_saved_args(args, from_environment: dict[str, str], directory: Path) -> None:
+    """training_args.bin (the Trainer's pickled arguments) with every trainer.* value read from the
+    environment written as its `${oc.env:...}` source, as run_config.yaml keeps it
+    (`config.trainer_keys_read_from_env`); never read back on resume."""
+    if from_environment and (directory / TRAINING_ARGS_NAME).exists():
+        saved = copy.copy(args)  # not dataclasses.replace: a new TrainingArguments resets accelerate's state
+        for key, value in from_environment.items():
+            setattr(saved, key, value)
+        torch.save(saved, directory / TRAINING_ARGS_NAME)
+
+
 class ResumeMixin(TrainerCheckpointHooks):
     """Put first in a trainer's bases: checkpoints marked complete once every rank has written its
     part, and resume of ZeRO-1/2 runs under expert parallelism with every rank's own experts.
@@ -129,7 +144,11 @@ class ResumeMixin(TrainerCheckpointHooks):
 
         self.accelerator.wait_for_everyone()  # every rank's optimizer shard and RNG state are written
         if self.args.should_save:
-            mark_checkpoint_complete(Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}")
+            checkpoint = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
+            keep_environment_out_of_saved_args(
+                self.args, getattr(self, "args_from_environment", {}), checkpoint
+            )
+            mark_checkpoint_complete(checkpoint)
             rotate_checkpoints(
                 self.args.output_dir, save_total_limit, self.state.best_model_checkpoint, use_mtime=True
             )

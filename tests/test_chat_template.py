@@ -164,8 +164,8 @@ def test_a_template_whose_trained_span_misses_the_end_of_turn_is_refused():
         (["data.chat_template=chatmll"], "not a shipped template"),
         (["data.chat_template=templates/missing.jinja"], "no such file"),
         (["data.chat_template_tokens=['<|x|>']"], "data.chat_template is null"),
-        (["data.kind=kto"], "there is no kto pipeline (pipelines: sft, dpo)"),
-        (["data.kind=dpo"], "or run the dpo pipeline (mixtral-tune dpo)"),
+        (["data.kind=kto"], "or run a pipeline that trains on them (mixtral-tune kto)"),
+        (["data.kind=dpo"], "or run a pipeline that trains on them (mixtral-tune dpo|orpo|cpo)"),
     ],
 )
 def test_bad_chat_template_settings_are_one_line_config_errors(overrides, message, tmp_path):

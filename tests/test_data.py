@@ -406,11 +406,11 @@ def test_data_path_and_mixture_are_exclusive(tmp_path):
     from mixtral_tune.config import ConfigError, check_data
 
     path = write_jsonl(tmp_path / "rows.jsonl", numbered_rows("row", 2))
-    both = OmegaConf.create({"data": mixture_cfg([{"path": str(path)}])})
+    both = OmegaConf.create({"stage": "sft", "data": mixture_cfg([{"path": str(path)}])})
     both.data.path = str(path)
     with pytest.raises(ConfigError, match="data.path and data.mixture"):
         check_data(both)
-    heavy = OmegaConf.create({"data": mixture_cfg([{"path": str(path), "weight": 1.5}])})
+    heavy = OmegaConf.create({"stage": "sft", "data": mixture_cfg([{"path": str(path), "weight": 1.5}])})
     with pytest.raises(ConfigError, match=r"data.mixture\[0\].weight=1.5"):
         check_data(heavy)
 

@@ -35,6 +35,8 @@ CHANGED = {
     "dpo_truncation_mode": "keep_end",
     "packing": True,
     "completion_only": False,
+    "chat_template": "chatml",
+    "chat_template_tokens": ["<|im_start|>", "<|im_end|>"],
 }
 
 

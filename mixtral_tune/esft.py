@@ -227,7 +227,15 @@ def main(argv: list[str]) -> str:
     partial.write_text(json.dumps(chosen, indent=1))
     partial.replace(out)
     print(format_table(chosen))
-    print(f"selection written to {out}: train with peft=esft peft.esft_selection={out}")
+    trained = sum(
+        p.numel()
+        for layer, e in expert_module_names(chosen["experts"])
+        for p in model.model.layers[layer].block_sparse_moe.experts[str(e)].parameters()
+    )
+    total = sum(p.numel() for p in model.parameters())
+    print(f"peft=esft trains {trained:,} of {total:,} parameters ({trained / total:.1%})")
+    print(f"selection written to {out}: train with peft=esft peft.esft_selection={out}; memory: "
+          f"python -m mixtral_tune.estimate {' '.join(overrides)} peft=esft peft.esft_selection={out}")  # fmt: skip
     return str(out)
 
 

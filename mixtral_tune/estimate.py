@@ -64,7 +64,7 @@ LOGITS_TILE = 32768  # tokens per tile of TRL's fused LM head (trl.trainer.utils
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 EXPERT = ("w1", "w2", "w3")
 OPTIMIZER_MOMENT_BYTES = {"adamw": 8, "adamw_8bit": 2}
-PEFT_METHODS = ("none", "lora", "qlora")
+PEFT_METHODS = ("none", "lora", "qlora", "esft")
 
 
 @dataclass(frozen=True)
@@ -217,10 +217,13 @@ def estimate_layout(
     activation_checkpointing: bool = True,
     checkpoint_every: int = 1,
     stage: str = "sft",
+    esft_experts: int = 0,
 ) -> Estimate:
     """Per-GPU memory and per-step communication of one rank (see the module docstring for what is
     counted and how). `dtype` is the training (compute) dtype; `optimizer` adamw or adamw_8bit;
-    `checkpoint_every` is transformers' `every_n_layers` (layers 0, n, 2n, ... are checkpointed)."""
+    `checkpoint_every` is transformers' `every_n_layers` (layers 0, n, 2n, ... are checkpointed);
+    `esft_experts`, with peft="esft", the number of (layer, expert) pairs an ESFT selection trains
+    (spread evenly over the expert-parallel ranks)."""
     s = Shape.of(model_config)
     W, n = world_size, expert_parallel_size
     if peft not in PEFT_METHODS or optimizer not in OPTIMIZER_MOMENT_BYTES or stage not in STAGE_PASSES:
@@ -237,6 +240,10 @@ def estimate_layout(
     if peft == "none":
         base_bytes = (0, 0)
         trainable = (dense, experts_local)
+    elif peft == "esft":  # the selected experts train in place; everything else is frozen
+        selected = counts["experts"] // (s.layers * s.experts) * esft_experts // n
+        base_bytes = (dense * b, (experts_local - selected) * b)
+        trainable = (0, selected)
     else:
         lora = lora_parameter_counts(model_config, lora_r, lora_targets)
         trainable = (lora["attention"], lora["experts"] // n)
@@ -263,9 +270,10 @@ def estimate_layout(
     }
     cpu = sharded(trainable, optimizer_bytes + 4, True) if offload_optimizer else 0  # + fp32 grad partitions
     sequences, forwards, fused_head = STAGE_PASSES[stage]
-    if (
-        stage in REFERENCE_STAGES and peft == "none"
-    ):  # full model: a frozen reference copy, placed like the policy
+    if stage in REFERENCE_STAGES and peft in (
+        "none",
+        "esft",
+    ):  # no adapters to disable: a frozen reference copy, placed like the policy
         memory["reference_weights"] = sharded((dense * b, experts_local * b), 1, zero_stage == 3)
 
     tokens = micro_batch * seq_len * sequences
@@ -317,7 +325,7 @@ def estimate_layout(
         lora_targets=lora_targets, micro_batch=micro_batch, seq_len=seq_len, grad_accum=grad_accum,
         dtype=dtype, optimizer=optimizer, offload_optimizer=offload_optimizer,
         activation_checkpointing=activation_checkpointing, checkpoint_every=checkpoint_every,
-        checkpointed_layers=checkpointed, stage=stage,
+        checkpointed_layers=checkpointed, stage=stage, esft_experts=esft_experts,
     )  # fmt: skip
     return Estimate(
         layout=layout,
@@ -375,8 +383,16 @@ def layout_of(cfg, world_size: int, **changes) -> dict:
         activation_checkpointing=bool(trainer.activation_checkpointing),
         checkpoint_every=int(activation_checkpointing_kwargs(trainer).get("every_n_layers", 1)),
         stage=cfg.stage,
+        esft_experts=esft_experts(cfg) if method == "esft" else 0,
     )
     return {**layout, **changes}
+
+
+def esft_experts(cfg) -> int:
+    """The (layer, expert) pairs peft.esft_selection trains."""
+    from mixtral_tune.esft import load_selection
+
+    return sum(len(kept) for kept in load_selection(cfg.peft.esft_selection))
 
 
 BASELINE = "model.expert_parallel_size=1 deepspeed=zero3"  # what an expert-parallel recipe replaces

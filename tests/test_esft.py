@@ -91,6 +91,8 @@ def test_esft_trains_only_the_selected_experts(tmp_path):
     selection = json.loads((out / "esft_selection.json").read_text())
     assert "ESFT selection by gate score, threshold 0.3, over 16 rows" in selected.stdout
     experts = selection["experts"]
+    kept = sum(len(layer) for layer in experts)  # small model of pipeline_runs: hidden 32, intermediate 64
+    assert f"peft=esft trains {kept * 3 * 32 * 64:,} of " in selected.stdout
     run_pipeline("sft", [*SFT, f"output_dir={out}", "max_steps=2", "peft=esft",
                          f"peft.esft_selection={out / 'esft_selection.json'}"])  # fmt: skip
     base = load_file(out / "base" / "model.safetensors")
@@ -120,3 +122,28 @@ def test_esft_without_a_selection_is_one_line(tmp_path):
     assert result.returncode == 2
     assert "selects experts for 3 layers but the model has 2" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_estimate_counts_the_selected_experts_as_trained():
+    """The estimator's ESFT layout trains the selected experts' values (counted here on a built model's
+    parameters) and keeps the rest frozen, on one rank and over 2 expert-parallel ranks."""
+    from mixtral_tune.estimate import estimate_layout
+
+    config = MixtralConfig(**TINY)
+    model = MixtralForCausalLM(config)
+    experts = [[0, 3], [1]]
+    selected = sum(
+        p.numel()
+        for layer, kept in enumerate(experts)
+        for e in kept
+        for p in model.model.layers[layer].block_sparse_moe.experts[str(e)].parameters()
+    )
+    expert_values = sum(p.numel() for name, p in model.named_parameters() if ".experts." in name)
+    dense_values = sum(p.numel() for p in model.parameters()) - expert_values
+    for ep in (1, 2):
+        got = estimate_layout(config, world_size=2, expert_parallel_size=ep, zero_stage=0, peft="esft",
+                              dtype="float32", esft_experts=3, seq_len=8)  # fmt: skip
+        assert got.memory["trainable_weights"] == selected * 4 // ep
+        assert got.memory["optimizer_states"] == selected * 8 // ep  # fp32 weights: AdamW's two moments
+        held = got.memory["frozen_base_weights"] + got.memory["trainable_weights"]
+        assert held == (dense_values + expert_values // ep) * 4

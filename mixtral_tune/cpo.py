@@ -27,10 +27,7 @@ MixtralCPOTrainer = mixtral_trainer(CPOTrainer)
 
 def cpo_arguments(cfg) -> CPOConfig:
     # TRL keeps the prompt and cuts the completion (keep_start; config.py refuses keep_end)
-    kwargs = pipeline.training_kwargs(cfg)
-    if "include_num_input_tokens_seen" not in cfg.trainer:  # its batches hold chosen_/rejected_input_ids, no
-        kwargs["include_num_input_tokens_seen"] = "no"  # input_ids: the Trainer would log 0 tokens seen
-    return CPOConfig(**kwargs, max_length=cfg.data.max_length)
+    return CPOConfig(**pipeline.paired_preference_kwargs(cfg), max_length=cfg.data.max_length)
 
 
 def main(argv: list[str]) -> str:

@@ -25,10 +25,7 @@ MixtralORPOTrainer = mixtral_trainer(ORPOTrainer)
 
 def orpo_arguments(cfg) -> ORPOConfig:
     # TRL keeps the prompt and cuts the completion (keep_start; config.py refuses keep_end)
-    kwargs = pipeline.training_kwargs(cfg)
-    if "include_num_input_tokens_seen" not in cfg.trainer:  # its batches hold chosen_/rejected_input_ids, no
-        kwargs["include_num_input_tokens_seen"] = "no"  # input_ids: the Trainer would log 0 tokens seen
-    return ORPOConfig(**kwargs, max_length=cfg.data.max_length)
+    return ORPOConfig(**pipeline.paired_preference_kwargs(cfg), max_length=cfg.data.max_length)
 
 
 def main(argv: list[str]) -> str:

@@ -207,6 +207,15 @@ def configure_wandb(cfg: DictConfig) -> None:
     Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
 
 
+def paired_preference_kwargs(cfg: DictConfig) -> dict:
+    """training_kwargs for ORPO and CPO: their batches hold chosen_/rejected_input_ids and no input_ids,
+    so the Trainer would log 0 tokens seen; counting them is off unless trainer.* asks for it."""
+    kwargs = training_kwargs(cfg)
+    if "include_num_input_tokens_seen" not in cfg.trainer:
+        kwargs["include_num_input_tokens_seen"] = "no"
+    return kwargs
+
+
 def training_kwargs(cfg: DictConfig) -> dict:
     """Arguments for TRL's SFTConfig/DPOConfig: the `trainer` section as it is (TRL's names) over
     the pipelines' defaults, then what is set from the rest of the config (never from `trainer`)."""

@@ -217,14 +217,9 @@ def staging_dir(output_dir: str | Path) -> Path:
 
 def mark_final_complete(directory: Path) -> None:
     """`final_complete.json` (every file under `directory` with its size), written atomically, last."""
-    files = {
-        str(file.relative_to(directory)): file.stat().st_size
-        for file in sorted(directory.rglob("*"))
-        if file.is_file() and file.name != FINAL_MARKER
-    }
-    partial = directory / f".{FINAL_MARKER}.partial"
-    partial.write_text(json.dumps({"files": files}, indent=1))
-    os.replace(partial, directory / FINAL_MARKER)
+    from mixtral_tune.training.resume import write_completeness_marker
+
+    write_completeness_marker(directory, FINAL_MARKER)
 
 
 def put_final_in_place(staged: Path, final: Path) -> None:
@@ -254,13 +249,10 @@ def final_problem(path: str | Path) -> str | None:
         files = json.loads((path / FINAL_MARKER).read_text())["files"]
     except (OSError, ValueError, KeyError, TypeError):
         return f"{path} has no readable {FINAL_MARKER}: its save did not finish"
-    for name, size in files.items():
-        file = path / name
-        if not file.is_file():
-            return f"{path}: {name} is missing"
-        if file.stat().st_size != size:
-            return f"{path}: {name} has {file.stat().st_size} bytes, {size} when it was saved"
-    return None
+    from mixtral_tune.training.resume import listed_files_problem
+
+    problem = listed_files_problem(path, files)
+    return f"{path}: {problem}" if problem else None
 
 
 def require_complete_final(key: str, path: str | Path) -> None:

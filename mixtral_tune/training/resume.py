@@ -45,8 +45,14 @@ def checkpoint_problem(path: Path) -> str | None:
         files = json.loads((path / COMPLETE_MARKER).read_text())["files"]
     except (OSError, ValueError, KeyError, TypeError):
         return f"no readable {COMPLETE_MARKER} (cut short before every rank had written its part)"
+    return listed_files_problem(path, files)
+
+
+def listed_files_problem(directory: Path, files: dict[str, int]) -> str | None:
+    """The first of `files` (name -> size when saved, as a completeness marker lists them) that is
+    missing from `directory`, has another size, or cannot be opened; None when every one is sound."""
     for name, size in files.items():
-        file = path / name
+        file = directory / name
         if not file.is_file():
             return f"{name} is missing"
         if file.stat().st_size != size:
@@ -104,14 +110,20 @@ def latest_complete_checkpoint(output_dir: str | Path, warn: bool = False) -> st
 
 def mark_checkpoint_complete(path: Path) -> None:
     """Write `path/checkpoint_complete.json` (every file under path with its size), atomically, last."""
+    write_completeness_marker(path, COMPLETE_MARKER, global_step=checkpoint_step(path))
+
+
+def write_completeness_marker(directory: Path, marker: str, **fields) -> None:
+    """`directory/marker`: `fields` and every file under `directory` with its size (what
+    `listed_files_problem` checks), written atomically; write it last."""
     files = {
-        str(file.relative_to(path)): file.stat().st_size
-        for file in sorted(path.rglob("*"))
-        if file.is_file() and file.name != COMPLETE_MARKER
+        str(file.relative_to(directory)): file.stat().st_size
+        for file in sorted(directory.rglob("*"))
+        if file.is_file() and file.name != marker
     }
-    partial = path / f".{COMPLETE_MARKER}.partial"
-    partial.write_text(json.dumps({"global_step": checkpoint_step(path), "files": files}, indent=1))
-    os.replace(partial, path / COMPLETE_MARKER)
+    partial = directory / f".{marker}.partial"
+    partial.write_text(json.dumps({**fields, "files": files}, indent=1))
+    os.replace(partial, directory / marker)
 
 
 def keep_environment_out_of_saved_args(args, from_environment: dict[str, str], directory: Path) -> None:

@@ -24,6 +24,12 @@ NOT_RUN_HERE = {"./launch.sh demo", "./launch.sh test"}  # tests/test_demo.py; t
 TINY_MODEL = [f"model.architecture.{key}={value}" for key, value in TINY.items()]
 
 
+def rank_zero_of(world_size: int) -> dict:
+    """What torchrun sets for rank 0 of a job of `world_size` ranks."""
+    return {"WORLD_SIZE": str(world_size), "RANK": "0", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": "29500"}  # fmt: skip
+
+
 def readme_commands() -> list[str]:
     """Every command of README's bash blocks (continuations joined, comments dropped), then every inline
     `mixtral-tune ... +recipe=tiny/...` command of its text, in order of appearance."""
@@ -47,11 +53,18 @@ def argv_for(command: str) -> tuple[list[str], dict]:
     while "=" in words[0] and not words[0].startswith(("+", "-")):
         key, value = words.pop(0).split("=", 1)
         env[key] = value
-    if words[0] == "torchrun":  # torchrun --nproc_per_node=8 -m mixtral_tune.STAGE ARGS
+    if words[0] == "torchrun":  # torchrun --nproc_per_node=8 -m mixtral_tune.STAGE ARGS: as its rank 0
         module = words[words.index("-m") + 1]
-        return [sys.executable, "-m", module, *words[words.index("-m") + 2 :], "--print-config"], {}
-    if words[:2] in (["./launch.sh", "sft"], ["./launch.sh", "dpo"]):  # a node of a multi-node job
-        return [sys.executable, "-m", "mixtral_tune", *words[1:], "--print-config"], {}
+        ranks = int(next(w for w in words if w.startswith("--nproc_per_node=")).split("=")[1])
+        argv = [sys.executable, "-m", module, *words[words.index("-m") + 2 :], "--print-config"]
+        return argv, rank_zero_of(ranks)
+    if words[:2] in (
+        ["./launch.sh", "sft"],
+        ["./launch.sh", "dpo"],
+    ):  # rank 0 of a multi-node job, 8 GPUs a node
+        return [sys.executable, "-m", "mixtral_tune", *words[1:], "--print-config"], rank_zero_of(
+            int(env.get("NNODES", 1)) * 8
+        )
     assert words[0] == "mixtral-tune", command
     args = words[1:]
     if args[0] in ("sft", "dpo", "kto", "orpo", "cpo"):

@@ -130,12 +130,19 @@ class RoutingDrift:
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         return base.model, base.config.num_experts_per_tok
 
+    # the tokens of an eval batch, by what each TRL collator calls them: SFT/DPO `input_ids`; ORPO and CPO
+    # `chosen_input_ids` (drift is measured on the chosen sequences); KTO `completion_input_ids`
+    TOKEN_PREFIXES = ("", "chosen_", "completion_")
+
     def batches(self):
         for batch in self.trainer.get_eval_dataloader():
+            prefix = next((p for p in self.TOKEN_PREFIXES if f"{p}input_ids" in batch), None)
+            if prefix is None:
+                continue
             yield {
-                key: batch[key].to(self.trainer.args.device)
+                key: batch[f"{prefix}{key}"].to(self.trainer.args.device)
                 for key in ("input_ids", "attention_mask", "position_ids")
-                if key in batch
+                if f"{prefix}{key}" in batch
             }
 
     @torch.no_grad()

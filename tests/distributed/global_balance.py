@@ -30,9 +30,10 @@ from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_fun
 
 sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parents[2])]
 
-from mixtral_reference import max_relative_diff, tiny_config  # noqa: E402
+from mixtral_reference import tiny_config  # noqa: E402
 
 from mixtral_model import MixtralConfig, MixtralForCausalLM  # noqa: E402
+from mixtral_model.testing import max_relative_diff  # noqa: E402
 from mixtral_parallel.expert_parallel import (  # noqa: E402
     is_expert_param,
     new_expert_parallel_groups,

@@ -48,22 +48,19 @@ Communication (bytes each rank sends per optimizer step, = bytes it receives; ri
 """
 
 import argparse
+import dataclasses
 import math
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 from mixtral_tune.config import LORA_TARGET_MODULES, activation_checkpointing_kwargs
-from mixtral_tune.memory import (
-    nf4_bytes,  # bitsandbytes NF4 with double quantization, held to bitsandbytes there
-)
 
 GIB = 1024**3
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 LOGITS_TILE = 32768  # tokens per tile of TRL's fused LM head (trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE)
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 EXPERT = ("w1", "w2", "w3")
-OPTIMIZER_MOMENT_BYTES = {"adamw": 8, "adamw_8bit": 2}
 PEFT_METHODS = ("none", "lora", "qlora", "esft")
 
 
@@ -81,7 +78,9 @@ class Shape:
 
     @classmethod
     def of(cls, config) -> "Shape":
-        """From a MixtralConfig (ours or transformers'), a mapping, or the pipelines' model.architecture."""
+        """From a MixtralConfig (ours or transformers'), a mapping, the pipelines' model.architecture, or a Shape."""
+        if isinstance(config, Shape):
+            return config
 
         def get(key):
             return config.get(key) if isinstance(config, Mapping) else getattr(config, key, None)
@@ -138,6 +137,69 @@ def lora_parameter_counts(config, r: int, targets: str) -> dict[str, int]:
     return {
         "attention": s.layers * sum(v for name, v in per_layer.items() if name in ATTENTION),
         "experts": s.layers * s.experts * sum(v for name, v in per_layer.items() if name in EXPERT),
+    }
+
+
+# ---- QLoRA's persistent bytes: bitsandbytes NF4 with double quantization (tests/test_qlora_memory.py holds
+# them to bitsandbytes' allocations and to a built QLoRA model's tensors) ----------------------------------
+
+NF4_BLOCK, NESTED_BLOCK = 64, 256
+# per quantized Linear: the NF4 code table (16 fp32), the nested quantization's code table (256 fp32)
+# and its offset (one fp32)
+NF4_TABLES = 4 * (16 + 256 + 1)
+# optimizer state bytes per trained value: torch AdamW keeps two fp32 moments; bitsandbytes' 8-bit
+# AdamW two uint8 moments plus one fp32 absmax per 256-value block and moment (tensors of at least
+# 4096 values, as LoRA matrices of real models are)
+OPTIMIZER_STATE_BYTES = {"adamw": 8.0, "adamw_8bit": 2.0 + 2 * 4 / 256}
+
+
+def nf4_bytes(numel: int) -> int:
+    """Packed NF4 values (two a byte) and their constants: a uint8 absmax per 64-value block, an fp32
+    absmax per 256 blocks."""
+    blocks = math.ceil(numel / NF4_BLOCK)
+    return numel // 2 + blocks + 4 * math.ceil(blocks / NESTED_BLOCK)
+
+
+def qlora_weight_bytes(config, compute_bytes: int = 2, expert_parallel_size: int = 1) -> dict[str, int]:
+    """One rank's QLoRA base by component: `nf4_weights` (packed), `nf4_constants` (block scales and
+    code tables), `unquantized` (embeddings, lm_head, routers and norms in `compute_bytes`, and the
+    rotary frequencies in fp32), each split by `dense`/`experts` (this rank's E/n experts)."""
+    s = Shape.of(config)
+    shapes = s.linear_shapes()
+    counts = parameter_counts(config)
+
+    def packed(names, copies):
+        values = [shapes[name][0] * shapes[name][1] for name in names]
+        return (
+            copies * sum(v // 2 for v in values),
+            copies * sum(nf4_bytes(v) - v // 2 + NF4_TABLES for v in values),
+        )
+
+    dense_w, dense_c = packed(ATTENTION, s.layers)
+    expert_w, expert_c = packed(EXPERT, s.layers * (s.experts // expert_parallel_size))
+    unquantized = counts["embed_tokens"] + counts["lm_head"] + counts["router"] + counts["norms"]
+    rotary = s.head_dim // 2 * 4
+    return {
+        "nf4_weights": {"dense": dense_w, "experts": expert_w},
+        "nf4_constants": {"dense": dense_c, "experts": expert_c},
+        "unquantized": {"dense": unquantized * compute_bytes + rotary, "experts": 0},
+    }
+
+
+def qlora_account(
+    config, r: int, targets: str, unquantized_bytes: int = 2, optimizer: str = "adamw"
+) -> dict[str, int]:
+    """Persistent bytes of a single-GPU QLoRA run by component: NF4 weights, their constants, the
+    unquantized weights (`unquantized_bytes` each: 4 after PEFT's fp32 upcast), the fp32 LoRA
+    parameters on `targets` (attention | experts | both), their gradients and the optimizer's state
+    (`memory_measure.tensor_account` sorts a real model's tensors into the same components)."""
+    weights = qlora_weight_bytes(config, unquantized_bytes)
+    lora = sum(lora_parameter_counts(config, r, targets).values())
+    return {
+        **{part: sum(split.values()) for part, split in weights.items()},
+        "lora_params": 4 * lora,
+        "lora_grads": 4 * lora,
+        "optimizer_state": round(OPTIMIZER_STATE_BYTES[optimizer] * lora),
     }
 
 
@@ -208,6 +270,8 @@ def estimate_layout(
     peft: str = "none",
     lora_r: int = 16,
     lora_targets: str = "both",
+    lora_dropout: float = 0.0,
+    attention: str = "flash_attention_2",
     micro_batch: int = 1,
     seq_len: int = 4096,
     grad_accum: int = 1,
@@ -226,7 +290,7 @@ def estimate_layout(
     (spread evenly over the expert-parallel ranks)."""
     s = Shape.of(model_config)
     W, n = world_size, expert_parallel_size
-    if peft not in PEFT_METHODS or optimizer not in OPTIMIZER_MOMENT_BYTES or stage not in STAGE_PASSES:
+    if peft not in PEFT_METHODS or optimizer not in OPTIMIZER_STATE_BYTES or stage not in STAGE_PASSES:
         raise ValueError(f"peft={peft}, optimizer={optimizer}, stage={stage}: see estimate_layout's choices")
     if n < 1 or W % n or s.experts % n:
         raise ValueError(f"expert_parallel_size={n} must divide the world size {W} and {s.experts} experts")
@@ -250,7 +314,10 @@ def estimate_layout(
         if peft == "lora":
             base_bytes = (dense * b, experts_local * b)
         else:
-            base_bytes = qlora_base_bytes(s, counts, b, n)
+            weights = qlora_weight_bytes(model_config, b, n)
+            base_bytes = tuple(
+                sum(split[part] for split in weights.values()) for part in ("dense", "experts")
+            )
 
     def sharded(values: tuple[int, int], per_value: float, shard: bool) -> float:
         dense_part, expert_part = values
@@ -261,7 +328,7 @@ def estimate_layout(
         )
 
     master = 4 if b < 4 else 0
-    optimizer_bytes = master + OPTIMIZER_MOMENT_BYTES[optimizer]
+    optimizer_bytes = master + OPTIMIZER_STATE_BYTES[optimizer]
     memory = {
         "frozen_base_weights": sharded(base_bytes, 1, zero_stage == 3),
         "trainable_weights": sharded(trainable, b, zero_stage == 3),
@@ -282,23 +349,21 @@ def estimate_layout(
     expert_params = sum(i * o for name, (i, o) in shapes.items() if name in EXPERT)
     if zero_stage == 3:  # one layer's attention and local experts gathered (and their gradients if trained)
         if peft == "qlora":
-            layer = sum(nf4_bytes(i * o) for name, (i, o) in shapes.items() if name in ATTENTION)
-            layer += (
-                s.experts // n * sum(nf4_bytes(i * o) for name, (i, o) in shapes.items() if name in EXPERT)
-            )
+            one_layer = qlora_weight_bytes(dataclasses.replace(s, layers=1), b, n)
+            layer = sum(sum(one_layer[part].values()) for part in ("nf4_weights", "nf4_constants"))
         else:
             layer = (attention_params + s.experts // n * expert_params) * b
         memory["zero3_gathered_layer"] = layer * (2 if peft == "none" else 1)
-    kv = s.kv_heads * s.head_dim
-    attention_work = tokens * (4 * s.hidden + 2 * kv) * b
-    expert_work = tokens * s.top_k * (3 * s.intermediate + 2 * s.hidden) * b
-    dispatch_buffers = 2 * tokens * s.top_k * s.hidden * b if n > 1 else 0
-    layer_work = attention_work + expert_work + dispatch_buffers
+    work = layer_work(
+        s, tokens, peft=peft, lora_r=lora_r, lora_targets=lora_targets, lora_dropout=lora_dropout,
+        dtype=dtype, attention=attention, expert_parallel_size=n,
+    )  # fmt: skip
+    layer_work_bytes = sum(work.values())
     checkpointed = checkpointed_layers(s.layers, checkpoint_every) if activation_checkpointing else 0
     # a checkpointed layer keeps its input and works once more in backward; the others keep their work
     memory["activations"] = (
-        checkpointed * tokens * s.hidden * b + (s.layers - checkpointed) * layer_work
-        + (layer_work if checkpointed else 0)
+        checkpointed * tokens * s.hidden * b + (s.layers - checkpointed) * layer_work_bytes
+        + (layer_work_bytes if checkpointed else 0)
     )  # fmt: skip
     # fp32 logits and their gradient: a tile of them under TRL's fused LM head, all of them without it
     memory["logits_tile"] = (min(tokens, LOGITS_TILE) if fused_head else tokens) * s.vocab * 4 * 2
@@ -322,7 +387,7 @@ def estimate_layout(
     )
     layout = dict(
         world_size=W, expert_parallel_size=n, zero_stage=zero_stage, peft=peft, lora_r=lora_r,
-        lora_targets=lora_targets, micro_batch=micro_batch, seq_len=seq_len, grad_accum=grad_accum,
+        lora_targets=lora_targets, lora_dropout=lora_dropout, attention=attention, micro_batch=micro_batch, seq_len=seq_len, grad_accum=grad_accum,
         dtype=dtype, optimizer=optimizer, offload_optimizer=offload_optimizer,
         activation_checkpointing=activation_checkpointing, checkpoint_every=checkpoint_every,
         checkpointed_layers=checkpointed, stage=stage, esft_experts=esft_experts,
@@ -335,17 +400,111 @@ def estimate_layout(
     )
 
 
-def qlora_base_bytes(s: Shape, counts: dict[str, int], b: int, n: int) -> tuple[int, int]:
-    """(dense, local expert) bytes of a QLoRA base: every projection NF4, the rest in the compute dtype."""
+# ---- one decoder layer's bytes saved for backward ---------------------------------------------------------
+
+ATTENTION_IMPLEMENTATIONS = ("sdpa", "flash_attention_2", "eager")
+
+
+def layer_work(
+    s: Shape,
+    tokens: int,
+    *,
+    peft: str = "none",
+    lora_r: int = 16,
+    lora_targets: str = "both",
+    lora_dropout: float = 0.0,
+    dtype: str = "bfloat16",
+    attention: str = "sdpa",
+    device: str = "cuda",
+    expert_parallel_size: int = 1,
+) -> dict[str, int]:
+    """Bytes one decoder layer (not the first: its input takes gradients) keeps for backward on `tokens`
+    tokens, by part, counted from what our modules save: mixtral_model/norm.py, attention.py, moe.py and
+    grouped_experts.py's `grouped_loop` expert backend, under PEFT's LoRA layers (adapters in fp32, as
+    `get_peft_model` makes them) and, for a 16-bit `dtype`, autocast to it (as the HF Trainer runs with
+    bf16=True). Dropless routing: M = tokens x top_k expert rows. tests/test_estimate.py holds every part
+    to saved-tensor hooks on tiny models (CPU).
+
+    What our code adds to the libraries' sums: the rules below, one per saved tensor.
+    - RMSNorm: its fp32 input and rsqrt; its 16-bit output too when its weight trains (full fine-tune);
+    - a LoRA projection (A: r x in): A's input, (T, in) in the adapter GEMM's dtype (autocast's copy of
+      PEFT's fp32 cast; without a cast or dropout the projections reading one input share it), A's output
+      (T, r), and under autocast the 16-bit copies of A and B; with dropout its noise: the input's
+      shape in the adapter input's dtype (on CUDA a bool mask); a frozen base projection keeps nothing,
+      a trained one its input (full fine-tune: the norm's output and o_proj's input, which under
+      sdpa/flash is a view of the attention output kept anyway and under eager a copy);
+    - attention: sdpa and flash_attention_2 keep q, k (after RoPE), v, the output and the fp32
+      logsumexp (flash_attention_2 is modelled as sdpa and not measured here); eager keeps q and the
+      repeated k, v, the fp32 probabilities and their 16-bit cast;
+    - the router: its weight's autocast copy (its input too when it trains), fp32 softmax, top-k
+      values and indices, their sum; the dispatch: three (M,) int64 indices, the sorted rows, the
+      experts' output, its routing-weighted copy and the (M, 1) fp32 weights;
+    - grouped_loop: x, w1(x) and w3(x) of every row, each adapter's (M, r) product in the adapter
+      GEMM's dtype, and with dropout the noise of every adapter input in the adapter input's dtype.
+      On CUDA `moe.choose_expert_backend` picks `per_expert`, whose autograd also keeps silu(w1 x),
+      the product and w2's input (bench/results/cpu_2026-11-27_loop.md): there this part is a lower bound;
+    - `dispatch_buffers` under expert parallelism: the all-to-all keeps nothing for backward, but each
+      exchange holds its send and receive buffers, (M, hidden) each, while it runs.
+    On CUDA, PEFT's 4-bit LoRA layer skips its input cast under autocast (`device` selects this rule
+    and the dropout mask's dtype; the rest is device-independent)."""
+    if attention not in ATTENTION_IMPLEMENTATIONS:
+        raise ValueError(f"attention={attention}: one of {ATTENTION_IMPLEMENTATIONS}")
+    T, D, F, k, E = tokens, s.hidden, s.intermediate, s.top_k, s.experts
+    q, kv = s.heads * s.head_dim, s.kv_heads * s.head_dim
+    M = T * k
+    c = DTYPE_BYTES[dtype]
+    autocast = c < 4
+    full = peft == "none"  # ESFT: norms, attention and router frozen
+    adapted = set(LORA_TARGET_MODULES[lora_targets]) if peft in ("lora", "qlora") else set()
+    lora_mm = c if autocast else 4  # adapter GEMMs: autocast's dtype, else the adapters' fp32
+    # the adapter input's dtype: PEFT casts it to the fp32 adapter, except its 4-bit layer under CUDA autocast
+    lora_in = c if (peft == "qlora" and autocast and device == "cuda") else 4
+    mask = 1 if device == "cuda" else lora_in  # dropout: CUDA keeps a bool mask, CPU the scaled noise
+
+    norm = T * D * 4 + T * 4 + (T * D * c if full else 0)
     shapes = s.linear_shapes()
-    attention = s.layers * sum(nf4_bytes(i * o) for name, (i, o) in shapes.items() if name in ATTENTION)
-    experts = (
-        s.layers
-        * (s.experts // n)
-        * sum(nf4_bytes(i * o) for name, (i, o) in shapes.items() if name in EXPERT)
-    )
-    unquantized = counts["embed_tokens"] + counts["lm_head"] + counts["router"] + counts["norms"]
-    return attention + unquantized * b, experts
+    attn = 0
+    lora_attention = [name for name in ATTENTION if name in adapted]
+    own_input = lora_dropout > 0 or lora_in != lora_mm  # each adapter gets its own copy of its input
+    for name in lora_attention:
+        i, o = shapes[name]
+        attn += T * lora_r * lora_mm + (lora_r * (i + o) * c if autocast else 0)
+        if lora_dropout > 0:
+            attn += T * i * mask
+        if own_input:
+            attn += T * i * lora_mm
+    # o_proj's input: under eager a copy of the attention output; under sdpa/flash a view of the kept output
+    o_input = T * q if attention == "eager" else 0
+    if (
+        lora_attention and not own_input
+    ):  # shared by the adapters: the norm's output (q, k, v), o_proj's input
+        shared = (T * D if {"q_proj", "k_proj", "v_proj"} & adapted else 0) + (
+            o_input if "o_proj" in adapted else 0
+        )
+        attn += shared * lora_mm
+    if full:
+        attn += (T * D + o_input) * c  # the trained projections' inputs
+    if attention == "eager":
+        attn += 3 * T * q * c + s.heads * T * T * (4 + (c if c < 4 else 0))
+    else:
+        attn += 2 * T * q * c + 2 * T * kv * c + s.heads * T * 4
+
+    router = (D * E * c if autocast else 0) + (T * D * c if full else 0)  # weight copy; input if trained
+    routing = T * E * 4 + T * k * 8 + T * k * 4 + T * 4
+    dispatch = 3 * M * 8 + 3 * M * D * c + M * 4
+    experts = 2 * M * F * c
+    if {"w1", "w2", "w3"} <= adapted:
+        experts += 3 * M * lora_r * lora_mm
+        if lora_dropout > 0:
+            experts += (2 * M * D + M * F) * lora_in
+    n = expert_parallel_size
+    return {
+        "input_norm": norm,
+        "attention": attn,
+        "post_attention_norm": norm,
+        "moe": router + routing + dispatch + experts,
+        "dispatch_buffers": 2 * M * D * c if n > 1 else 0,
+    }
 
 
 # ---- a training config (the pipelines' composed Hydra config) -> estimate_layout's arguments -------------
@@ -374,6 +533,8 @@ def layout_of(cfg, world_size: int, **changes) -> dict:
         peft=method,
         lora_r=cfg.peft.r,
         lora_targets=cfg.peft.targets,
+        lora_dropout=cfg.peft.dropout if method in ("lora", "qlora") else 0.0,
+        attention=cfg.model.attn_implementation,
         micro_batch=trainer.per_device_train_batch_size,
         seq_len=cfg.data.max_length,
         grad_accum=trainer.gradient_accumulation_steps,

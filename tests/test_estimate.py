@@ -32,7 +32,7 @@ from mixtral_tune.estimate import (
     parameter_counts,
     row_overrides,
 )
-from mixtral_tune.memory import base_weight_bytes, meta_model
+
 
 TINY_SHAPES = [  # GQA 1/2/4, 4 or 8 experts, top-1/2/3, an explicit head_dim
     dict(hidden_size=32, intermediate_size=48, num_attention_heads=4, num_key_value_heads=4, num_local_experts=4,
@@ -279,3 +279,81 @@ def test_a_recipe_with_every_n_layers_is_estimated_with_that_many_checkpointed_l
     # 16 layers keep their working set instead of their input: the activations grow, nothing else
     grown = {k for k in every.memory if halves.memory[k] != every.memory[k]}
     assert grown == {"activations"} and halves.memory["activations"] > every.memory["activations"]
+
+
+# ---- the per-layer working set, held to what a tiny model built as the pipelines build it saves ----------
+
+LAYER_SHAPES = {  # GQA 2 / 2 / 1, top-2 / 3 / 1, an explicit head_dim (heads x head_dim != hidden)
+    "A": dict(hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2,
+              num_local_experts=4, num_experts_per_tok=2),
+    "B": dict(hidden_size=96, intermediate_size=160, num_attention_heads=6, num_key_value_heads=3, head_dim=16,
+              num_local_experts=8, num_experts_per_tok=3),
+    "C": dict(hidden_size=64, intermediate_size=112, num_attention_heads=4, num_key_value_heads=4, head_dim=32,
+              num_local_experts=4, num_experts_per_tok=1),
+}  # fmt: skip
+LAYER_CASES = [  # shape, tokens, peft, targets, dtype, dropout, attention
+    ("A", 37, "qlora", "both", "bfloat16", 0.0, "sdpa"),
+    ("B", 29, "qlora", "both", "bfloat16", 0.1, "sdpa"),
+    ("C", 23, "qlora", "both", "bfloat16", 0.0, "eager"),
+    ("B", 31, "lora", "both", "bfloat16", 0.05, "eager"),
+    ("A", 19, "lora", "attention", "bfloat16", 0.0, "sdpa"),
+    ("C", 41, "lora", "experts", "float32", 0.1, "sdpa"),
+    ("A", 27, "lora", "both", "float32", 0.0, "eager"),
+    ("C", 21, "lora", "both", "float32", 0.0, "sdpa"),
+    ("B", 33, "none", "both", "bfloat16", 0.0, "sdpa"),
+    ("C", 17, "none", "both", "float32", 0.0, "eager"),
+]
+
+
+def factory_model(tmp_path, config: MixtralConfig, peft_method, targets, dtype, dropout, attention):
+    """A model as mixtral_tune/training/model_factory.py builds it (load_model + apply_peft)."""
+    from omegaconf import OmegaConf
+
+    from mixtral_tune.training.model_factory import apply_peft, load_model
+
+    cfg = OmegaConf.create({
+        "model": {"dtype": dtype, "attn_implementation": attention, "router_aux_loss_coef": 0.02,
+                  "router_jitter_noise": 0.0, "router_z_loss_coef": 0.0, "expert_parallel_size": 1},
+        "peft": {"method": peft_method, "r": 8, "alpha": 16, "dropout": dropout, "targets": targets,
+                 "train_router": False, "esft_selection": None,
+                 "quant": {"quant_type": "nf4", "double_quant": True, "compute_dtype": "bfloat16",
+                           "quant_storage": "bfloat16"}},
+    })  # fmt: skip
+    MixtralForCausalLM(config).save_pretrained(tmp_path)
+    model = apply_peft(load_model(cfg, str(tmp_path)), cfg, gradient_checkpointing=False)
+    return model.train()
+
+
+@pytest.mark.parametrize("case", LAYER_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_layer_work_equals_the_bytes_a_layer_saves_for_backward(tmp_path, case):
+    """estimate.layer_work's parts equal the bytes the last decoder layer of a 3-layer model saves for
+    backward (its input takes gradients; the RoPE tables, shared by the layers, were saved by an earlier
+    one), counted with saved-tensor hooks (checkpointing off), under
+    autocast for bf16 as the HF Trainer runs, with the expert backend the pipelines pick on CPU."""
+    from mixtral_compat.torch import cpu_has_native_bf16
+    from mixtral_tune.estimate import Shape, layer_work
+    from mixtral_tune.memory_measure import layer_parts, saved_bytes_by_module
+
+    shape, tokens, method, targets, dtype, dropout, attention = case
+    if dtype == "bfloat16" and not cpu_has_native_bf16():
+        pytest.skip("without native bf16 the expert loop runs its per-projection path (grouped_experts.py)")
+    torch.manual_seed(0)
+    config = MixtralConfig(vocab_size=96, num_hidden_layers=3, **LAYER_SHAPES[shape])
+    model = factory_model(tmp_path, config, method, targets, dtype, dropout, attention)
+    ids = torch.randint(0, config.vocab_size, (1, tokens))
+    with (
+        saved_bytes_by_module(model, layer_parts(model)) as saved,
+        torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bfloat16"),
+    ):
+        model(input_ids=ids, labels=ids).loss.backward()
+    measured = {
+        part: saved.get(f"layer2.{part}", 0)
+        for part in ("input_norm", "attention", "post_attention_norm", "moe")
+    }
+    expected = layer_work(
+        Shape.of(config), tokens, peft=method, lora_r=8, lora_targets=targets, lora_dropout=dropout,
+        dtype=dtype, attention=attention, device="cpu",
+    )  # fmt: skip
+    assert saved.get("layer2", 0) == 0  # the residual additions keep nothing
+    assert measured == {part: expected[part] for part in measured}
+    assert expected["dispatch_buffers"] == 0

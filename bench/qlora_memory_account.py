@@ -1,4 +1,4 @@
-"""Mixtral-8x7B QLoRA memory account, on CPU: persistent bytes from the config (mixtral_tune/memory.py's
+"""Mixtral-8x7B QLoRA memory account, on CPU: persistent bytes from the config (mixtral_tune/estimate.py's
 qlora_account, held to real tensors by tests/test_qlora_memory.py), and the bytes one decoder layer
 saves for backward while it is recomputed, measured with saved-tensor hooks on a model whose shapes are
 8x7B's scaled down in proportion (hidden 4096/16, intermediate 14336/16, vocab 32000/16, 4096/16 tokens,
@@ -18,8 +18,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import bench.gpu_check.common as g  # noqa: E402
 from bench.gpu_check.mixtral_8x7b_qlora import fused_lm_head, one_layer_saved_bytes  # noqa: E402
-from mixtral_tune.config import LORA_TARGET_MODULES  # noqa: E402
-from mixtral_tune.memory import GB, qlora_account  # noqa: E402
+from mixtral_tune.estimate import GIB as GB  # noqa: E402
+from mixtral_tune.estimate import qlora_account  # noqa: E402
 
 SCALE = 16
 SHAPE = dict(g.MIXTRAL_8X7B, vocab_size=32000 // SCALE, hidden_size=4096 // SCALE,
@@ -70,7 +70,7 @@ def main() -> None:
     config = g.our_config(g.MIXTRAL_8X7B, 32)
     print("Persistent, GiB (LoRA r=16 on attention and experts, unquantized weights bf16):")
     for optimizer in ("adamw", "adamw_8bit"):
-        account = qlora_account(config, 16, LORA_TARGET_MODULES["both"], 2, optimizer)
+        account = qlora_account(config, 16, "both", 2, optimizer)
         parts = ", ".join(f"{k} {v / GB:.3f}" for k, v in account.items())
         print(f"  {optimizer}: {parts}; total {sum(account.values()) / GB:.2f}")
     print(f"Checkpointed layer inputs: 32 x 4096 x 4096 x 2 B = {32 * 4096 * 4096 * 2 / GB:.2f} GiB")

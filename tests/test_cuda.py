@@ -43,15 +43,15 @@ def test_expert_loop_matches_per_expert_in_bf16_on_cuda():
 def test_qlora_trains_on_cuda_and_its_account_equals_its_tensors(tmp_path):
     from omegaconf import OmegaConf
 
-    from mixtral_tune.config import LORA_TARGET_MODULES
-    from mixtral_tune.memory import qlora_account, tensor_account
+    from mixtral_tune.estimate import qlora_account
+    from mixtral_tune.memory_measure import tensor_account
     from mixtral_tune.training.model_factory import apply_peft, quantization_config
 
     torch.manual_seed(0)
     config = MixtralConfig(**tiny_config(hidden_size=128, intermediate_size=256, output_router_logits=True))
     MixtralForCausalLM(config).save_pretrained(tmp_path)
     cfg = OmegaConf.create({"peft": {
-        "method": "qlora", "r": 8, "alpha": 16, "dropout": 0.0, "targets": "both", "train_router": False,
+        "method": "qlora", "r": 8, "alpha": 16, "dropout": 0.0, "targets": "both", "train_router": False, "esft_selection": None,
         "quant": {"quant_type": "nf4", "double_quant": True, "compute_dtype": "bfloat16",
                   "quant_storage": "bfloat16"},
     }})  # fmt: skip
@@ -84,6 +84,4 @@ def test_qlora_trains_on_cuda_and_its_account_equals_its_tensors(tmp_path):
 
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     optimizer.step()
-    assert tensor_account(model, optimizer) == qlora_account(
-        config, r=8, targets=LORA_TARGET_MODULES["both"], unquantized_bytes=2
-    )
+    assert tensor_account(model, optimizer) == qlora_account(config, r=8, targets="both", unquantized_bytes=2)

@@ -1,7 +1,8 @@
 """mixtral_tune/estimate.py held to real models: its parameter counts to ours, transformers' and PEFT's built
 models (Mixtral-8x7B on the meta device: 46,702,792,704), its per-rank counts and token bytes under
 expert parallelism to what 2 gloo ranks of the pipelines' model hold and hand to all_to_all_single, its
-QLoRA base bytes to mixtral_tune/memory.py (held to bitsandbytes there); and every recipe header's estimate
+QLoRA base bytes to a built QLoRA model (tests/test_qlora_memory.py), its per-layer working set to the bytes
+tiny models built as the pipelines build them save for backward; and every recipe header's estimate
 table to the function, recomputed here so the headers cannot go stale.
 """
 
@@ -30,9 +31,9 @@ from mixtral_tune.estimate import (
     layout_of,
     lora_parameter_counts,
     parameter_counts,
+    qlora_account,
     row_overrides,
 )
-
 
 TINY_SHAPES = [  # GQA 1/2/4, 4 or 8 experts, top-1/2/3, an explicit head_dim
     dict(hidden_size=32, intermediate_size=48, num_attention_heads=4, num_key_value_heads=4, num_local_experts=4,
@@ -95,13 +96,13 @@ def test_lora_parameter_counts_equal_peft(targets):
     assert sum(found.values()) == model.get_nb_trainable_parameters()[0]
 
 
-def test_qlora_base_bytes_equal_train_memory_on_mixtral_8x7b():
-    """The NF4 base (weights and constants) as mixtral_tune/memory.py counts it on the built meta model."""
+def test_qlora_base_bytes_are_the_qlora_account_on_mixtral_8x7b():
+    """estimate_layout's QLoRA base is qlora_account's NF4 weights, constants and unquantized weights."""
     config = MixtralConfig(**MIXTRAL_8X7B)
-    model = meta_model(config)
-    buffers = sum(b.numel() * b.element_size() for b in model.buffers())
     estimate = estimate_layout(config, world_size=1, zero_stage=0, peft="qlora")
-    assert estimate.memory["frozen_base_weights"] == sum(base_weight_bytes(model).values()) - buffers
+    account = qlora_account(config, r=16, targets="both")
+    base = account["nf4_weights"] + account["nf4_constants"] + account["unquantized"]
+    assert estimate.memory["frozen_base_weights"] == base
 
 
 @pytest.mark.distributed

@@ -24,13 +24,13 @@ Sections, in order (each one records its error and the script moves on; once the
    MixtralForCausalLM (+PEFT LoRA on its fused experts via `target_parameters`, +bitsandbytes) holding
    the same weights: tokens/s, MFU, peak memory, and auto-vs-per_expert parity of loss and gradients;
 6. qlora_memory: QLoRA peak memory at 1 and N layers, per layer, extrapolated to 32 layers, beside the
-   CPU estimate of mixtral_tune/memory.py (tests/test_qlora_memory.py);
+   CPU estimate of mixtral_tune/estimate.py (tests/test_qlora_memory.py);
 7. mixtral_8x7b_qlora: the whole 32-layer model, random init made on the GPU layer by layer and quantized
    as it is made, trained as recipes/mixtral-8x7b/sft_qlora.yaml does (the factory's 4-bit preparation,
    LoRA r=16 with dropout on attention and experts, gradient checkpointing, the recipe's optimizer
    paged_adamw_8bit, bf16 autocast as the HF Trainer runs a bf16 model, TRL's fused LM head), 10 steps at
    4096 tokens: peak memory (per phase of a step, and the allocator's reserved peak) and tokens/s, beside
-   a memory account: the persistent tensors sorted into components (mixtral_tune/memory.py's tensor_account,
+   a memory account: the persistent tensors sorted into components (mixtral_tune/memory_measure.py's tensor_account,
    and qlora_account computed from the config), the checkpointed layer inputs, and the bytes one layer
    saves for backward while it is recomputed (saved-tensor hooks on the model cut to one layer);
 8. profile: where a LoRA and a QLoRA step's time goes on one Mixtral-shaped layer, per expert backend

@@ -21,7 +21,7 @@ GIB = 1024**3
 # bf16 dense tensor-core peak, FLOP/s (NVIDIA datasheets, without sparsity).
 BF16_PEAK = [("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H200", 989e12),
              ("GH200", 989e12), ("A100", 312e12), ("B200", 2250e12)]  # fmt: skip
-CPU_ESTIMATE_QLORA_GIB = 29.3  # only quoted when mixtral_tune/memory.py cannot be imported on the machine
+CPU_ESTIMATE_QLORA_GIB = 29.3  # only quoted when mixtral_tune/estimate.py cannot be imported on the machine
 
 MIXTRAL_8X7B = dict(
     vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_attention_heads=32,

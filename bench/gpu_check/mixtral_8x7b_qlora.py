@@ -85,7 +85,7 @@ def one_layer_saved_bytes(model, loss_of, autocast) -> dict:
     gradient checkpointing off (what a layer holds while it is recomputed in backward)."""
     from torch import nn
 
-    from mixtral_tune.memory import layer_parts, saved_bytes_by_module
+    from mixtral_tune.memory_measure import layer_parts, saved_bytes_by_module
 
     base = model.get_base_model()
     layers = base.model.layers
@@ -107,8 +107,8 @@ def mixtral_8x7b_qlora(run: Run, sec: Section) -> None:
     """The shipped recipe's settings (recipes/mixtral-8x7b/sft_qlora.yaml): the factory's QLoRA
     preparation and LoRA (configs/peft/qlora.yaml, dropout 0.05), gradient checkpointing, its optimizer,
     bf16 autocast as the HF Trainer runs a bf16 model, batch 1 x 4096 tokens."""
-    from mixtral_tune.config import LORA_TARGET_MODULES
-    from mixtral_tune.memory import qlora_account, tensor_account
+    from mixtral_tune.estimate import qlora_account
+    from mixtral_tune.memory_measure import tensor_account
 
     s = run.shapes
     config = our_config(s.model, s.full_model_layers)
@@ -168,12 +168,11 @@ def mixtral_8x7b_qlora(run: Run, sec: Section) -> None:
 
     # the account: persistent tensors measured (and computed from the config), activations from the
     # checkpointed layer inputs and the bytes one layer saves for backward while it is recomputed
-    targets = LORA_TARGET_MODULES[cfg.peft.targets]
     measured = tensor_account(model, optimizer)
     grads = sum(p.numel() * 4 for p in model.parameters() if p.requires_grad)
     measured["lora_grads"] = grads  # zero_grad(set_to_none) freed them; they live from backward to step
     computed = qlora_account(
-        config, r=cfg.peft.r, targets=targets, unquantized_bytes=2, optimizer=optimizer_kind
+        config, r=cfg.peft.r, targets=cfg.peft.targets, unquantized_bytes=2, optimizer=optimizer_kind
     )
     act_bytes = model.get_base_model().model.embed_tokens.weight.element_size()  # the residual stream's dtype
     activations = {
@@ -217,7 +216,7 @@ def mixtral_8x7b_qlora(run: Run, sec: Section) -> None:
         + " |",
         "",
         f"Memory account ({unit}): persistent tensors measured on the model (computed from the config by "
-        "mixtral_tune/memory.py's qlora_account beside them), activations from the checkpointed inputs and the "
+        "mixtral_tune/estimate.py's qlora_account beside them), activations from the checkpointed inputs and the "
         "bytes one layer saves for backward (saved-tensor hooks on the model cut to one layer, checkpointing off).",
         "",
         "| component | measured | computed |", "|---|---|---|",
@@ -248,5 +247,5 @@ def mixtral_8x7b_qlora(run: Run, sec: Section) -> None:
     sec.check("persistent account: tensors measured vs computed from the config (max relative diff)",
               max(abs(measured[k] - computed[k]) / max(computed[k], 1) for k in computed), 1e-3)  # fmt: skip
     if run.device.type == "cuda":
-        sec.check("Mixtral-8x7B QLoRA peak GiB <= 32 (issue 11 goal; mixtral_tune/memory.py's GB is GiB)",
+        sec.check("Mixtral-8x7B QLoRA peak GiB <= 32 (issue 11 goal; mixtral_tune/estimate.py counts GiB)",
                   peak, 32.0)  # fmt: skip

@@ -1,11 +1,10 @@
 """Section `qlora_memory`: QLoRA peak memory at 1 and N layers, per layer, extrapolated to 32 layers,
-beside the CPU estimate of mixtral_tune/memory.py."""
+beside the CPU estimate of mixtral_tune/estimate.py."""
 
 import torch
 
 from bench.gpu_check.common import (
     CPU_ESTIMATE_QLORA_GIB,
-    MIXTRAL_8X7B,
     Run,
     Section,
     Skip,
@@ -26,13 +25,11 @@ def qlora_memory(run: Run, sec: Section) -> None:
         sec.say("peak GPU memory needs CUDA: on CPU only the estimate below is computed")
     big = rows[0] if rows else None
     try:
-        from mixtral_tune.config import LORA_TARGET_MODULES
-        from mixtral_tune.memory import qlora_memory as estimate
+        from mixtral_tune.estimate import GIB, estimate_run
 
-        cpu_estimate = estimate(
-            our_config(MIXTRAL_8X7B, 32), r=16, targets=LORA_TARGET_MODULES["both"], tokens=4096
-        )["total"]
-        source = "mixtral_tune/memory.py"
+        estimate = estimate_run(["+recipe=mixtral-8x7b/sft_qlora"], world_size=1)
+        cpu_estimate = estimate.memory_total / GIB
+        source = "mixtral_tune/estimate.py, recipes/mixtral-8x7b/sft_qlora"
     except ImportError as error:
         cpu_estimate, source = CPU_ESTIMATE_QLORA_GIB, f"quoted from tests/test_qlora_memory.py ({error})"
     sec.data.update(cpu_estimate_gib=cpu_estimate)
@@ -57,7 +54,7 @@ def qlora_memory(run: Run, sec: Section) -> None:
     run.summary["QLoRA Mixtral-8x7B peak, projected from 1 and N layers"] = (
         f"{projected:.1f} GiB (CPU estimate {cpu_estimate:.1f})"
     )
-    sec.check("projected 32-layer QLoRA peak GiB <= 32 (issue 11 goal; mixtral_tune/memory.py's GB is GiB)",
+    sec.check("projected 32-layer QLoRA peak GiB <= 32 (issue 11 goal; mixtral_tune/estimate.py counts GiB)",
               projected, 32.0)  # fmt: skip
 
 

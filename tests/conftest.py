@@ -29,3 +29,13 @@ def _cpu_unless_marked_cuda(request, monkeypatch):
     if CUDA and request.node.get_closest_marker("cuda") is None:
         monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
         monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
+
+@pytest.fixture(autouse=True)
+def _no_stale_extension_build_locks():
+    """A test that kills a process while it loads one of DeepSpeed's JIT-built ops (a torchrun timeout,
+    a rank stopped by its peer's error) leaves the op's build lock behind, and every later test loading
+    that op would wait on it until its timeout: each test starts without such locks (held ones stay)."""
+    from mixtral_compat.torch import clear_stale_extension_locks
+
+    clear_stale_extension_locks()

@@ -13,6 +13,10 @@ Model side (`PreTrainedModelHooks`, a base of our `MixtralPreTrainedModel`; `att
   `checked_attn_implementation(requested)`: our attention has its own backends, not transformers'
   registry (which would also try hub kernels).
 - `config._attn_implementation`: the backend transformers settled on (no public accessor).
+- `config._experts_implementation`: the MoE experts backend transformers' own Mixtral settled on
+  (`experts_implementation`; bench/gpu_check reports it beside its timings).
+- `PreTrainedModel._init_weights(module)`: the model's initialisation rule for one module
+  (`init_module_weights`; bench/gpu_check initialises a model piece by piece as it materialises it).
 
 Trainer side (`TrainerCheckpointHooks`, `load_trainer_schedule`):
 - `Trainer._save_checkpoint` runs with `args.save_total_limit` held back (the Trainer would rotate
@@ -50,6 +54,16 @@ class PreTrainedModelHooks:
 def attn_implementation(config) -> str:
     """The attention backend a model's config names (set through `attn_implementation=` when loading)."""
     return config._attn_implementation
+
+
+def experts_implementation(config) -> str | None:
+    """The experts backend transformers' MoE models run (set through `experts_implementation=`)."""
+    return config._experts_implementation
+
+
+def init_module_weights(model, module) -> None:
+    """Initialise one module of `model` by the model's own rule (what `post_init` applies to every module)."""
+    model._init_weights(module)
 
 
 class TrainerCheckpointHooks:

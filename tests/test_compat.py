@@ -247,6 +247,32 @@ def test_transformers_model_internals_have_the_signatures_we_override():
         "self", "attn_implementation", "is_init_check"
     ]  # fmt: skip
     assert "_attn_implementation" in dir(PreTrainedConfig)
+    assert parameters(PreTrainedModel._init_weights) == ["self", "module"]
+
+
+def test_transformers_init_module_weights_applies_the_model_s_rule():
+    from mixtral_model import MixtralConfig, MixtralForCausalLM
+
+    config = MixtralConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                           num_attention_heads=4, num_key_value_heads=2, num_local_experts=4)  # fmt: skip
+    model = MixtralForCausalLM(config)
+    norm = model.model.norm
+    with torch.no_grad():
+        norm.weight.fill_(3.0)
+    compat_tf.init_module_weights(model, norm)
+    assert torch.equal(norm.weight, torch.ones_like(norm.weight))
+
+
+@pytest.mark.parametrize("backend", ["eager", "grouped_mm"])
+def test_transformers_experts_implementation_is_what_its_mixtral_runs(backend):
+    """transformers' own Mixtral: the experts backend asked for at build time is what the seam reads."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    config = MixtralConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                           num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+                           experts_implementation=backend)  # fmt: skip
+    model = MixtralForCausalLM(config)
+    assert compat_tf.experts_implementation(model.config) == backend
 
 
 def test_transformers_loading_calls_our_hooks_with_the_attention_we_asked_for(tmp_path, monkeypatch):

@@ -262,10 +262,9 @@ def pct(fraction) -> str:
 def our_config(shape: dict, layers: int, **overrides):
     from mixtral_model import MixtralConfig
 
-    fields = {**shape, "num_hidden_layers": layers, "output_router_logits": True, "use_cache": False}
-    config = MixtralConfig(**{**fields, **overrides})
-    config._attn_implementation = "sdpa"
-    return config
+    fields = {**shape, "num_hidden_layers": layers, "output_router_logits": True, "use_cache": False,
+              "attn_implementation": "sdpa"}  # fmt: skip
+    return MixtralConfig(**{**fields, **overrides})
 
 
 def flops_per_token(config, seq: int, frozen_base: bool) -> float:
@@ -374,6 +373,8 @@ def quantize_nf4_(model, quant, device: torch.device, root=None) -> None:
     import bitsandbytes as bnb
     from torch import nn
 
+    from mixtral_compat.bitsandbytes import keep_4bit_training_layout
+
     skip = set(quant.llm_int8_skip_modules or [])
     root = model if root is None else root
     for name, module in list(root.named_modules()):
@@ -388,7 +389,7 @@ def quantize_nf4_(model, quant, device: torch.device, root=None) -> None:
         new.weight = bnb.nn.Params4bit(module.weight.data, requires_grad=False, **old.__dict__).to(device)
         new.source_cls = type(module)
         new.requires_grad_(False)
-        new.support_avx512bf16_for_cpu = False  # keep the training layout (no CPU inference repack in eval)
+        keep_4bit_training_layout(new)  # no CPU inference repack in eval
         root.set_submodule(name, new)
         del module
     model.is_loaded_in_4bit = True  # what transformers' bitsandbytes quantizer sets; PEFT reads it

@@ -34,6 +34,7 @@ from bench.gpu_check.common import (
 def build_ours_layer_by_layer(config, device: torch.device, quant):
     """The whole model on the meta device, then each piece made on `device` in bf16, initialised by the
     model's own rule and (its Linear layers) quantized to NF4 before the next piece is made."""
+    from mixtral_compat.transformers import init_module_weights
     from mixtral_model import MixtralForCausalLM
 
     torch.manual_seed(0)
@@ -44,7 +45,7 @@ def build_ours_layer_by_layer(config, device: torch.device, quant):
         for piece in pieces + list(model.model.layers):
             piece.to_empty(device=device)
             for module in piece.modules():
-                model._init_weights(module)
+                init_module_weights(model, module)
             if piece in model.model.layers:
                 quantize_nf4_(model, quant, device, root=piece)
     model.is_loaded_in_4bit = True

@@ -20,6 +20,7 @@ from bench.gpu_check.common import (
 
 def nf4_build(run: Run, sec: Section) -> None:
     """In-memory NF4 quantization (used by the QLoRA sections) == the factory's from_pretrained path."""
+    from mixtral_compat.bitsandbytes import keep_4bit_training_layout
     from mixtral_model import MixtralForCausalLM
 
     quant = bnb_config(peft_cfg("qlora"))
@@ -33,9 +34,7 @@ def nf4_build(run: Run, sec: Section) -> None:
         )
     ours = ours.to(run.device)
     quantize_nf4_(ours, quant, run.device)
-    for module in loaded.modules():
-        if type(module).__name__ == "Linear4bit":
-            module.support_avx512bf16_for_cpu = False
+    keep_4bit_training_layout(loaded)
     theirs_modules = dict(loaded.named_modules())
     mismatched = total = 0
     for name, module in ours.named_modules():

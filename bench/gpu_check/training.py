@@ -46,6 +46,8 @@ def measure(run: Run, model, input_ids, optimizer) -> dict:
 def train_mode(run: Run, sec: Section, mode: str, layers: int) -> list[dict]:
     """One mode (full / lora / qlora) on `layers` Mixtral-shaped layers: transformers first (with our
     model resident; its own peak = measured peak - our resident bytes), then ours alone."""
+    from mixtral_compat.transformers import experts_implementation
+
     s = run.shapes
     config = our_config(s.model, layers)
     cfg = peft_cfg(mode) if mode != "full" else None
@@ -96,7 +98,7 @@ def train_mode(run: Run, sec: Section, mode: str, layers: int) -> list[dict]:
         resident = allocated_gib(run)
         result = attempt(run, sec, f"{mode}/transformers step",
                          partial(measure_with_optimizer, theirs))  # fmt: skip
-        backend = getattr(theirs.config, "_experts_implementation", "?")
+        backend = experts_implementation(theirs.config) or "?"
         del theirs
         free_memory(run.device)
         if result is not None:

@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import bench.gpu_check.common as g  # noqa: E402
 from bench.gpu_check.mixtral_8x7b_qlora import fused_lm_head, one_layer_saved_bytes  # noqa: E402
 from mixtral_tune.estimate import GIB as GB  # noqa: E402
-from mixtral_tune.estimate import qlora_account  # noqa: E402
+from mixtral_tune.estimate import Shape, layer_work, qlora_account  # noqa: E402
 
 SCALE = 16
 SHAPE = dict(g.MIXTRAL_8X7B, vocab_size=32000 // SCALE, hidden_size=4096 // SCALE,
@@ -81,6 +81,17 @@ def main() -> None:
             parts = ", ".join(f"{k} {v:.3f}" for k, v in saved.items())
             label = f"{'bf16 autocast' if autocast else 'no autocast'}, {'PEFT fp32 upcast' if upcast else 'factory'}"
             print(f"  {backend}, {label}: {parts}; sum {sum(saved.values()):.2f}")
+    cfg = g.peft_cfg("qlora")
+    print(
+        f"mixtral_tune/estimate.py's layer_work (grouped_loop rules, bf16 autocast, dropout {cfg.peft.dropout}):"
+    )
+    for device in ("cpu", "cuda"):
+        work = layer_work(
+            Shape.of(config), 4096, peft="qlora", lora_r=cfg.peft.r, lora_targets=cfg.peft.targets,
+            lora_dropout=cfg.peft.dropout, device=device,
+        )  # fmt: skip
+        parts = ", ".join(f"{k} {v / GB:.3f}" for k, v in work.items())
+        print(f"  {device} rules: {parts}; sum {sum(work.values()) / GB:.2f}")
 
 
 if __name__ == "__main__":

@@ -22,11 +22,11 @@ Memory (bytes on one GPU):
 - ZeRO-3 also holds one layer gathered at a time (its attention and its rank's experts, weights and
   gradients): every MoE block is a ZeRO-3 leaf module, gathered whole;
 - activations with gradient checkpointing: each layer's input (T x hidden) kept for the backward, plus
-  one layer's working set recomputed at a time (attention projections; the T*k expert rows through
-  w1, w3, SwiGLU and w2; under EP the dispatched and combined rows); without checkpointing every
-  layer's working set is kept, and with transformers' `every_n_layers` (trainer.activation_checkpointing_kwargs)
-  that of every layer it leaves out. This working set is a lower bound: PEFT's fp32 adapter inputs and the norms'
-  fp32 copies are not in it (README, "Memory back for speed", has a GPU measurement).
+  one layer's working set recomputed at a time (`layer_work`: what a decoder layer saves for backward,
+  tensor by tensor, held exactly to saved-tensor hooks on tiny models by tests/test_estimate.py; for
+  the `grouped_loop` expert backend, a lower bound for `per_expert`, which CUDA runs pick; plus the
+  all-to-all buffers under EP); without checkpointing every layer's working set is kept, and with
+  transformers' `every_n_layers` (trainer.activation_checkpointing_kwargs) that of every layer it leaves out.
   T = micro-batch x sequence length tokens (x2 under DPO, ORPO and CPO: chosen and
   rejected). The logits: one fp32 tile of TRL's fused LM head (up to 32768 tokens) and its gradient;
   ORPO and CPO (TRL's experimental trainers) build all T x vocab fp32 logits and their gradient;
@@ -475,13 +475,10 @@ def layer_work(
             attn += T * i * lora_mm
     # o_proj's input: under eager a copy of the attention output; under sdpa/flash a view of the kept output
     o_input = T * q if attention == "eager" else 0
-    if (
-        lora_attention and not own_input
-    ):  # shared by the adapters: the norm's output (q, k, v), o_proj's input
-        shared = (T * D if {"q_proj", "k_proj", "v_proj"} & adapted else 0) + (
-            o_input if "o_proj" in adapted else 0
-        )
-        attn += shared * lora_mm
+    if lora_attention and not own_input:
+        # one input shared by the adapters that read it: the norm's output (q, k, v), o_proj's input
+        qkv = T * D if {"q_proj", "k_proj", "v_proj"} & adapted else 0
+        attn += (qkv + (o_input if "o_proj" in adapted else 0)) * lora_mm
     if full:
         attn += (T * D + o_input) * c  # the trained projections' inputs
     if attention == "eager":

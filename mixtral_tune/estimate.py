@@ -23,9 +23,8 @@ Memory (bytes on one GPU):
   gradients): every MoE block is a ZeRO-3 leaf module, gathered whole;
 - activations with gradient checkpointing: each layer's input (T x hidden) kept for the backward, plus
   one layer's working set recomputed at a time (`layer_work`: what a decoder layer saves for backward,
-  tensor by tensor, held exactly to saved-tensor hooks on tiny models by tests/test_estimate.py; for
-  the `grouped_loop` expert backend, a lower bound for `per_expert`, which CUDA runs pick; plus the
-  all-to-all buffers under EP); without checkpointing every layer's working set is kept, and with
+  tensor by tensor, held exactly to saved-tensor hooks on tiny models by tests/test_estimate.py, for
+  the `per_expert` experts CUDA runs pick; plus the all-to-all buffers under EP); without checkpointing every layer's working set is kept, and with
   transformers' `every_n_layers` (trainer.activation_checkpointing_kwargs) that of every layer it leaves out.
   T = micro-batch x sequence length tokens (x2 under DPO, ORPO and CPO: chosen and
   rejected). The logits: one fp32 tile of TRL's fused LM head (up to 32768 tokens) and its gradient;
@@ -416,6 +415,7 @@ def layer_work(
     dtype: str = "bfloat16",
     attention: str = "sdpa",
     device: str = "cuda",
+    expert_backend: str = "per_expert",
     expert_parallel_size: int = 1,
 ) -> dict[str, int]:
     """Bytes one decoder layer (not the first: its input takes gradients) keeps for backward on `tokens`
@@ -439,17 +439,22 @@ def layer_work(
     - the router: its weight's autocast copy (its input too when it trains), fp32 softmax, top-k
       values and indices, their sum; the dispatch: three (M,) int64 indices, the sorted rows, the
       experts' output, its routing-weighted copy and the (M, 1) fp32 weights;
-    - grouped_loop: x, w1(x) and w3(x) of every row, each adapter's (M, r) product in the adapter
-      GEMM's dtype, and with dropout the noise of every adapter input in the adapter input's dtype.
-      On CUDA `moe.choose_expert_backend` picks `per_expert`, whose autograd also keeps silu(w1 x),
-      the product and w2's input (bench/results/cpu_2026-11-27_loop.md): there this part is a lower bound;
+    - the experts, `expert_backend` (moe.py): `per_expert` (what `moe.choose_expert_backend` picks on
+      CUDA) keeps w1(x), w3(x) and silu(w1 x) of every row, and each projection's modules what they
+      keep (a LoRA projection as above, with 16-bit copies of every local expert's A and B under
+      autocast; a trained base its input: x and the SwiGLU product); `grouped_loop` (what it picks on
+      CPU) keeps x, w1(x) and w3(x), each adapter's (M, r) product, and with dropout the noise of
+      every adapter input in the adapter input's dtype; ESFT's experts are counted as all trained;
     - `dispatch_buffers` under expert parallelism: the all-to-all keeps nothing for backward, but each
       exchange holds its send and receive buffers, (M, hidden) each, while it runs.
     On CUDA, PEFT's 4-bit LoRA layer skips its input cast under autocast (`device` selects this rule
     and the dropout mask's dtype; the rest is device-independent)."""
     if attention not in ATTENTION_IMPLEMENTATIONS:
         raise ValueError(f"attention={attention}: one of {ATTENTION_IMPLEMENTATIONS}")
+    if expert_backend not in ("per_expert", "grouped_loop"):
+        raise ValueError(f"expert_backend={expert_backend}: per_expert or grouped_loop")
     T, D, F, k, E = tokens, s.hidden, s.intermediate, s.top_k, s.experts
+    n = expert_parallel_size
     q, kv = s.heads * s.head_dim, s.kv_heads * s.head_dim
     M = T * k
     c = DTYPE_BYTES[dtype]
@@ -488,13 +493,26 @@ def layer_work(
 
     router = (D * E * c if autocast else 0) + (T * D * c if full else 0)  # weight copy; input if trained
     routing = T * E * 4 + T * k * 8 + T * k * 4 + T * 4
-    dispatch = 3 * M * 8 + 3 * M * D * c + M * 4
-    experts = 2 * M * F * c
-    if {"w1", "w2", "w3"} <= adapted:
-        experts += 3 * M * lora_r * lora_mm
+    # three (M,) int64 indices, the (M, 1) fp32 routing weights, the experts' output and its weighted copy
+    dispatch = 3 * M * 8 + M * 4 + 2 * M * D * c
+    lora_experts = {"w1", "w2", "w3"} <= adapted
+    experts = 0
+    if lora_experts:
+        experts += 3 * M * lora_r * lora_mm  # each adapter's (M, r) product
         if lora_dropout > 0:
-            experts += (2 * M * D + M * F) * lora_in
-    n = expert_parallel_size
+            experts += (2 * M * D + M * F) * (lora_in if expert_backend == "grouped_loop" else mask)
+    if expert_backend == "grouped_loop":  # x, w1(x), w3(x); and the noise above
+        experts += M * D * c + 2 * M * F * c
+    else:  # per_expert: w1(x), w3(x), silu(w1 x), and what each projection's modules keep
+        experts += 3 * M * F * c
+        if lora_experts and own_input:  # each adapter's own copy of its input: x for w1 and w3, w2's input
+            experts += (2 * M * D + M * F) * lora_mm + (3 * E // n * lora_r * (D + F) * c if autocast else 0)
+        elif lora_experts:  # w1 and w3 share x, w2's adapter keeps the product
+            experts += (M * D + M * F) * lora_mm + (3 * E // n * lora_r * (D + F) * c if autocast else 0)
+        elif (
+            full or peft == "esft"
+        ):  # the trained bases: x (w1 and w3), the product (w2); ESFT: as if all trained
+            experts += M * D * c + M * F * c
     return {
         "input_norm": norm,
         "attention": attn,

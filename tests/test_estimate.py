@@ -298,7 +298,7 @@ LAYER_CASES = [  # shape, tokens, peft, targets, dtype, dropout, attention
     ("C", 23, "qlora", "both", "bfloat16", 0.0, "eager"),
     ("B", 31, "lora", "both", "bfloat16", 0.05, "eager"),
     ("A", 19, "lora", "attention", "bfloat16", 0.0, "sdpa"),
-    ("C", 41, "lora", "experts", "float32", 0.1, "sdpa"),
+    ("A", 41, "lora", "experts", "float32", 0.1, "sdpa"),
     ("A", 27, "lora", "both", "float32", 0.0, "eager"),
     ("C", 21, "lora", "both", "float32", 0.0, "sdpa"),
     ("B", 33, "none", "both", "bfloat16", 0.0, "sdpa"),
@@ -325,22 +325,41 @@ def factory_model(tmp_path, config: MixtralConfig, peft_method, targets, dtype, 
     return model.train()
 
 
+def balanced_routing(gate, args, logits_NE):
+    """The router's logits replaced (in the graph, saving nothing more) by ones that send token t to
+    experts t*k, ..., t*k + k-1 (mod E): every expert gets rows. A tiny random model routes most tokens to
+    one or two experts, and an expert given none keeps (under per_expert, with dropout on CPU) a 0-row
+    view of the sorted rows, and with it their whole storage."""
+    n, e = logits_NE.shape
+    k = gate.top_k
+    experts_NK = (torch.arange(n)[:, None] * k + torch.arange(k)[None]) % e
+    target = torch.zeros(n, e).scatter_(1, experts_NK, 10.0)
+    return logits_NE * 0 + target.to(logits_NE.dtype)
+
+
+@pytest.mark.parametrize("backend", ["per_expert", "grouped_loop"])
 @pytest.mark.parametrize("case", LAYER_CASES, ids=lambda c: "-".join(map(str, c)))
-def test_layer_work_equals_the_bytes_a_layer_saves_for_backward(tmp_path, case):
+def test_layer_work_equals_the_bytes_a_layer_saves_for_backward(tmp_path, case, backend):
     """estimate.layer_work's parts equal the bytes the last decoder layer of a 3-layer model saves for
     backward (its input takes gradients; the RoPE tables, shared by the layers, were saved by an earlier
     one), counted with saved-tensor hooks (checkpointing off), under
-    autocast for bf16 as the HF Trainer runs, with the expert backend the pipelines pick on CPU."""
+    autocast for bf16 as the HF Trainer runs, under each expert backend."""
     from mixtral_compat.torch import cpu_has_native_bf16
+    from mixtral_model.moe import SparseMoeBlock
     from mixtral_tune.estimate import Shape, layer_work
     from mixtral_tune.memory_measure import layer_parts, saved_bytes_by_module
 
     shape, tokens, method, targets, dtype, dropout, attention = case
-    if dtype == "bfloat16" and not cpu_has_native_bf16():
+    if backend == "grouped_loop" and dtype == "bfloat16" and not cpu_has_native_bf16():
         pytest.skip("without native bf16 the expert loop runs its per-projection path (grouped_experts.py)")
     torch.manual_seed(0)
     config = MixtralConfig(vocab_size=96, num_hidden_layers=3, **LAYER_SHAPES[shape])
     model = factory_model(tmp_path, config, method, targets, dtype, dropout, attention)
+    for block in model.modules():
+        if isinstance(block, SparseMoeBlock):
+            block.expert_backend = backend
+            block.gate.top_k = block.top_k
+            block.gate.register_forward_hook(balanced_routing)
     ids = torch.randint(0, config.vocab_size, (1, tokens))
     with (
         saved_bytes_by_module(model, layer_parts(model)) as saved,
@@ -353,7 +372,7 @@ def test_layer_work_equals_the_bytes_a_layer_saves_for_backward(tmp_path, case):
     }
     expected = layer_work(
         Shape.of(config), tokens, peft=method, lora_r=8, lora_targets=targets, lora_dropout=dropout,
-        dtype=dtype, attention=attention, device="cpu",
+        dtype=dtype, attention=attention, device="cpu", expert_backend=backend,
     )  # fmt: skip
     assert saved.get("layer2", 0) == 0  # the residual additions keep nothing
     assert measured == {part: expected[part] for part in measured}

@@ -82,16 +82,15 @@ def main() -> None:
             label = f"{'bf16 autocast' if autocast else 'no autocast'}, {'PEFT fp32 upcast' if upcast else 'factory'}"
             print(f"  {backend}, {label}: {parts}; sum {sum(saved.values()):.2f}")
     cfg = g.peft_cfg("qlora")
-    print(
-        f"mixtral_tune/estimate.py's layer_work (grouped_loop rules, bf16 autocast, dropout {cfg.peft.dropout}):"
-    )
-    for device in ("cpu", "cuda"):
-        work = layer_work(
-            Shape.of(config), 4096, peft="qlora", lora_r=cfg.peft.r, lora_targets=cfg.peft.targets,
-            lora_dropout=cfg.peft.dropout, device=device,
-        )  # fmt: skip
-        parts = ", ".join(f"{k} {v / GB:.3f}" for k, v in work.items())
-        print(f"  {device} rules: {parts}; sum {sum(work.values()) / GB:.2f}")
+    print(f"mixtral_tune/estimate.py's layer_work (bf16 autocast, dropout {cfg.peft.dropout}):")
+    for backend in ("per_expert", "grouped_loop"):
+        for device in ("cpu", "cuda"):
+            work = layer_work(
+                Shape.of(config), 4096, peft="qlora", lora_r=cfg.peft.r, lora_targets=cfg.peft.targets,
+                lora_dropout=cfg.peft.dropout, device=device, expert_backend=backend,
+            )  # fmt: skip
+            parts = ", ".join(f"{k} {v / GB:.3f}" for k, v in work.items())
+            print(f"  {backend}, {device} rules: {parts}; sum {sum(work.values()) / GB:.2f}")
 
 
 if __name__ == "__main__":

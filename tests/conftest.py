@@ -29,3 +29,23 @@ def _cpu_unless_marked_cuda(request, monkeypatch):
     if CUDA and request.node.get_closest_marker("cuda") is None:
         monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
         monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
+
+# Shared by the data tests (tests/test_data.py, tests/test_data_formats.py).
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    """Mixtral's tokenizer (mixtral_model.load_tokenizer: the one mistral-common ships), once per module."""
+    from mixtral_model import load_tokenizer
+
+    return load_tokenizer()
+
+
+@pytest.fixture
+def fresh_cache(tmp_path, monkeypatch):
+    """Every test prepares data into its own cache, unless it passes cache_dir itself (a module uses
+    it for all its tests with `pytestmark = pytest.mark.usefixtures("fresh_cache")`)."""
+    import mixtral_tune.data as data_module
+
+    monkeypatch.setattr(data_module, "cache_root", lambda cfg: Path(cfg.cache_dir or tmp_path / "cache"))

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import datasets
 import pytest
+from data_helpers import data_cfg, write_jsonl
 from omegaconf import OmegaConf
 from trl.data_utils import is_conversational
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
@@ -44,19 +45,7 @@ DPO_BAD_ROWS = {2: "missing field", 3: "wrong type", 4: "empty text", 5: "broken
 LONG_PROMPT_ROW = 6  # in both files: a prompt longer than max_length=64, dropped but not bad
 
 
-@pytest.fixture(scope="module")
-def tokenizer():
-    return load_tokenizer()
-
-
-@pytest.fixture(autouse=True)
-def fresh_cache(tmp_path, monkeypatch):
-    """Every test prepares into its own cache, unless it passes cache_dir itself."""
-    monkeypatch.setattr(data_module, "cache_root", lambda cfg: Path(cfg.cache_dir or tmp_path / "cache"))
-
-
-def data_cfg(path, kind="sft", **overrides):
-    return OmegaConf.structured(DataConfig(path=str(path), kind=kind, **{"max_length": 64, **overrides}))
+pytestmark = pytest.mark.usefixtures("fresh_cache")  # tests/conftest.py
 
 
 def mixture_cfg(sources: list[dict], kind="sft", **overrides):
@@ -64,11 +53,6 @@ def mixture_cfg(sources: list[dict], kind="sft", **overrides):
     return OmegaConf.structured(
         DataConfig(path=None, mixture=mixture, kind=kind, **{"max_length": 64, **overrides})
     )
-
-
-def write_jsonl(path: Path, rows: list) -> Path:
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    return path
 
 
 def chat(*turns: str) -> list[dict]:

@@ -237,7 +237,9 @@ def test_a_layout_passed_must_be_the_models():
     model = MixtralForCausalLM(MixtralConfig(**tiny_config()))
     groups = ExpertParallelGroups(size=2, rank=1, expert_parallel=None, expert_data_parallel=None)
     other = ExpertParallelGroups(size=2, rank=1, expert_parallel=None, expert_data_parallel=None)
-    with pytest.raises(ValueError, match=r"^the expert-parallel layout passed \(EP rank 1 of 2\) is not the "):
+    with pytest.raises(
+        ValueError, match=r"^the expert-parallel layout passed \(EP rank 1 of 2\) is not the "
+    ):
         check_expert_parallel_layout(model, groups)
     check_expert_parallel_layout(model, None)
     parallelize_experts(model, groups)

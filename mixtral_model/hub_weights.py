@@ -5,12 +5,13 @@ init, DeepSpeed zero.Init, bitsandbytes); this mixin turns its warnings into err
 unexpected or wrongly shaped key, or an unreadable file, stops the load with the key named,
 instead of leaving random weights in place.
 
-Expert parallelism: `from_pretrained(path, expert_parallel_size=n)` is a convenience over
-`mixtral_parallel.expert_parallel.parallelize_experts`: the model is built on the meta device with every expert, made
-expert-parallel, and only then read, so a rank reads only its own experts' tensors; the keys of the
-experts other ranks hold (and only those) are expected to be left over. `save_pretrained` of an
-expert-parallel model gathers every expert to rank 0, which writes one complete hub-layout checkpoint
-(the config holds no parallel layout: the layout is a launch choice).
+Expert parallelism: `from_pretrained(path, expert_parallel=groups)` (or `expert_parallel_size=n`, which
+creates the groups) is a convenience over `mixtral_parallel.expert_parallel.parallelize_experts`: the
+model is built on the meta device with every expert, made expert-parallel, and only then read, so a
+rank reads only its own experts' tensors; the keys of the experts other ranks hold (and only those) are
+expected to be left over. `save_pretrained` of an expert-parallel model (its groups: `model.expert_parallel`)
+gathers every expert to rank 0, which writes one complete hub-layout checkpoint (the config holds no
+parallel layout: the layout is a launch choice).
 
 The gathering itself (and PEFT adapters under expert parallelism) lives in
 mixtral_parallel/expert_state.py.

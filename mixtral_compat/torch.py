@@ -8,7 +8,13 @@ internals themselves.
   calling their modules, which is only right when nothing hooks those calls; torch has no public way
   to ask a module (or `nn.Module` globally) whether hooks are registered.
 - `cpu_has_native_bf16`: `torch.cpu._is_avx512_bf16_supported`.
+- `stale_extension_locks`: where `torch.utils.cpp_extension.load` keeps an extension's build lock
+  (`<TORCH_EXTENSIONS_DIR or default root>[/py<ver>_<device>]/<name>/lock`, a `FileBaton` the building
+  process holds open). DeepSpeed JIT-builds its ops (fused/CPU Adam, CPU shared-memory comm) this way.
 """
+
+import os
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -35,3 +41,59 @@ def has_global_forward_hooks() -> bool:
 def cpu_has_native_bf16() -> bool:
     """Whether this CPU has native bf16 arithmetic (AVX512-BF16/AMX); False where torch cannot say."""
     return getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
+
+
+def extension_build_roots() -> list[Path]:
+    """Where torch's JIT extension builds live: TORCH_EXTENSIONS_DIR, or the default root and its
+    per-Python/per-device subfolders."""
+    from torch.utils.cpp_extension import get_default_build_root
+
+    explicit = os.environ.get("TORCH_EXTENSIONS_DIR")
+    return [Path(explicit)] if explicit else [Path(get_default_build_root())]
+
+
+def _open_paths() -> set[str] | None:
+    """Every path some process of this machine holds open (Linux /proc); None where that cannot be read."""
+    proc = Path("/proc")
+    if not (proc / "self" / "fd").is_dir():
+        return None
+    held = set()
+    for fd_dir in proc.glob("[0-9]*/fd"):
+        try:
+            for fd in fd_dir.iterdir():
+                try:
+                    held.add(os.readlink(fd))
+                except OSError:
+                    pass
+        except OSError:
+            pass
+    return held
+
+
+def stale_extension_locks() -> list[Path]:
+    """Build locks of torch JIT extensions that no process holds open. torch's FileBaton keeps the lock
+    file open while it builds or checks an extension and deletes it when done; a process killed in
+    between (SIGTERM, SIGKILL) leaves it behind, and every later load of that extension waits on it
+    forever without a word. Empty where open files cannot be listed (not Linux)."""
+    locks = [
+        lock for root in extension_build_roots() for lock in (*root.glob("*/lock"), *root.glob("*/*/lock"))
+    ]
+    if not locks:
+        return []
+    held = _open_paths()
+    if held is None:
+        return []
+    return [lock for lock in locks if str(lock.resolve()) not in held and str(lock) not in held]
+
+
+def clear_stale_extension_locks() -> list[Path]:
+    """Delete the locks `stale_extension_locks` finds; returns those deleted. Call it where no other
+    process of the same job can be building yet (one process per machine, before DeepSpeed starts)."""
+    cleared = []
+    for lock in stale_extension_locks():
+        try:
+            lock.unlink()
+            cleared.append(lock)
+        except FileNotFoundError:
+            pass
+    return cleared

@@ -28,6 +28,7 @@ from mixtral_compat.transformers import load_checkpoint_weights, planned_optimiz
 from mixtral_tune.training.router_health import add_router_callbacks
 from mixtral_tune.training.safe_load import checkpoint_problem_on_any_rank, load_checkpoint_file
 from mixtral_compat.deepspeed import route_checkpoint_engine_loads
+from mixtral_compat.torch import clear_stale_extension_locks
 from mixtral_tune import run_dir
 from mixtral_tune.training.resume import (
     checkpoint_step,
@@ -96,7 +97,8 @@ def split_print_config_flag(argv: list[str]) -> tuple[bool, list[str]]:
 
 
 def fail(error: Exception) -> None:
-    print(f"error: {error}", file=sys.stderr)
+    sys.stderr.write(f"error: {error}\n")  # one write: the ranks' lines do not interleave
+    sys.stderr.flush()
     run_dir.release_every_output_dir()
     sys.exit(2)
 
@@ -271,7 +273,13 @@ def wire_deepspeed(model, cfg: DictConfig, expert_parallel):
 
 def start_distributed(cfg: DictConfig) -> None:
     """Under torchrun with DeepSpeed, its comm layer (and torch.distributed) before any model is
-    loaded: zero.Init sizes its partitions by DeepSpeed's world size, which reads 1 until then."""
+    loaded: zero.Init sizes its partitions by DeepSpeed's world size, which reads 1 until then.
+
+    First, on one process per machine, build locks of DeepSpeed's JIT-compiled ops left by a killed
+    run are removed (DeepSpeed would wait on them forever), each named in one line."""
+    if cfg.deepspeed and os.environ.get("LOCAL_RANK", "0") == "0":
+        for lock in clear_stale_extension_locks():
+            print(f"mixtral_tune: removed {lock}, a build lock of a DeepSpeed op left by a killed process")
     if cfg.deepspeed and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         deepspeed.init_distributed()
 

@@ -31,6 +31,16 @@ def _cpu_unless_marked_cuda(request, monkeypatch):
         monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
 
 
+@pytest.fixture(autouse=True)
+def _no_stale_extension_build_locks():
+    """A test that kills a process while it loads one of DeepSpeed's JIT-built ops (a torchrun timeout,
+    a rank stopped by its peer's error) leaves the op's build lock behind, and every later test loading
+    that op would wait on it until its timeout: each test starts without such locks (held ones stay)."""
+    from mixtral_compat.torch import clear_stale_extension_locks
+
+    clear_stale_extension_locks()
+
+
 # Shared by the data tests (tests/test_data.py, tests/test_data_formats.py).
 
 

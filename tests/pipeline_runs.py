@@ -2,6 +2,7 @@
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -66,14 +67,31 @@ def pipeline_command(stage: str, overrides: list[str], nproc: int = 1) -> list[s
     ]  # fmt: skip
 
 
-def run_pipeline(stage: str, overrides: list[str], nproc: int = 1, timeout: int = 300, check: bool = True):
-    result = subprocess.run(
-        pipeline_command(stage, overrides, nproc),
-        capture_output=True,
+def run_captured(command: list[str], timeout: float, **popen_kwargs) -> subprocess.CompletedProcess:
+    """`subprocess.run(command, capture_output=True, text=True, timeout=timeout)`, except that a timeout
+    (or the test's own, pytest-timeout's) kills the whole process group: torchrun's ranks too, which
+    subprocess.run would leave running, holding CPU, ports and build locks for the tests after."""
+    proc = subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=timeout,
-        env=run_env(),
+        start_new_session=True,
+        **popen_kwargs,
     )
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except BaseException as stopped:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        if isinstance(stopped, subprocess.TimeoutExpired):
+            raise subprocess.TimeoutExpired(command, timeout, output=out, stderr=err) from None
+        raise
+    return subprocess.CompletedProcess(command, proc.returncode, out, err)
+
+
+def run_pipeline(stage: str, overrides: list[str], nproc: int = 1, timeout: int = 300, check: bool = True):
+    result = run_captured(pipeline_command(stage, overrides, nproc), timeout, env=run_env())
     if check and result.returncode != 0:
         raise AssertionError(
             f"{stage} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"

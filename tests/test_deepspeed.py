@@ -24,6 +24,7 @@ import torch
 import transformers
 from deepspeed.utils.z3_leaf_module import z3_leaf_module
 from mixtral_reference import tiny_config
+from pipeline_runs import run_captured
 from safetensors.torch import load_file
 
 from mixtral_model import MixtralConfig, MixtralForCausalLM
@@ -60,7 +61,7 @@ def launch(
         "--master_addr=127.0.0.1", f"--master_port={free_port()}", str(WORKERS / worker), *args,
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO)
+    return run_captured(command, timeout, env=env, cwd=REPO)
 
 
 def run_parity(tmp_path, worker: str, args: list[str], nproc: int = 2) -> tuple[dict, str]:

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from mixtral_reference import tiny_config
+from pipeline_runs import run_captured
 
 from mixtral_model import MixtralConfig, MixtralForCausalLM
 from mixtral_parallel.expert_parallel import (
@@ -47,7 +48,7 @@ def torchrun(script: str, *args: str, nproc: int = 2, timeout: int = 120) -> sub
         *args,
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    result = run_captured(command, timeout, cwd=REPO, env=env)
     assert result.returncode == 0, f"{script} failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
     return result
 

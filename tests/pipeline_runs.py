@@ -1,5 +1,6 @@
 """Helpers for tests that run the SFT/DPO entry points as a user would: subprocesses, small models."""
 
+import contextlib
 import json
 import os
 import signal
@@ -67,22 +68,37 @@ def pipeline_command(stage: str, overrides: list[str], nproc: int = 1) -> list[s
     ]  # fmt: skip
 
 
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid` (Linux /proc). torchrun starts each rank in a session of its own, so
+    neither its process group nor its death reaches them."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        kids = children.get(todo.pop(), [])
+        found += kids
+        todo += kids
+    return found
+
+
 def run_captured(command: list[str], timeout: float, **popen_kwargs) -> subprocess.CompletedProcess:
     """`subprocess.run(command, capture_output=True, text=True, timeout=timeout)`, except that a timeout
-    (or the test's own, pytest-timeout's) kills the whole process group: torchrun's ranks too, which
-    subprocess.run would leave running, holding CPU, ports and build locks for the tests after."""
+    (or the test's own, pytest-timeout's) kills every process the command started: torchrun's ranks
+    too, which subprocess.run would leave running, holding CPU, ports, build locks and the output pipes."""
     proc = subprocess.Popen(
-        command,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-        **popen_kwargs,
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen_kwargs
     )
     try:
         out, err = proc.communicate(timeout=timeout)
     except BaseException as stopped:
-        os.killpg(proc.pid, signal.SIGKILL)
+        for pid in [*descendants(proc.pid), proc.pid]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         out, err = proc.communicate()
         if isinstance(stopped, subprocess.TimeoutExpired):
             raise subprocess.TimeoutExpired(command, timeout, output=out, stderr=err) from None

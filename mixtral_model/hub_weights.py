@@ -5,12 +5,13 @@ init, DeepSpeed zero.Init, bitsandbytes); this mixin turns its warnings into err
 unexpected or wrongly shaped key, or an unreadable file, stops the load with the key named,
 instead of leaving random weights in place.
 
-Expert parallelism: `from_pretrained(path, expert_parallel_size=n)` is a convenience over
-`mixtral_parallel.expert_parallel.parallelize_experts`: the model is built on the meta device with every expert, made
-expert-parallel, and only then read, so a rank reads only its own experts' tensors; the keys of the
-experts other ranks hold (and only those) are expected to be left over. `save_pretrained` of an
-expert-parallel model gathers every expert to rank 0, which writes one complete hub-layout checkpoint
-(the config holds no parallel layout: the layout is a launch choice).
+Expert parallelism: `from_pretrained(path, expert_parallel=groups)` (or `expert_parallel_size=n`, which
+creates the groups) is a convenience over `mixtral_parallel.expert_parallel.parallelize_experts`: the
+model is built on the meta device with every expert, made expert-parallel, and only then read, so a
+rank reads only its own experts' tensors; the keys of the experts other ranks hold (and only those) are
+expected to be left over. `save_pretrained` of an expert-parallel model (its groups: `model.expert_parallel`)
+gathers every expert to rank 0, which writes one complete hub-layout checkpoint (the config holds no
+parallel layout: the layout is a launch choice).
 
 The gathering itself (and PEFT adapters under expert parallelism) lives in
 mixtral_parallel/expert_state.py.
@@ -25,7 +26,7 @@ from safetensors import SafetensorError
 
 # The module, not its names: mixtral_parallel.expert_parallel imports mixtral_model (its MoE block), so
 # either package may be imported first.
-from mixtral_parallel import expert_parallel
+from mixtral_parallel import expert_parallel as parallel
 
 
 class CheckpointError(ValueError):
@@ -83,35 +84,42 @@ def check_checkpoint_path(name_or_path) -> None:
 # The groups `from_pretrained(..., expert_parallel_size=n)` parallelizes over, for the duration of that
 # call only: transformers' from_pretrained has no argument that reaches the step between building the
 # model on the meta device and reading the weights (`before_weights_are_read`).
-_LOADING_EXPERT_PARALLEL: ContextVar["expert_parallel.ExpertParallelGroups | None"] = ContextVar(
+_LOADING_EXPERT_PARALLEL: ContextVar["parallel.ExpertParallelGroups | None"] = ContextVar(
     "loading_expert_parallel", default=None
 )
 
 
 class CheckpointLoadingMixin:
+    # This rank's `ExpertParallelGroups`, set by `parallelize_experts`; None: every expert is here.
+    # (No annotation: transformers evaluates a model class's annotations when the class is defined.)
+    expert_parallel = None
+
     @classmethod
     def from_pretrained(
         cls,
         pretrained_model_name_or_path,
         *args,
         expert_parallel_size: int = 1,
+        expert_parallel: "parallel.ExpertParallelGroups | None" = None,
         output_loading_info: bool = False,
         **kwargs,
     ):
         """PreTrainedModel.from_pretrained, strict (CheckpointError naming what does not match).
 
-        expert_parallel_size=n > 1 (collective: every rank): creates the EP groups
-        (`parallel.new_expert_parallel_groups`) and applies `mixtral_parallel.expert_parallel.parallelize_experts` to the
-        model before its weights are read, so each rank reads only its own experts' tensors.
+        expert_parallel=groups (collective: every rank): applies
+        `mixtral_parallel.expert_parallel.parallelize_experts` with these groups to the model before its
+        weights are read, so each rank reads only its own experts' tensors. expert_parallel_size=n > 1
+        does the same with groups it creates (`new_expert_parallel_groups(n)`; the model's
+        `expert_parallel` holds them).
         """
         from mixtral_parallel import expert_state  # imports this module
 
         check_checkpoint_path(pretrained_model_name_or_path)
-        groups = (
-            expert_parallel.new_expert_parallel_groups(expert_parallel_size)
-            if expert_parallel_size != 1
-            else None
-        )
+        groups = expert_parallel
+        if expert_parallel_size != 1:
+            if groups is not None:
+                raise ValueError("from_pretrained: pass expert_parallel_size or expert_parallel, not both")
+            groups = parallel.new_expert_parallel_groups(expert_parallel_size)
         loading = _LOADING_EXPERT_PARALLEL.set(groups)
         try:
             # Mismatched shapes come back in the loading info, so the error below can name them.
@@ -129,7 +137,7 @@ class CheckpointLoadingMixin:
         finally:
             _LOADING_EXPERT_PARALLEL.reset(loading)
         if groups is not None:
-            pattern = re.compile(expert_state.held_elsewhere_pattern(model))
+            pattern = re.compile(expert_state.held_elsewhere_pattern(model, groups))
             info["unexpected_keys"] = [k for k in info["unexpected_keys"] if not pattern.search(k)]
         problem = loading_problem(info, pretrained_model_name_or_path)
         if groups is not None:
@@ -144,18 +152,20 @@ class CheckpointLoadingMixin:
         `from_pretrained(..., expert_parallel_size=n)` makes it expert-parallel."""
         groups = _LOADING_EXPERT_PARALLEL.get()
         if groups is not None:
-            expert_parallel.parallelize_experts(self, groups)
+            parallel.parallelize_experts(self, groups)
 
     def save_pretrained(self, save_directory, state_dict=None, **kwargs):
         """Under expert parallelism a collective (call it on every rank): rank 0 writes one complete
         hub-layout checkpoint; the other ranks write nothing and wait until it is written. HF Trainer
         calls save_pretrained on rank 0 only: under expert parallelism save through this method on every
-        rank instead."""
-        if expert_parallel.expert_parallel_of(self) is None:
+        rank instead. The layout is the model's own (`self.expert_parallel`)."""
+        if self.expert_parallel is None:
             return super().save_pretrained(save_directory, state_dict=state_dict, **kwargs)
         from mixtral_parallel import expert_state  # imports this module
 
-        full_state_dict = expert_state.gather_expert_parallel_state_dict(self, state_dict)
+        full_state_dict = expert_state.gather_expert_parallel_state_dict(
+            self, self.expert_parallel, state_dict
+        )
         if full_state_dict is not None:
             super().save_pretrained(save_directory, state_dict=full_state_dict, **kwargs)
         dist.barrier()

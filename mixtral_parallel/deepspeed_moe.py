@@ -59,7 +59,7 @@ from mixtral_compat.deepspeed import (
 from mixtral_model.moe import SparseMoeBlock
 from mixtral_parallel.expert_parallel import (
     ExpertParallelGroups,
-    expert_parallel_of,
+    check_expert_parallel_layout,
     expert_parallel_ranks,
     is_expert_param,
     validate_expert_parallel,
@@ -293,17 +293,20 @@ def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
-def prepare_for_deepspeed(model: nn.Module, ds_config: dict) -> tuple[nn.Module, list]:
+def prepare_for_deepspeed(
+    model: nn.Module, ds_config: dict, expert_parallel: ExpertParallelGroups | None = None
+) -> tuple[nn.Module, list]:
     """Make `model` train under `ds_config` with the gradient rule of this module.
 
     Call after torch.distributed is initialised and the model is built, made expert-parallel if it is
     to be (`parallel.parallelize_experts`) and PEFT-wrapped, before `deepspeed.initialize` or
-    `Trainer(...)`. The EP layout is the model's own; PEFT is recognised by the model's `peft_config`.
+    `Trainer(...)`. `expert_parallel`: the groups the model was made expert-parallel with (None: it was
+    not), checked against the model's blocks. PEFT is recognised by the model's `peft_config`.
     Returns the model (changed in place) and the `model_parameters` for `deepspeed.initialize`: the
     trainable parameters, split into DeepSpeed MoE groups under expert parallelism.
     """
-    ep = expert_parallel_of(model)
-    expert_parallel_size = 1 if ep is None else ep.size
+    check_expert_parallel_layout(model, expert_parallel)
+    expert_parallel_size = 1 if expert_parallel is None else expert_parallel.size
     zero_stage = zero_stage_of(ds_config)
     check_parallel_combination(zero_stage, expert_parallel_size, peft=hasattr(model, "peft_config"))
     if zero_stage == 3:
@@ -311,7 +314,7 @@ def prepare_for_deepspeed(model: nn.Module, ds_config: dict) -> tuple[nn.Module,
     if expert_parallel_size == 1:
         return model, trainable_parameters(model)
     check_zero_config_for_moe(ds_config)
-    register_expert_groups_with_deepspeed(ep)
+    register_expert_groups_with_deepspeed(expert_parallel)
     mark_expert_parameters(model, expert_parallel_size, zero_stage)
     if zero_stage < 3 and any(p.requires_grad for _, p in named_expert_parameters(model)):
         num_experts = next(m.num_experts for m in model.modules() if isinstance(m, SparseMoeBlock))

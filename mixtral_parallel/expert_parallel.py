@@ -6,6 +6,12 @@ The model is built and correct on one device with every expert. One step makes i
     groups = new_expert_parallel_groups(n)   # collective: every rank, same order
     parallelize_experts(model, groups)       # each MoE block keeps its E/n experts, dispatches by all-to-all
 
+The groups are one value, created once: the caller hands them to what needs the layout
+(`prepare_for_deepspeed`, the trainers' `expert_parallel=`, the adapter save/load of expert_state.py),
+each of which checks them against the model once (`check_expert_parallel_layout`). The model itself
+records them in one attribute, `model.expert_parallel` (None: not expert-parallel), which its own
+`save_pretrained` reads.
+
 (`MixtralForCausalLM.from_pretrained(path, expert_parallel_size=n)` does both, before the weights are
 read, so a rank reads only its own experts' tensors: checkpoint.py.)
 
@@ -138,25 +144,48 @@ def moe_blocks(model: nn.Module) -> list[SparseMoeBlock]:
 def parallelize_experts(model: nn.Module, groups: ExpertParallelGroups) -> nn.Module:
     """Make `model` expert-parallel in place: each MoE block keeps this rank's experts (the others are
     deleted: build on the meta device to never materialise them) and exchanges token rows with the EP
-    group by all-to-all. Call once, before PEFT wrapping and before DeepSpeed (zero.py)."""
+    group by all-to-all; `model.expert_parallel` holds `groups`. Call once, before PEFT wrapping and
+    before DeepSpeed (zero.py)."""
     blocks = moe_blocks(model)
     if not blocks:
         raise ValueError("parallelize_experts: the model has no SparseMoeBlock")
+    if any(block.token_dispatcher is not None for block in blocks):
+        raise ValueError("parallelize_experts: the model is already expert-parallel")
     for block in blocks:
-        if block.token_dispatcher is not None:
-            raise ValueError("parallelize_experts: the model is already expert-parallel")
         validate_expert_parallel(groups.size, num_experts=block.num_experts)
         keep = {str(e) for e in groups.local_experts(block.num_experts)}
         for name in [name for name in block.experts if name not in keep]:
             del block.experts[name]
         block.token_dispatcher = AllToAllDispatch(groups)
+    model.expert_parallel = groups
     return model
 
 
-def expert_parallel_of(model: nn.Module) -> ExpertParallelGroups | None:
-    """The groups `parallelize_experts` installed on the model's MoE blocks; None if it was not applied."""
-    dispatchers = [b.token_dispatcher for b in moe_blocks(model)]
-    return dispatchers[0].groups if dispatchers and dispatchers[0] is not None else None
+def check_expert_parallel_layout(model: nn.Module, groups: ExpertParallelGroups | None) -> None:
+    """A layout handed to a function agrees with the model's MoE blocks: each dispatches over `groups`
+    and holds `groups`' experts (groups None: none is expert-parallel). One-line ValueError if not."""
+    for block in moe_blocks(model):
+        dispatcher = block.token_dispatcher
+        held = (
+            "every expert"
+            if dispatcher is None
+            else f"EP rank {dispatcher.groups.rank} of {dispatcher.groups.size}"
+        )
+        if groups is None:
+            if dispatcher is not None:
+                raise ValueError(
+                    f"the model is expert-parallel ({held}) but no expert-parallel layout was passed: "
+                    "pass the groups parallelize_experts was given"
+                )
+        elif (
+            dispatcher is None
+            or dispatcher.groups is not groups
+            or block.local_expert_ids != groups.local_experts(block.num_experts)
+        ):
+            raise ValueError(
+                f"the expert-parallel layout passed (EP rank {groups.rank} of {groups.size}) is not the model's "
+                f"({held}): pass the groups parallelize_experts was given"
+            )
 
 
 def _all_to_all_single(x_MD: torch.Tensor, output_splits: list[int], input_splits: list[int], group):

@@ -205,7 +205,12 @@ def main(argv: list[str]) -> str:
     from mixtral_tune import pipeline
     from mixtral_tune.config import ConfigError, load_config
     from mixtral_tune.data import prepare_sft_data
-    from mixtral_tune.training.model_factory import base_model_path, fit_vocabulary, load_model
+    from mixtral_tune.training.model_factory import (
+        base_model_path,
+        expert_parallel_layout,
+        fit_vocabulary,
+        load_model,
+    )
 
     flags, overrides = parse_flags(argv)
     try:
@@ -215,7 +220,7 @@ def main(argv: list[str]) -> str:
     tokenizer = pipeline.tokenizer_for(cfg)
     data = pipeline.load_data_or_exit(prepare_sft_data, cfg.data, tokenizer, cfg.trainer.seed)
     pipeline.prepare_base_checkpoint(cfg, tokenizer)
-    model = load_model(cfg, base_model_path(cfg)).eval()
+    model = load_model(cfg, base_model_path(cfg), expert_parallel_layout(cfg)).eval()
     fit_vocabulary(model, tokenizer)  # a chat template's added tokens
     rows = data.train.select(range(min(flags.rows, len(data.train))))
     scores = score_model(model, rows, model.config.num_experts_per_tok)

@@ -55,7 +55,7 @@ from mixtral_tune.command_help import help_text
 from mixtral_tune.data import DataError, data_plan
 from mixtral_tune.run_config import check_resume_changes, record_run
 from mixtral_tune.model_card import write_generation_config, write_model_card
-from mixtral_tune.training.model_factory import build_model, write_random_init
+from mixtral_tune.training.model_factory import build_model, expert_parallel_layout, write_random_init
 
 USAGE = """usage: {script} +recipe=NAME|FILE.yaml [deepspeed=NAME|FILE.json] [key=value ...] [--print-config]
   --print-config (or --cfg job): print the resolved, validated config and exit (see README: CLI)"""
@@ -263,11 +263,11 @@ def prepare_base_checkpoint(cfg: DictConfig, tokenizer) -> None:
         torch.distributed.barrier()
 
 
-def wire_deepspeed(model, cfg: DictConfig):
+def wire_deepspeed(model, cfg: DictConfig, expert_parallel):
     """MoE-aware DeepSpeed preparation (expert groups, ZeRO-3 leaf modules); no-op without DeepSpeed."""
     if not cfg.deepspeed:
         return model
-    model, _ = prepare_for_deepspeed(model, deepspeed_dict(cfg))
+    model, _ = prepare_for_deepspeed(model, deepspeed_dict(cfg), expert_parallel)
     return model
 
 
@@ -285,7 +285,9 @@ def start_distributed(cfg: DictConfig) -> None:
 
 
 def build_model_and_args(cfg: DictConfig, tokenizer, make_args, build):
-    """The trainer arguments and the prepared model, in the order the parallel layout needs.
+    """The prepared model, the trainer arguments and the expert-parallel layout (None without expert
+    parallelism: `model_factory.expert_parallel_layout`, created once here and handed on), in the
+    order the parallel layout needs.
 
     Without expert parallelism the arguments come first: under ZeRO-3 they make from_pretrained
     partition parameters as it loads (zero.Init). With expert parallelism the model is loaded (and
@@ -298,19 +300,20 @@ def build_model_and_args(cfg: DictConfig, tokenizer, make_args, build):
         args = make_args()
         _ = args.device  # torch.distributed up (torchrun without DeepSpeed) before rank 0 writes the base
         prepare_base_checkpoint(cfg, tokenizer)
-        return wire_deepspeed(build_seeded(build, cfg, tokenizer), cfg), args
+        return wire_deepspeed(build_seeded(build, cfg, tokenizer, None), cfg, None), args, None
     prepare_base_checkpoint(cfg, tokenizer)
-    model = wire_deepspeed(build_seeded(build, cfg, tokenizer), cfg)
-    return model, make_args()
+    expert_parallel = expert_parallel_layout(cfg)
+    model = wire_deepspeed(build_seeded(build, cfg, tokenizer, expert_parallel), cfg, expert_parallel)
+    return model, make_args(), expert_parallel
 
 
-def build_seeded(build, cfg: DictConfig, tokenizer):
+def build_seeded(build, cfg: DictConfig, tokenizer, expert_parallel):
     """The model built from trainer.seed on every rank: new LoRA adapters start the same in every run.
     (DeepSpeed's start-up broadcast copies rank 0's dense parameters to the other ranks, but under
     expert parallelism each rank keeps its own experts' adapters, so their init must not depend on
     the RNG state a rank happens to be in.)"""
     transformers.set_seed(cfg.trainer.seed)
-    return build(cfg, tokenizer)
+    return build(cfg, tokenizer, expert_parallel)
 
 
 def report_data(prepared, cfg: DictConfig) -> None:
@@ -511,9 +514,13 @@ def build_trainer(stage: str, argv: list[str], prepare_data, make_args, trainer_
     report_data(data, cfg)
     check_training_rows(cfg, data)
     configure_wandb(cfg)
-    model, args = build_model_and_args(cfg, tokenizer, lambda: make_args(cfg), build_model)
+    model, args, expert_parallel = build_model_and_args(cfg, tokenizer, lambda: make_args(cfg), build_model)
     # Seeded as the policy was: a vocabulary grown for a chat template gets the same new rows in both.
-    extra = {"ref_model": build_seeded(reference_model, cfg, tokenizer)} if reference_model else {}
+    extra = (
+        {"ref_model": build_seeded(reference_model, cfg, tokenizer, expert_parallel)}
+        if reference_model
+        else {}
+    )
     trainer = trainer_class(
         model=model,
         args=args,
@@ -521,6 +528,7 @@ def build_trainer(stage: str, argv: list[str], prepare_data, make_args, trainer_
         eval_dataset=data.eval,
         processing_class=tokenizer,
         callbacks=[RunSummaryCallback(cfg.output_dir), DivergenceCallback()],
+        expert_parallel=expert_parallel,
         **extra,
     )
     trainer.args_from_environment = trainer_keys_read_from_env(cfg)  # saved as ${oc.env:...}, not values

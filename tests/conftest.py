@@ -39,3 +39,23 @@ def _no_stale_extension_build_locks():
     from mixtral_compat.torch import clear_stale_extension_locks
 
     clear_stale_extension_locks()
+
+
+# Shared by the data tests (tests/test_data.py, tests/test_data_formats.py).
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    """Mixtral's tokenizer (mixtral_model.load_tokenizer: the one mistral-common ships), once per module."""
+    from mixtral_model import load_tokenizer
+
+    return load_tokenizer()
+
+
+@pytest.fixture
+def fresh_cache(tmp_path, monkeypatch):
+    """Every test prepares data into its own cache, unless it passes cache_dir itself (a module uses
+    it for all its tests with `pytestmark = pytest.mark.usefixtures("fresh_cache")`)."""
+    import mixtral_tune.data as data_module
+
+    monkeypatch.setattr(data_module, "cache_root", lambda cfg: Path(cfg.cache_dir or tmp_path / "cache"))

@@ -39,6 +39,10 @@ ZEPHYR_PUBLISHED = (
     "{% endif %}\n{% if loop.last and add_generation_prompt %}\n{{ '<|assistant|>' }}\n{% endif %}\n{% endfor %}"
 )
 PUBLISHED = {"chatml": CHATML_PUBLISHED, "zephyr": ZEPHYR_PUBLISHED}
+# Mixtral's SentencePiece vocabulary (mistral-common's tokenizer.model.v1; tests/test_tokenizer.py holds
+# the loaded tokenizer to it); ChatML's two tokens are added after it, in this order.
+VOCAB = 32000
+IM_START, IM_END = VOCAB, VOCAB + 1
 # A company's own format, as a user would write it: markers around the assistant text and its eos.
 CUSTOM = (
     "{{- bos_token }}{%- for m in messages %}"
@@ -97,13 +101,13 @@ def test_shipped_templates_render_as_published_after_bos(name, generation_prompt
 
 def test_chatml_tokens_are_added_as_single_special_tokens_and_end_turns():
     tokenizer = run_tokenizer("chatml")
-    assert len(tokenizer) == 32002
-    assert tokenizer.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"]) == [32000, 32001]
+    assert len(tokenizer) == VOCAB + 2
+    assert tokenizer.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"]) == [IM_START, IM_END]
     assert tokenizer.eos_token == "<|im_end|>"
     assert tokenizer.pad_token == "<unk>"
     # Zephyr's role markers stay text, as in Zephyr's own (Mistral) vocabulary; its turns end on </s>.
     zephyr = run_tokenizer("zephyr")
-    assert len(zephyr) == 32000 and zephyr.eos_token == "</s>"
+    assert len(zephyr) == VOCAB and zephyr.eos_token == "</s>"
 
 
 @pytest.mark.parametrize("name", ["chatml", "zephyr", "custom_file", "custom_inline"])
@@ -146,7 +150,7 @@ def test_mixtral_instruct_stays_encode_chat(tmp_path):
     tokenizer = load_tokenizer()
     assert use_chat_template(tokenizer, data_cfg(None)) == []
     assert tokenizer.chat_template == CHAT_TEMPLATE
-    assert len(tokenizer) == 32000
+    assert len(tokenizer) == VOCAB
 
 
 def test_a_template_whose_trained_span_misses_the_end_of_turn_is_refused():
@@ -213,19 +217,19 @@ def test_chatml_lora_run_saves_what_transformers_and_peft_load(tmp_path):
     served = transformers.AutoTokenizer.from_pretrained(final)
     assert served.chat_template == serving_template(template_text("chatml"))
     assert not has_generation_markers(served.chat_template)
-    assert len(served) == 32002 and served.eos_token == "<|im_end|>"
+    assert len(served) == VOCAB + 2 and served.eos_token == "<|im_end|>"
     trained_with = run_tokenizer("chatml")
     for conversation in CONVERSATIONS:
         ids = served.apply_chat_template(conversation, tokenize=True, return_dict=True)["input_ids"]
         assert ids == encode_conversation(trained_with, conversation)["input_ids"]
-    assert json.loads((out / "final" / "generation_config.json").read_text())["eos_token_id"] == 32001
+    assert json.loads((out / "final" / "generation_config.json").read_text())["eos_token_id"] == IM_END
 
     adapter = load_file(out / "final" / "adapter_model.safetensors")
     new_rows = next(v for k, v in adapter.items() if "embed_tokens" in k and "trainable_tokens" in k)
     head = next(v for k, v in adapter.items() if k.endswith("lm_head.weight"))
-    assert new_rows.shape[0] == 2 and head.shape[0] == 32002
+    assert new_rows.shape[0] == 2 and head.shape[0] == VOCAB + 2
     base_head = MixtralForCausalLM.from_pretrained(out / "base").lm_head.weight
-    assert not torch.equal(head[:32000], base_head), "the output head was not trained"
+    assert not torch.equal(head[:VOCAB], base_head), "the output head was not trained"
 
     ids = torch.tensor(
         [served.apply_chat_template(CONVERSATIONS[1], tokenize=True, return_dict=True)["input_ids"]]
@@ -237,7 +241,7 @@ def test_chatml_lora_run_saves_what_transformers_and_peft_load(tmp_path):
     ):
         model, caught = load_adapter(base_class, out / "base", final, len(served))
         embedding = model.get_input_embeddings()
-        torch.testing.assert_close(embedding(torch.tensor([32000, 32001])), new_rows.float())
+        torch.testing.assert_close(embedding(torch.tensor([IM_START, IM_END])), new_rows.float())
         if name == "ours":
             assert pattern_warnings(caught) == []
         with torch.no_grad():
@@ -263,8 +267,8 @@ def test_chatml_full_sft_then_dpo_from_it(tmp_path):
                       f"data.cache_dir={tmp_path / 'cache'}"])  # fmt: skip
     theirs = transformers.AutoModelForCausalLM.from_pretrained(final)
     ours = MixtralForCausalLM.from_pretrained(final)
-    assert theirs.config.vocab_size == 32002 and theirs.config.eos_token_id == 32001
-    ids = torch.tensor([[1, 32000, 1838, 13, 28754, 32001, 13, 32000]])
+    assert theirs.config.vocab_size == VOCAB + 2 and theirs.config.eos_token_id == IM_END
+    ids = torch.tensor([[1, IM_START, 1838, 13, 28754, IM_END, 13, IM_START]])
     with torch.no_grad():
         torch.testing.assert_close(ours(ids).logits, theirs(ids).logits, rtol=1e-5, atol=1e-5)
 
@@ -284,4 +288,4 @@ def test_chatml_full_sft_then_dpo_from_it(tmp_path):
     )
     expected = tokenizer.apply_chat_template(raw["prompt"] + raw["chosen"], tokenize=True, return_dict=True)
     assert row["prompt_ids"] + row["chosen_ids"] == expected["input_ids"]
-    assert row["prompt_ids"][1] == 32000
+    assert row["prompt_ids"][1] == IM_START

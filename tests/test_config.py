@@ -303,11 +303,18 @@ def test_a_checkpoint_with_another_architecture_is_refused_naming_the_key():
 
 
 def test_mixtral_8x7b_model_group_matches_the_published_architecture():
-    arch = compose_recipe("mixtral-8x7b/sft_qlora").model.architecture
-    assert (arch.num_hidden_layers, arch.hidden_size, arch.intermediate_size) == (32, 4096, 14336)
-    assert (arch.num_local_experts, arch.num_experts_per_tok) == (8, 2)
-    assert (arch.num_attention_heads, arch.num_key_value_heads, arch.vocab_size) == (32, 8, 32000)
-    assert arch.rope_theta == 1.0e6
+    """Against transformers' MixtralConfig defaults, which its docstring gives as mistralai/Mixtral-8x7B-v0.1's
+    (32 layers, hidden 4096, intermediate 14336, 8 experts, top-2, 32/8 heads, 32000 tokens, rope_theta 1e6)."""
+    import transformers
+
+    arch, published = (
+        compose_recipe("mixtral-8x7b/sft_qlora").model.architecture,
+        transformers.MixtralConfig(),
+    )
+    for field in ("num_hidden_layers", "hidden_size", "intermediate_size", "num_local_experts",
+                  "num_experts_per_tok", "num_attention_heads", "num_key_value_heads", "vocab_size"):  # fmt: skip
+        assert arch[field] == getattr(published, field), field
+    assert arch.rope_theta == published.rope_parameters["rope_theta"]
 
 
 def test_a_recipe_file_outside_the_repository_composes_like_a_shipped_one(tmp_path):

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import datasets
 import pytest
+from data_helpers import data_cfg, write_jsonl
 from omegaconf import OmegaConf
 from trl.data_utils import is_conversational
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
@@ -44,19 +45,7 @@ DPO_BAD_ROWS = {2: "missing field", 3: "wrong type", 4: "empty text", 5: "broken
 LONG_PROMPT_ROW = 6  # in both files: a prompt longer than max_length=64, dropped but not bad
 
 
-@pytest.fixture(scope="module")
-def tokenizer():
-    return load_tokenizer()
-
-
-@pytest.fixture(autouse=True)
-def fresh_cache(tmp_path, monkeypatch):
-    """Every test prepares into its own cache, unless it passes cache_dir itself."""
-    monkeypatch.setattr(data_module, "cache_root", lambda cfg: Path(cfg.cache_dir or tmp_path / "cache"))
-
-
-def data_cfg(path, kind="sft", **overrides):
-    return OmegaConf.structured(DataConfig(path=str(path), kind=kind, **{"max_length": 64, **overrides}))
+pytestmark = pytest.mark.usefixtures("fresh_cache")  # tests/conftest.py
 
 
 def mixture_cfg(sources: list[dict], kind="sft", **overrides):
@@ -64,11 +53,6 @@ def mixture_cfg(sources: list[dict], kind="sft", **overrides):
     return OmegaConf.structured(
         DataConfig(path=None, mixture=mixture, kind=kind, **{"max_length": 64, **overrides})
     )
-
-
-def write_jsonl(path: Path, rows: list) -> Path:
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    return path
 
 
 def chat(*turns: str) -> list[dict]:
@@ -112,7 +96,8 @@ def test_each_kind_of_bad_sft_row_is_reported_with_file_and_row(tokenizer, caplo
     (report,) = prepared.reports
     assert {index: kind for index, kind, _ in report.examples} == SFT_BAD_ROWS
     assert report.dropped_long == {"prompt too long": 1}
-    assert report.total == 13 and len(prepared.train) == 13 - len(SFT_BAD_ROWS) - 1
+    rows = len(SFT_BAD.read_text().splitlines())  # every line of the file is a row
+    assert report.total == rows and len(prepared.train) == rows - len(SFT_BAD_ROWS) - 1
     assert str(SFT_BAD) in caplog.text
     for index, kind in SFT_BAD_ROWS.items():
         assert f"row {index}: {kind}" in caplog.text
@@ -130,7 +115,8 @@ def test_each_kind_of_bad_dpo_row_is_reported_with_file_and_row(tokenizer):
     (report,) = prepared.reports
     assert {index: kind for index, kind, _ in report.examples} == DPO_BAD_ROWS
     assert report.dropped_long == {"prompt too long": 1}
-    assert len(prepared.train) == report.total - len(DPO_BAD_ROWS) - 1 == 4
+    rows = len(DPO_BAD.read_text().splitlines())  # every line of the file is a row
+    assert len(prepared.train) == report.total - len(DPO_BAD_ROWS) - 1 == rows - len(DPO_BAD_ROWS) - 1
 
 
 def test_too_many_bad_rows_fail_with_one_line_naming_file_and_threshold(tokenizer):
@@ -352,7 +338,7 @@ def test_mixture_is_reproducible_with_a_seed_and_changes_with_another(tokenizer,
     assert (
         sum(text.startswith("first") for text in runs[0])
         == sum(text.startswith("second") for text in runs[0])
-        == 20
+        == int(0.5 * 40)  # the handbook's rule: a weight is the fraction of the source's rows taken
     )
 
 

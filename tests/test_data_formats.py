@@ -9,14 +9,15 @@ from pathlib import Path
 import datasets
 import pytest
 import transformers
+from data_helpers import data_cfg, write_jsonl
 from omegaconf import OmegaConf
 from pipeline_runs import DPO, SFT, run_pipeline, train_losses
 from trl import SFTConfig, SFTTrainer
 from trl.data_utils import extract_prompt, is_conversational
 
 import mixtral_tune.data as data_module
-from mixtral_model import encode_chat, load_tokenizer
-from mixtral_tune.config import ConfigError, DataConfig, DataSourceConfig, load_config
+from mixtral_model import encode_chat
+from mixtral_tune.config import ConfigError, DataSourceConfig, load_config
 from mixtral_tune.data import IGNORE_INDEX, DataError, data_plan, prepare_dpo_data, prepare_sft_data
 
 # ShareGPT (LLaMA-Factory data/README.md, FastChat): `conversations` of {from, value}, roles
@@ -75,23 +76,7 @@ TEXT_ROWS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def tokenizer():
-    return load_tokenizer()
-
-
-@pytest.fixture(autouse=True)
-def fresh_cache(tmp_path, monkeypatch):
-    monkeypatch.setattr(data_module, "cache_root", lambda cfg: Path(cfg.cache_dir or tmp_path / "cache"))
-
-
-def data_cfg(path, kind="sft", **overrides):
-    return OmegaConf.structured(DataConfig(path=str(path), kind=kind, **{"max_length": 64, **overrides}))
-
-
-def write_jsonl(path: Path, rows: list) -> Path:
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    return path
+pytestmark = pytest.mark.usefixtures("fresh_cache")  # tests/conftest.py
 
 
 def chat_labels(tokenizer, messages: list[dict]) -> tuple[list[int], list[int]]:

@@ -283,7 +283,9 @@ def tiny_model() -> MixtralForCausalLM:
 
 def test_moe_param_groups_put_expert_parameters_in_their_own_groups():
     model = tiny_model()
-    assert mark_expert_parameters(model, expert_parallel_size=2, zero_stage=2) == 2 * 4 * 3
+    layers, experts = tiny_config()["num_hidden_layers"], tiny_config()["num_local_experts"]
+    expert_weights = layers * experts * 3  # w1, w2, w3
+    assert mark_expert_parameters(model, expert_parallel_size=2, zero_stage=2) == expert_weights
     groups = moe_param_groups(
         [{"params": [p for n, p in model.named_parameters() if "norm" not in n], "weight_decay": 0.1},
          {"params": [p for n, p in model.named_parameters() if "norm" in n], "weight_decay": 0.0}]

@@ -118,7 +118,10 @@ def test_grouped_equals_per_expert_fp32(kind, dropout, backend):
     assert_same(run(kind, backend, torch.float32, dropout), reference, tol=1e-5)
     if kind in ("lora", "qlora"):
         lora_grads = [g for n, g in reference[2].items() if "lora_A" in n or "lora_B" in n]
-        assert len(lora_grads) == 2 * 3 * 4 and sum(g.abs().sum() > 0 for g in lora_grads) >= 18
+        # (lora_A, lora_B) x (w1, w2, w3) x experts; every one of the experts given tokens (all but 3) learns
+        experts = tiny_config()["num_local_experts"]
+        assert len(lora_grads) == 2 * 3 * experts
+        assert sum(g.abs().sum() > 0 for g in lora_grads) == 2 * 3 * (experts - 1)
         assert reference[2]["base_model.model.block.experts.3.w1.lora_A.default.weight"].abs().max() == 0
 
 
@@ -371,7 +374,9 @@ def test_lora_model_step_and_saved_adapter(tmp_path):
 
     keys = set(load_file(tmp_path / "adapter_model.safetensors"))
     assert "base_model.model.model.layers.0.block_sparse_moe.experts.3.w2.lora_B.weight" in keys
-    assert len([k for k in keys if ".experts." in k]) == 2 * 4 * 3 * 2
+    layers, experts = tiny_config()["num_hidden_layers"], tiny_config()["num_local_experts"]
+    expert_adapters = layers * experts * 3 * 2  # (w1, w2, w3) x (lora_A, lora_B)
+    assert len([k for k in keys if ".experts." in k]) == expert_adapters
 
 
 def quantized_weights(shape, quant_type: str, nested: bool, count: int = 3):

@@ -18,7 +18,7 @@ from pipeline_runs import run_captured
 from mixtral_model import MixtralConfig, MixtralForCausalLM
 from mixtral_parallel.expert_parallel import (
     ExpertParallelGroups,
-    expert_parallel_of,
+    check_expert_parallel_layout,
     expert_parallel_ranks,
     is_expert_param,
     new_expert_parallel_groups,
@@ -204,7 +204,7 @@ def test_building_a_model_creates_no_process_group(tmp_path, monkeypatch):
     model = MixtralForCausalLM(MixtralConfig(**tiny_config()))
     model.save_pretrained(tmp_path)
     loaded = MixtralForCausalLM.from_pretrained(tmp_path)
-    assert expert_parallel_of(model) is None and expert_parallel_of(loaded) is None
+    assert model.expert_parallel is None and loaded.expert_parallel is None
     assert all(
         block.token_dispatcher is None for block in loaded.modules() if hasattr(block, "token_dispatcher")
     )
@@ -221,12 +221,36 @@ def test_parallelize_experts_keeps_this_ranks_experts_with_their_weights():
     state = model.state_dict()
     assert {k for k in full if ".experts." not in k or ".experts.2." in k or ".experts.3." in k} == set(state)
     assert all(torch.equal(state[k], full[k]) for k in state)
-    assert expert_parallel_of(model) is groups
+    assert model.expert_parallel is groups
     assert [b.local_expert_ids for b in model.model.layers.modules() if hasattr(b, "local_expert_ids")] == [
         [2, 3]
     ] * model.config.num_hidden_layers
     with pytest.raises(ValueError, match="already expert-parallel"):
         parallelize_experts(model, groups)
+
+
+def test_a_layout_passed_must_be_the_models():
+    """What is handed the layout (prepare_for_deepspeed, the trainers, the adapter save/load) checks it
+    against the model's blocks: the groups parallelize_experts was given pass; none, other groups
+    (even of the same size and rank) or groups for a model that is not expert-parallel are one line."""
+    from mixtral_parallel.deepspeed_moe import prepare_for_deepspeed
+
+    model = MixtralForCausalLM(MixtralConfig(**tiny_config()))
+    groups = ExpertParallelGroups(size=2, rank=1, expert_parallel=None, expert_data_parallel=None)
+    other = ExpertParallelGroups(size=2, rank=1, expert_parallel=None, expert_data_parallel=None)
+    with pytest.raises(
+        ValueError, match=r"^the expert-parallel layout passed \(EP rank 1 of 2\) is not the "
+    ):
+        check_expert_parallel_layout(model, groups)
+    check_expert_parallel_layout(model, None)
+    parallelize_experts(model, groups)
+    check_expert_parallel_layout(model, groups)
+    with pytest.raises(ValueError, match=r"^the model is expert-parallel \(EP rank 1 of 2\) but no expert-"):
+        check_expert_parallel_layout(model, None)
+    with pytest.raises(ValueError, match="is not the model's"):
+        check_expert_parallel_layout(model, other)
+    with pytest.raises(ValueError, match="but no expert-parallel layout was passed"):
+        prepare_for_deepspeed(model, {"zero_optimization": {"stage": 2}})
 
 
 def test_parallelize_experts_checks_divisibility():

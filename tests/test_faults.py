@@ -107,11 +107,12 @@ def test_environment_values_stay_unresolved_in_saved_outputs(good_run, monkeypat
     # as Hydra's saved config: the value comes back when the environment has it again
     monkeypatch.setenv("SECRET_TOKEN", "again")
     assert saved.trainer.run_name == "again"
-    assert saved.trainer.learning_rate == 3e-3  # everything else resolved
+    assert saved.trainer.learning_rate == 3e-3  # pipeline_runs.SFT's value: everything else resolved
 
 
 def test_a_base_of_other_settings_is_rebuilt_for_a_new_run_and_refused_on_resume(good_run, tmp_path):
     record = json.loads((good_run / "base" / run_dir.BASE_RECORD).read_text())
+    # pipeline_runs.SMALL_MODEL's hidden size; configs/trainer/sft.yaml's seed
     assert record["model.architecture"]["hidden_size"] == 32 and record["trainer.seed"] == 42
     other = tmp_path / "other"
     shutil.copytree(good_run / "base", other / "base")

@@ -95,4 +95,7 @@ def test_global_batch_balance_runs_under_zero3_and_expert_parallelism(tmp_path, 
         nproc=2,
     )  # fmt: skip
     aux = [entry["aux_loss"] for entry in log_history(out / "final") if "loss" in entry]
-    assert len(aux) == 2 and all(1.0 < value < 4.0 for value in aux)
+    # transformers' load_balancing_loss_func gives top_k for balanced routing (uniform logits: 2.0) and E
+    # when every token picks the same top_k experts (4.0): a random-init router is near the first, off the second
+    top_k, experts = 2, 4  # pipeline_runs.SMALL_MODEL over configs/model/tiny.yaml
+    assert len(aux) == 2 and all(top_k / 2 < value < experts for value in aux)

@@ -16,6 +16,7 @@ from transformers import BitsAndBytesConfig, PreTrainedTokenizerBase
 
 from mixtral_compat.bitsandbytes import keep_4bit_training_layout
 from mixtral_model import MixtralConfig, MixtralForCausalLM
+from mixtral_parallel.expert_parallel import ExpertParallelGroups, new_expert_parallel_groups
 from mixtral_tune.chat_template import template_tokens
 from mixtral_tune.config import (
     DTYPES,
@@ -78,8 +79,23 @@ def quantization_config(cfg: DictConfig) -> BitsAndBytesConfig | None:
     )
 
 
-def load_model(cfg: DictConfig, name_or_path: str) -> MixtralForCausalLM:
-    """Our Mixtral from a hub-layout checkpoint, with the run's router and parallel settings."""
+def expert_parallel_layout(cfg: DictConfig) -> ExpertParallelGroups | None:
+    """The run's expert-parallel groups (collective: every rank), None at model.expert_parallel_size=1.
+    Created once, before the model is built, and handed to everything that needs the layout."""
+    size = cfg.model.expert_parallel_size
+    return new_expert_parallel_groups(size) if size != 1 else None
+
+
+def load_model(
+    cfg: DictConfig, name_or_path: str, expert_parallel: ExpertParallelGroups | None = None
+) -> MixtralForCausalLM:
+    """Our Mixtral from a hub-layout checkpoint, with the run's router settings, made expert-parallel
+    over `expert_parallel` (`expert_parallel_layout(cfg)`) as it loads."""
+    if (1 if expert_parallel is None else expert_parallel.size) != cfg.model.expert_parallel_size:
+        raise ValueError(
+            f"model.expert_parallel_size={cfg.model.expert_parallel_size} but the expert-parallel layout "
+            f"passed has size {1 if expert_parallel is None else expert_parallel.size}: pass expert_parallel_layout(cfg)"
+        )
     model = MixtralForCausalLM.from_pretrained(
         name_or_path,
         dtype=DTYPES[cfg.model.dtype],
@@ -88,7 +104,7 @@ def load_model(cfg: DictConfig, name_or_path: str) -> MixtralForCausalLM:
         router_aux_loss_coef=cfg.model.router_aux_loss_coef,
         router_jitter_noise=cfg.model.router_jitter_noise,
         router_z_loss_coef=cfg.model.router_z_loss_coef,
-        expert_parallel_size=cfg.model.expert_parallel_size,
+        expert_parallel=expert_parallel,
     )
     model.config.use_cache = False
     if cfg.peft.method == "qlora":
@@ -173,20 +189,30 @@ def base_model_path(cfg: DictConfig) -> str:
     return cfg.model.name_or_path or str(Path(cfg.output_dir).resolve() / "base")
 
 
-def build_model(cfg: DictConfig, tokenizer: PreTrainedTokenizerBase | None = None):
-    """The trainable model: checkpoint (or random init written to OUTPUT_DIR/base), its vocabulary
-    fitted to `tokenizer` (a chat template's added tokens), + PEFT."""
-    model = load_model(cfg, base_model_path(cfg))
+def build_model(
+    cfg: DictConfig,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    expert_parallel: ExpertParallelGroups | None = None,
+):
+    """The trainable model: checkpoint (or random init written to OUTPUT_DIR/base), expert-parallel over
+    `expert_parallel` (`expert_parallel_layout(cfg)`), its vocabulary fitted to `tokenizer` (a chat
+    template's added tokens), + PEFT."""
+    model = load_model(cfg, base_model_path(cfg), expert_parallel)
     fit_vocabulary(model, tokenizer)
     new_tokens = tokenizer.convert_tokens_to_ids(template_tokens(cfg.data)) if cfg.data.chat_template else []
     return apply_peft(model, cfg, trainer_value(cfg, "activation_checkpointing"), new_tokens)
 
 
-def build_frozen_reference(cfg: DictConfig, tokenizer: PreTrainedTokenizerBase | None = None):
-    """DPO reference: None under LoRA/QLoRA (the base with adapters disabled), else a frozen copy of the base."""
+def build_frozen_reference(
+    cfg: DictConfig,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    expert_parallel: ExpertParallelGroups | None = None,
+):
+    """DPO reference: None under LoRA/QLoRA (the base with adapters disabled), else a frozen copy of the
+    base, expert-parallel over the policy's groups."""
     if uses_adapters(cfg):
         return None
-    reference = load_model(cfg, base_model_path(cfg))
+    reference = load_model(cfg, base_model_path(cfg), expert_parallel)
     fit_vocabulary(reference, tokenizer)
     reference.requires_grad_(False)
     return reference.eval()

@@ -184,12 +184,9 @@ class ResumeMixin(TrainerCheckpointHooks):
         load_trainer_schedule(self, checkpoint)
 
     def is_expert_parallel_zero_1_or_2(self) -> bool:
-        from deepspeed.moe.utils import (
-            is_moe_param,  # here: mixtral_tune.config imports this module, DeepSpeed-free
-        )
-
+        """`expert_parallel`: the layout the trainer was given (trainers.ExpertParallelSaveMixin)."""
         return (
             self.is_deepspeed_enabled
             and self.accelerator.state.deepspeed_plugin.zero_stage in (1, 2)
-            and any(is_moe_param(p) for p in self.model.parameters())
+            and self.expert_parallel is not None
         )

@@ -31,7 +31,7 @@ from peft import PeftModel
 from transformers.trainer import TRAINING_ARGS_NAME
 
 from mixtral_parallel.deepspeed_moe import gathered_state_dict, moe_optimizer
-from mixtral_parallel.expert_parallel import expert_parallel_of
+from mixtral_parallel.expert_parallel import ExpertParallelGroups, check_expert_parallel_layout
 from mixtral_parallel.expert_state import save_expert_parallel_adapter
 from mixtral_tune.training.objective import RouterObjectiveMixin
 from mixtral_tune.training.reporting import RouterStatsLoggingMixin
@@ -42,15 +42,25 @@ class ExpertParallelSaveMixin:
     """Under expert parallelism every rank holds different experts: each save (checkpoints and the
     final model) gathers them into one complete hub checkpoint through the model's collective
     save_pretrained -- or, for a PEFT model, into one complete adapter holding every expert's
-    lora_A/lora_B -- instead of rank 0 writing only its own."""
+    lora_A/lora_B -- instead of rank 0 writing only its own.
+
+    `expert_parallel=` (a constructor argument): the groups the model was made expert-parallel with
+    (None: it was not), checked against the model once, here."""
+
+    def __init__(self, *args, expert_parallel: ExpertParallelGroups | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        check_expert_parallel_layout(self.model, expert_parallel)
+        self.expert_parallel = expert_parallel
 
     def save_model(self, output_dir=None, *args, **kwargs):
-        model = self.accelerator.unwrap_model(self.model)
-        if expert_parallel_of(model) is None:
+        if self.expert_parallel is None:
             return super().save_model(output_dir, *args, **kwargs)
+        model = self.accelerator.unwrap_model(self.model)
         output_dir = output_dir or self.args.output_dir
         if isinstance(model, PeftModel):
-            save_expert_parallel_adapter(model, output_dir, gathered_state_dict(model, trainable_only=True))
+            save_expert_parallel_adapter(
+                model, self.expert_parallel, output_dir, gathered_state_dict(model, trainable_only=True)
+            )
         else:
             model.save_pretrained(output_dir, state_dict=gathered_state_dict(model))
         if self.args.should_save:  # what HF Trainer._save writes beside the weights

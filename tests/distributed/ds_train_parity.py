@@ -144,7 +144,7 @@ def train_deepspeed(args, model, rank):
     if args.skip_prepare:
         model, params = model, [p for p in model.parameters() if p.requires_grad]
     else:
-        model, params = prepare_for_deepspeed(model, config)
+        model, params = prepare_for_deepspeed(model, config, model.expert_parallel)
     client_optimizer = None if args.optimizer == "adamw" else reference_optimizer(args, params)
     engine, *_ = deepspeed.initialize(
         model=model, model_parameters=params, optimizer=client_optimizer, config=config
@@ -272,7 +272,7 @@ def save_adapter(engine, args) -> None:
     directory = Path(args.save_adapter) / "adapter"
     state = gathered_state_dict(engine.module, trainable_only=True)
     if args.expert_parallel_size > 1:
-        save_expert_parallel_adapter(engine.module, directory, state)
+        save_expert_parallel_adapter(engine.module, engine.module.expert_parallel, directory, state)
     elif dist.get_rank() == 0:
         engine.module.save_pretrained(directory, state_dict=state)
 
@@ -281,7 +281,7 @@ def reload_adapter_difference(args, trained: dict[str, torch.Tensor]) -> float:
     """Max |loaded - trained| over this rank's adapter tensors, loading DIR/adapter into a fresh model
     of the same layout (this rank's experts only under EP)."""
     fresh, _ = build_models(args.expert_parallel_size, peft=True)
-    load_expert_parallel_adapter(fresh, Path(args.save_adapter) / "adapter")
+    load_expert_parallel_adapter(fresh, fresh.expert_parallel, Path(args.save_adapter) / "adapter")
     lora = {name: p for name, p in fresh.named_parameters() if "lora_" in name}
     assert lora and set(lora) <= set(trained), sorted(set(lora) - set(trained))[:3]
     return max((p.detach() - trained[name]).abs().max().item() for name, p in lora.items())

@@ -117,7 +117,7 @@ def main():
         args, str(Path(args.out).parent / "trainer")
     )  # initialises torch.distributed
     model, reference = build_models(args.expert_parallel_size)
-    model, _ = prepare_for_deepspeed(model, training_args.hf_deepspeed_config.config)
+    model, _ = prepare_for_deepspeed(model, training_args.hf_deepspeed_config.config, model.expert_parallel)
     batch = global_batch(model.config.vocab_size)
     trainer = MoETrainer(
         model=model, args=training_args, train_dataset=batch, data_collator=default_data_collator

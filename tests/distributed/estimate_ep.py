@@ -22,7 +22,7 @@ sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).res
 from mixtral_model import load_tokenizer  # noqa: E402
 from mixtral_parallel.expert_parallel import is_expert_param  # noqa: E402
 from mixtral_tune.config import compose  # noqa: E402
-from mixtral_tune.training.model_factory import build_model, write_random_init  # noqa: E402
+from mixtral_tune.training.model_factory import build_model, expert_parallel_layout, write_random_init  # noqa: E402
 
 MICRO_BATCH, SEQ_LEN = 2, 12
 
@@ -59,7 +59,7 @@ def main(workdir: Path, out: Path) -> None:
     if rank == 0:
         write_random_init(cfg, load_tokenizer(None), workdir / "base", seed=0)
     dist.barrier()
-    model = build_model(cfg)
+    model = build_model(cfg, expert_parallel=expert_parallel_layout(cfg))
     model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     report = held(model)

@@ -8,6 +8,9 @@ Router terms (mixtral_tune/training/objective.py): SFTTrainer and DPOTrainer kee
 - `aux_loss_enabled`: whether their `compute_loss` adds their own router term (and asks for router
   logits); `take_over_router_term` switches it off, so the model's objective is the only one;
 - `_metrics[mode][name]`: lists TRL averages into each log; `log_metric` appends to them.
+
+`add_fused_lm_head` (trl.trainer.utils, not exported): what SFTTrainer/DPOTrainer put on the model,
+applied by bench/gpu_check to measure a step the way the trainers run it.
 """
 
 PACKAGE = "trl"
@@ -79,3 +82,10 @@ def computes_loss_in_batch_metrics(trainer) -> bool:
         if module in sys.modules
     )
     return bool(classes) and isinstance(trainer, classes)
+
+
+def add_fused_lm_head(model) -> None:
+    """TRL's fused, chunked LM head on `model`, as SFTTrainer and DPOTrainer add it (before PEFT)."""
+    from trl.trainer.utils import add_fused_lm_head as add
+
+    add(model)

@@ -12,6 +12,7 @@ from types import SimpleNamespace
 import pytest
 import tomllib
 import torch
+from mixtral_reference import tiny_config
 from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
 from torch import nn
@@ -23,6 +24,7 @@ from mixtral_compat import peft as compat_peft
 from mixtral_compat import torch as compat_torch
 from mixtral_compat import transformers as compat_tf
 from mixtral_compat import trl as compat_trl
+from mixtral_model import MixtralConfig, MixtralForCausalLM
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -433,3 +435,18 @@ def test_the_start_up_check_imports_no_library():
     code = "import sys, mixtral_tune; print(sorted({'torch', 'transformers', 'peft', 'trl', 'deepspeed', 'bitsandbytes'} & set(sys.modules)))"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout == "[]\n"
+
+
+def test_trl_fused_lm_head_replaces_the_models_logits_with_the_same_loss():
+    """The seam bench/gpu_check uses: TRL's fused head still patches a model in place, and its loss is the
+    model's own cross-entropy on the same batch."""
+    from mixtral_model import MixtralConfig, MixtralForCausalLM
+
+    torch.manual_seed(0)
+    model = MixtralForCausalLM(MixtralConfig(**tiny_config())).eval()
+    ids = torch.randint(0, model.config.vocab_size, (2, 12))
+    expected = model(input_ids=ids, labels=ids).loss
+    compat_trl.add_fused_lm_head(model)
+    assert model(input_ids=ids, labels=ids).loss == expected  # without the flag: the model's own forward
+    got = model(input_ids=ids, labels=ids, fused_lm_head=True).loss
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)

@@ -74,7 +74,7 @@ def fused_lm_head(model) -> str:
     """TRL's fused, chunked LM head (what SFTTrainer/DPOTrainer put on the model: no (B, T, V) logits),
     added before PEFT as they do; the model's own full-logits loss where TRL is not installed."""
     try:
-        from trl.trainer.utils import add_fused_lm_head
+        from mixtral_compat.trl import add_fused_lm_head
     except ImportError as error:
         return f"full logits (trl not importable: {error})"
     add_fused_lm_head(model)

@@ -24,7 +24,6 @@ from mixtral_compat import peft as compat_peft
 from mixtral_compat import torch as compat_torch
 from mixtral_compat import transformers as compat_tf
 from mixtral_compat import trl as compat_trl
-from mixtral_model import MixtralConfig, MixtralForCausalLM
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -202,8 +202,8 @@ def _emulated_low_precision_cpu(t: torch.Tensor) -> bool:
 
 def _input_grad(grad_MO: torch.Tensor, w_OI: torch.Tensor) -> torch.Tensor:
     """grad @ w. In bf16/fp16 on a CPU without native bf16 through a transposed copy of w: there torch's
-    low-precision GEMM is much slower when both operands are row-major (measured: README, "Measured
-    numbers", MoE block); on CPUs with AVX512-BF16 it is not."""
+    low-precision GEMM is much slower when both operands are row-major (measured: docs/reference.md,
+    "Measured numbers", MoE block); on CPUs with AVX512-BF16 it is not."""
     if _emulated_low_precision_cpu(w_OI):
         return grad_MO @ w_OI.t().contiguous().t()
     return grad_MO @ w_OI

@@ -106,7 +106,7 @@ def plan_slots(experts_NK: torch.Tensor, num_experts: int, capacity: int | None 
 
 def choose_expert_backend(*, readable: bool, partitioned: bool, device_type: str) -> str:
     """The backend for these facts, by measurement (bench/results/cpu_2026-11-27_loop.md and the H200
-    run of bench/gpu_check.py, README "Measured numbers"):
+    run of bench/gpu_check.py, docs/reference.md "Measured numbers"):
 
     * CPU: `grouped_loop`, the expert loop: per_expert's numbers bit for bit, less kept for backward,
       per_expert's speed within noise (both are GEMM-bound there). On CPUs without native bf16 it runs

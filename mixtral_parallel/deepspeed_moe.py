@@ -30,8 +30,7 @@ every local expert even on zero rows, which alone keeps per-module gathers in st
 keeps them in step for any expert loop that skips idle experts (without it, such a loop on ranks that
 route differently is a collective mismatch: an error on gloo, a hang on NCCL; see
 tests/test_deepspeed.py). Cost: one hook and one gather per block instead of per expert linear, but a
-block's experts are all resident at once (Mixtral-8x7B: 1.4e9 parameters per layer). On the tiny CPU
-model the step time is the same within the noise of a shared machine.
+block's experts are all resident at once (Mixtral-8x7B: 1.4e9 parameters per layer).
 
 Use (see `prepare_for_deepspeed`): check the combination before building the model, prepare the model
 before `deepspeed.initialize` / `Trainer(...)`, and pass the returned parameter groups (or use

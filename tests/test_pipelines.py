@@ -5,6 +5,7 @@ import json
 import os
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import peft
@@ -109,7 +110,9 @@ def test_dpo_with_lora_logs_rewards_and_aux_loss_and_exports(tmp_path):
 
     export = tmp_path / "merged"
     subprocess.run(
-        ["python", str(REPO / "train" / "export.py"), str(adapter), str(export)], check=True, env=run_env()
+        [sys.executable, str(REPO / "train" / "export.py"), str(adapter), str(export)],
+        check=True,
+        env=run_env(),
     )
     merged = transformers.MixtralForCausalLM.from_pretrained(export)
     torch.testing.assert_close(logits(merged), logits(trained), rtol=1e-4, atol=1e-5)

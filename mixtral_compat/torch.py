@@ -53,7 +53,9 @@ def extension_build_roots() -> list[Path]:
 
 
 def _open_paths() -> set[str] | None:
-    """Every path some process of this machine holds open (Linux /proc); None where that cannot be read."""
+    """Every path the processes this user can see hold open (Linux /proc: another user's processes are
+    not listed, so a lock in a build root shared between users counts as held by nobody); None where
+    /proc cannot be read."""
     proc = Path("/proc")
     if not (proc / "self" / "fd").is_dir():
         return None

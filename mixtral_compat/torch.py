@@ -54,8 +54,7 @@ def extension_build_roots() -> list[Path]:
 
 def _open_paths() -> set[str] | None:
     """Every path the processes this user can see hold open (Linux /proc: another user's processes are
-    not listed, so a lock in a build root shared between users counts as held by nobody); None where
-    /proc cannot be read."""
+    not listed); None where /proc cannot be read."""
     proc = Path("/proc")
     if not (proc / "self" / "fd").is_dir():
         return None
@@ -76,7 +75,8 @@ def stale_extension_locks() -> list[Path]:
     """Build locks of torch JIT extensions that no process holds open. torch's FileBaton keeps the lock
     file open while it builds or checks an extension and deletes it when done; a process killed in
     between (SIGTERM, SIGKILL) leaves it behind, and every later load of that extension waits on it
-    forever without a word. Empty where open files cannot be listed (not Linux)."""
+    forever without a word. Only this user's locks are judged (other users' processes cannot be seen);
+    empty where open files cannot be listed (not Linux)."""
     locks = [
         lock for root in extension_build_roots() for lock in (*root.glob("*/lock"), *root.glob("*/*/lock"))
     ]
@@ -85,7 +85,15 @@ def stale_extension_locks() -> list[Path]:
     held = _open_paths()
     if held is None:
         return []
-    return [lock for lock in locks if str(lock.resolve()) not in held and str(lock) not in held]
+    mine = [lock for lock in locks if _owned_by_this_user(lock)]  # others' holders are not visible
+    return [lock for lock in mine if str(lock.resolve()) not in held and str(lock) not in held]
+
+
+def _owned_by_this_user(path: Path) -> bool:
+    try:
+        return path.stat().st_uid == os.getuid()
+    except OSError:
+        return False
 
 
 def clear_stale_extension_locks() -> list[Path]:

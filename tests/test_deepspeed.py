@@ -13,7 +13,6 @@ so would. Negative controls show the comparison catches a wrong rule and a ZeRO-
 import itertools
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -24,7 +23,7 @@ import torch
 import transformers
 from deepspeed.utils.z3_leaf_module import z3_leaf_module
 from mixtral_reference import tiny_config
-from pipeline_runs import run_captured
+from pipeline_runs import free_port, run_captured
 from safetensors.torch import load_file
 
 from mixtral_model import MixtralConfig, MixtralForCausalLM
@@ -45,12 +44,6 @@ TIMEOUT_S = 240
 SGD_TOL = 1e-6
 ADAMW_TOL = 5e-5
 SKEWED = ["--skew-rank", "1", "--skip-idle-experts"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def launch(

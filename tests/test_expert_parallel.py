@@ -5,7 +5,6 @@ a rank or anywhere, capacity drops; per-rank hub checkpoint loading and one comp
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from mixtral_reference import tiny_config
-from pipeline_runs import run_captured
+from pipeline_runs import free_port, run_captured
 
 from mixtral_model import MixtralConfig, MixtralForCausalLM
 from mixtral_parallel.expert_parallel import (
@@ -28,12 +27,6 @@ from mixtral_parallel.expert_parallel import (
 
 REPO = Path(__file__).resolve().parents[1]
 TOL = 1e-5
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def torchrun(script: str, *args: str, nproc: int = 2, timeout: int = 120) -> subprocess.CompletedProcess:

@@ -447,5 +447,6 @@ def test_trl_fused_lm_head_replaces_the_models_logits_with_the_same_loss():
     expected = model(input_ids=ids, labels=ids).loss
     compat_trl.add_fused_lm_head(model)
     assert model(input_ids=ids, labels=ids).loss == expected  # without the flag: the model's own forward
-    got = model(input_ids=ids, labels=ids, fused_lm_head=True).loss
-    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    fused = model(input_ids=ids, labels=ids, fused_lm_head=True)
+    assert type(fused).__name__ == "FusedCausalLMOutput" and fused.log_probs.shape == (2, 11)
+    torch.testing.assert_close(fused.loss, expected, rtol=1e-5, atol=1e-6)
